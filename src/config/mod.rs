@@ -1,0 +1,322 @@
+//! Reading `gateway.toml` and the rule files it names into validated types.
+//! Every problem of every file is collected and reported at once with its
+//! file, line and column; the compiled snapshot and `decide()` live in
+//! `policy`, which builds on these types.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+mod diagnostic;
+mod gateway;
+mod raw;
+mod rules;
+mod syntax;
+#[cfg(test)]
+mod tests;
+
+pub use diagnostic::{Diagnostic, Diagnostics, Origin};
+pub use syntax::{function_code, function_name, MAX_FUNCTION_CODE};
+
+/// A validated configuration: `gateway.toml` plus every rule file. Names
+/// still refer to each other by text; `policy` resolves them to indices.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    pub listeners: Vec<ListenerConfig>,
+    pub devices: Vec<DeviceConfig>,
+    pub states: Vec<StateConfig>,
+    pub audit: AuditConfig,
+    /// Vendors in rule file name order.
+    pub vendors: Vec<VendorConfig>,
+    /// Every file read, the gateway file first.
+    pub files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub name: String,
+    pub timezone: jiff::tz::TimeZone,
+    /// The rules folder, resolved against the gateway file's folder.
+    pub rules_dir: PathBuf,
+}
+
+/// Whether a listener enforces decisions or only records them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    /// Decides and records as `Enforce` does, but forwards denied requests too.
+    Monitor,
+}
+
+/// What a listener does with a denied request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDeny {
+    /// Answers with the Modbus exception code of the deny reason.
+    Exception,
+    /// Sends no answer.
+    Drop,
+    /// Closes the client connection.
+    Close,
+}
+
+/// Resource bounds of one listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerLimits {
+    pub max_connections: usize,
+    pub max_connections_per_source: usize,
+    /// A connection without a request for this long is closed.
+    pub idle_timeout: Duration,
+    /// A frame whose first byte arrived must be complete within this time.
+    pub frame_timeout: Duration,
+    /// Requests of one session waiting for an answer.
+    pub max_pending: usize,
+}
+
+impl Default for ListenerLimits {
+    /// Returns limits for a plant network: a few dozen clients, and PLCs that
+    /// each take a handful of requests at a time.
+    fn default() -> Self {
+        ListenerLimits {
+            max_connections: 64,
+            max_connections_per_source: 8,
+            idle_timeout: Duration::from_millis(300_000),
+            frame_timeout: Duration::from_millis(5_000),
+            max_pending: 16,
+        }
+    }
+}
+
+/// Where a listener sends requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenerTarget {
+    /// One device, for any unit id.
+    Device(String),
+    /// A device per unit id; unit ids without an entry have no route.
+    Routes(Vec<(u8, String)>),
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub mode: Mode,
+    pub on_deny: OnDeny,
+    pub target: ListenerTarget,
+    pub limits: ListenerLimits,
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    pub unit: u8,
+    pub timeout: Duration,
+    pub max_connections: usize,
+    pub max_in_flight: usize,
+    pub connect_timeout: Duration,
+    pub backoff_max: Duration,
+    pub origin: Origin,
+}
+
+impl DeviceConfig {
+    /// Returns a device with the documented defaults.
+    pub fn new(name: &str, address: SocketAddr) -> Self {
+        DeviceConfig {
+            name: name.to_owned(),
+            address,
+            unit: 1,
+            timeout: Duration::from_millis(1_000),
+            max_connections: 1,
+            max_in_flight: 1,
+            connect_timeout: Duration::from_millis(3_000),
+            backoff_max: Duration::from_millis(30_000),
+            origin: Origin::unknown(),
+        }
+    }
+}
+
+/// The Modbus table an operational state is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateKind {
+    HoldingRegister,
+    InputRegister,
+    Coil,
+    DiscreteInput,
+}
+
+/// A raw value range and the state value name it stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateValueConfig {
+    pub raw: Range16,
+    pub name: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    pub name: String,
+    pub device: String,
+    pub kind: StateKind,
+    pub address: u16,
+    pub poll: Duration,
+    /// A reading older than this is unknown.
+    pub max_age: Duration,
+    /// Non-overlapping raw ranges, sorted by first value.
+    pub values: Vec<StateValueConfig>,
+    pub origin: Origin,
+}
+
+/// How the audit log reaches the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditSync {
+    /// Records are flushed in batches, each on disk within a short delay.
+    Batch,
+    /// Every record is synced before its request goes on.
+    Always,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// The audit folder, resolved against the gateway file's folder.
+    pub path: PathBuf,
+    pub sync: AuditSync,
+}
+
+#[derive(Debug, Clone)]
+pub struct VendorConfig {
+    pub name: String,
+    /// File name of the rule file, such as `acme.toml`, used in rule labels.
+    pub file_name: String,
+    /// Networks this vendor connects from, with host bits cleared.
+    pub sources: Vec<IpNet>,
+    pub max_sessions: Option<usize>,
+    /// True when the vendor names certificate matchers. Such a vendor is
+    /// identified only on TLS listeners, never by source address.
+    pub certificate_matchers: bool,
+    pub rules: Vec<RuleConfig>,
+    pub origin: Origin,
+}
+
+/// An inclusive range of 16-bit values: addresses, register values,
+/// quantities or raw state values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Range16 {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl Range16 {
+    pub fn new(first: u16, last: u16) -> Self {
+        Range16 { first, last }
+    }
+
+    pub fn contains(&self, value: u16) -> bool {
+        self.first <= value && value <= self.last
+    }
+
+    pub fn overlaps(&self, other: &Range16) -> bool {
+        self.first <= other.last && other.first <= self.last
+    }
+}
+
+/// A weekly window in the gateway's time zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WeeklyWindow {
+    /// Days the window starts on: bit 0 is Monday, bit 6 is Sunday.
+    pub days: u8,
+    /// Start, in minutes since local midnight.
+    pub start: u16,
+    /// End, exclusive, in minutes since local midnight (1440 for 24:00).
+    /// An end at or before the start continues on the next day.
+    pub end: u16,
+}
+
+/// A dated window of local times in the gateway's time zone; the end is
+/// exclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DatedWindow {
+    pub start: jiff::civil::DateTime,
+    pub end: jiff::civil::DateTime,
+}
+
+/// Conditions under which a rule applies; all present conditions must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WhenConfig {
+    /// State name and the value it must have.
+    pub state: Vec<(String, String)>,
+    /// Any one of these must contain the current time, when not empty.
+    pub schedule: Vec<WeeklyWindow>,
+    /// Any one of these must contain the current time, when not empty.
+    pub window: Vec<DatedWindow>,
+    /// The client's source address must be in one of these, when set.
+    pub sources: Option<Vec<IpNet>>,
+}
+
+/// One `[[allow]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleConfig {
+    pub device: String,
+    /// Function codes, each 1..=127.
+    pub functions: Vec<u8>,
+    /// Addresses the rule covers; empty when the key is missing, so that
+    /// functions which touch addresses never match.
+    pub addresses: Vec<Range16>,
+    /// Allowed written values; `None` leaves written values unrestricted.
+    pub values: Option<Vec<Range16>>,
+    /// Allowed FC 8 sub-functions; `None` allows all except 4 (force listen
+    /// only mode), which must be named.
+    pub sub_functions: Option<Vec<u16>>,
+    /// Allowed FC 43 MEI types; `None` allows all.
+    pub mei_types: Option<Vec<u8>>,
+    /// Allowed quantity of read or written items per request.
+    pub quantity: Option<Range16>,
+    pub when: WhenConfig,
+    pub origin: Origin,
+}
+
+impl RuleConfig {
+    /// Returns a rule for `device` and `functions` without further limits.
+    pub fn new(device: &str, functions: &[u8]) -> Self {
+        RuleConfig {
+            device: device.to_owned(),
+            functions: functions.to_vec(),
+            addresses: Vec::new(),
+            values: None,
+            sub_functions: None,
+            mei_types: None,
+            quantity: None,
+            when: WhenConfig::default(),
+            origin: Origin::unknown(),
+        }
+    }
+}
+
+/// Loads `gateway_file` and every rule file in its rules folder.
+///
+/// On success returns the configuration and its warnings. Otherwise returns
+/// every error and warning found in all files; a file with a syntax error
+/// gives that one error, and the other files are still checked.
+pub fn load(gateway_file: &Path) -> Result<(Config, Vec<Diagnostic>), Diagnostics> {
+    let mut report = diagnostic::Report::default();
+    let mut files = vec![gateway_file.to_path_buf()];
+
+    // Without a readable gateway file there is no rules folder to read.
+    let Some(gateway) = gateway::load(gateway_file, &mut report) else {
+        return Err(report.into_diagnostics());
+    };
+    let vendors = rules::load(&gateway, &mut files, &mut report);
+
+    let config = Config {
+        gateway: gateway.gateway,
+        listeners: gateway.listeners,
+        devices: gateway.devices,
+        states: gateway.states,
+        audit: gateway.audit,
+        vendors,
+        files,
+    };
+    report.finish(config)
+}

@@ -1,0 +1,664 @@
+//! Validation of the rule files in the rules folder: one vendor per file and
+//! its `[[allow]]` rules, checked against the devices and states of
+//! `gateway.toml`, and the vendors checked against each other.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use toml::Spanned;
+
+use super::diagnostic::{Origin, Report, SourceText};
+use super::gateway::{known_list, parse_toml, Checker, LoadedGateway};
+use super::raw::{self, Scalar, ScalarList};
+use super::syntax;
+use super::{Range16, RuleConfig, VendorConfig, WhenConfig};
+
+/// Functions that read or write a Modbus table, and so need `addresses`.
+const ADDRESSED_FUNCTIONS: [u8; 11] = [1, 2, 3, 4, 5, 6, 15, 16, 22, 23, 24];
+/// Functions that write values a rule's `values` can limit.
+const VALUE_WRITING_FUNCTIONS: [u8; 6] = [5, 6, 15, 16, 22, 23];
+/// Diagnostics (FC 8) and encapsulated interface transport (FC 43).
+const DIAGNOSTICS: u8 = 8;
+const ENCAPSULATED_INTERFACE: u8 = 43;
+
+/// A vendor source network with where it was written, for the overlap check.
+struct SourceEntry {
+    net: IpNet,
+    vendor: usize,
+    key: String,
+    at: Origin,
+}
+
+/// Reads and checks every `*.toml` file of the rules folder, in file name
+/// order, and the vendors against each other.
+pub(super) fn load(
+    gateway: &LoadedGateway,
+    files: &mut Vec<PathBuf>,
+    report: &mut Report,
+) -> Vec<VendorConfig> {
+    let paths = match rule_files(&gateway.gateway.rules_dir) {
+        Ok(paths) => paths,
+        Err(error) => {
+            report.error(
+                &gateway.rules_origin,
+                format!(
+                    "gateway.rules: failed to read the rules folder \"{}\": {error}; create it or set gateway.rules",
+                    gateway.gateway.rules_dir.display()
+                ),
+            );
+            return Vec::new();
+        }
+    };
+    if paths.is_empty() {
+        report.warning(
+            &gateway.rules_origin,
+            format!(
+                "gateway.rules: no *.toml files in \"{}\", so every request is denied",
+                gateway.gateway.rules_dir.display()
+            ),
+        );
+    }
+
+    let now = jiff::Timestamp::now();
+    let mut vendors = Vec::new();
+    let mut vendor_names: HashMap<String, Origin> = HashMap::new();
+    let mut sources = Vec::new();
+    for path in paths {
+        files.push(path.clone());
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(error) => {
+                let at = SourceText::new(&path, String::new()).start();
+                report.error(&at, format!("failed to read the rule file: {error}"));
+                continue;
+            }
+        };
+        let source = SourceText::new(&path, text);
+        let Some(file) = parse_toml::<raw::RuleFile>(&source, report) else {
+            continue;
+        };
+        let mut check = RuleChecker {
+            checker: Checker {
+                source: &source,
+                report,
+            },
+            gateway,
+            now,
+        };
+        check
+            .checker
+            .unique_name("vendor.name", "vendor", &file.vendor.name, &mut vendor_names);
+        let vendor = check.vendor(&path, &file);
+        let written = file.vendor.sources.as_deref().unwrap_or_default();
+        if !vendor.certificate_matchers {
+            for (index, text) in written.iter().enumerate() {
+                let Some(net) = parse_net(text.get_ref().trim()) else {
+                    continue;
+                };
+                sources.push(SourceEntry {
+                    net: net.trunc(),
+                    vendor: vendors.len(),
+                    key: format!("vendor.sources[{}]", index + 1),
+                    at: check.checker.at(text),
+                });
+            }
+        }
+        vendors.push(vendor);
+    }
+    report_overlaps(&mut sources, &vendors, report);
+    vendors
+}
+
+/// Lists the `*.toml` files of `folder`, sorted by file name.
+fn rule_files(folder: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(folder)? {
+        let path = entry?.path();
+        if path.is_file() && path.extension().is_some_and(|ext| ext == "toml") {
+            paths.push(path);
+        }
+    }
+    paths.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    Ok(paths)
+}
+
+/// Returns the first and last address of `net` as 128-bit numbers, with
+/// IPv4 and IPv6 kept apart by the flag.
+pub(super) fn net_bounds(net: &IpNet) -> (bool, u128, u128) {
+    match net {
+        IpNet::V4(v4) => (
+            false,
+            u32::from(v4.network()) as u128,
+            u32::from(v4.broadcast()) as u128,
+        ),
+        IpNet::V6(v6) => (true, u128::from(v6.network()), u128::from(v6.broadcast())),
+    }
+}
+
+/// Reports source networks of two vendors that overlap: a connection from the
+/// overlap would match both vendors. Sorting by start lets one pass find, for
+/// every network, an earlier network of another vendor that still covers it.
+fn report_overlaps(sources: &mut [SourceEntry], vendors: &[VendorConfig], report: &mut Report) {
+    sources.sort_by_key(|entry| {
+        let (v6, start, end) = net_bounds(&entry.net);
+        (v6, start, end)
+    });
+    let mut widest: Option<usize> = None;
+    for index in 0..sources.len() {
+        let (v6, start, end) = net_bounds(&sources[index].net);
+        if let Some(previous) = widest {
+            let (previous_v6, _, previous_end) = net_bounds(&sources[previous].net);
+            let (earlier, later) = (&sources[previous], &sources[index]);
+            if previous_v6 == v6 && start <= previous_end {
+                if earlier.vendor != later.vendor {
+                    report.error(
+                        &later.at,
+                        format!(
+                            "{}: {} of vendor \"{}\" overlaps {} of vendor \"{}\" at {}; a connection from the overlap would match both vendors, so narrow one of them",
+                            later.key,
+                            later.net,
+                            vendors[later.vendor].name,
+                            earlier.net,
+                            vendors[earlier.vendor].name,
+                            earlier.at
+                        ),
+                    );
+                }
+                if end <= previous_end {
+                    continue;
+                }
+            }
+        }
+        widest = Some(index);
+    }
+}
+
+/// Parses a CIDR network, or a single address as a host network.
+fn parse_net(text: &str) -> Option<IpNet> {
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+struct RuleChecker<'a> {
+    checker: Checker<'a>,
+    gateway: &'a LoadedGateway,
+    now: jiff::Timestamp,
+}
+
+impl RuleChecker<'_> {
+    fn vendor(&mut self, path: &Path, file: &raw::RuleFile) -> VendorConfig {
+        let section = &file.vendor;
+        let sources = match &section.sources {
+            Some(sources) => self.networks("vendor.sources", sources),
+            None => Vec::new(),
+        };
+        let max_sessions = section.max_sessions.as_ref().and_then(|value| {
+            self.checker
+                .integer("vendor.max_sessions", Some(value), 1, (1, 1_000_000))
+                .map(|n| n as usize)
+        });
+
+        for (key, value) in [
+            ("opcua_users", &section.opcua_users),
+            ("opcua_user_certificates", &section.opcua_user_certificates),
+        ] {
+            if let Some(value) = value {
+                self.checker.error(
+                    value,
+                    format!("vendor.{key}: OPC UA is not supported by this build; remove the key"),
+                );
+            }
+        }
+
+        let matchers = [
+            &section.certificate_cn,
+            &section.certificate_san,
+            &section.certificate_sha256,
+            &section.modbus_role,
+        ];
+        let certificate_matchers = matchers
+            .iter()
+            .any(|list| list.as_ref().is_some_and(|l| !l.is_empty()));
+        if certificate_matchers {
+            self.checker.warning(
+                &section.name,
+                "vendor: certificate matchers apply only on modbus-tls listeners, which this build does not support, so this vendor never connects",
+            );
+        } else if sources.is_empty() {
+            self.checker.warning(
+                &section.name,
+                "vendor.sources: missing or empty, so this vendor never connects; list its networks, as [\"10.50.0.0/16\"]",
+            );
+        }
+
+        let rules = file
+            .allow
+            .iter()
+            .enumerate()
+            .filter_map(|(index, allow)| {
+                self.rule(&format!("allow[{}]", index + 1), allow, &sources)
+            })
+            .collect();
+
+        VendorConfig {
+            name: section.name.get_ref().clone(),
+            file_name: path
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            sources,
+            max_sessions,
+            certificate_matchers,
+            rules,
+            origin: self.checker.at(&section.name),
+        }
+    }
+
+    /// Parses a list of networks. Invalid entries are reported and left out.
+    fn networks(&mut self, key: &str, written: &[Spanned<String>]) -> Vec<IpNet> {
+        let mut nets = Vec::new();
+        for (index, text) in written.iter().enumerate() {
+            let entry_key = format!("{key}[{}]", index + 1);
+            let Some(net) = parse_net(text.get_ref().trim()) else {
+                self.checker.error(
+                    text,
+                    format!(
+                        "{entry_key}: invalid network \"{}\"; use CIDR notation, such as \"10.50.0.0/16\"",
+                        text.get_ref()
+                    ),
+                );
+                continue;
+            };
+            if net.trunc() != net {
+                self.checker.warning(
+                    text,
+                    format!(
+                        "{entry_key}: \"{}\" has host bits set and means {}; write {} to make that explicit",
+                        text.get_ref(),
+                        net.trunc(),
+                        net.trunc()
+                    ),
+                );
+            }
+            nets.push(net.trunc());
+        }
+        nets
+    }
+
+    fn rule(
+        &mut self,
+        key: &str,
+        allow: &raw::AllowSection,
+        vendor_sources: &[IpNet],
+    ) -> Option<RuleConfig> {
+        for (field, value) in [("services", &allow.services), ("nodes", &allow.nodes)] {
+            if let Some(value) = value {
+                self.checker.error(
+                    value,
+                    format!("{key}.{field}: OPC UA rules are not supported by this build; remove the key"),
+                );
+            }
+        }
+        let device_ok = self.checker.device_reference(
+            &format!("{key}.device"),
+            &allow.device,
+            &self.gateway.device_names,
+        );
+        let functions = self.functions(key, allow);
+        let addresses = match &allow.addresses {
+            Some(addresses) => self.ranges(&format!("{key}.addresses"), addresses),
+            None => Some(Vec::new()),
+        };
+        let values = match &allow.values {
+            Some(values) => self.ranges(&format!("{key}.values"), values).map(Some),
+            None => Some(None),
+        };
+        let sub_functions = self.small_integers(
+            &format!("{key}.sub_functions"),
+            allow.sub_functions.as_deref(),
+            65535,
+        );
+        let mei_types =
+            self.small_integers(&format!("{key}.mei_types"), allow.mei_types.as_deref(), 255);
+        let quantity = match &allow.quantity {
+            Some(quantity) => self
+                .range(&format!("{key}.quantity"), quantity.get_ref(), quantity)
+                .map(Some),
+            None => Some(None),
+        };
+        let when = self.when(key, allow.when.as_ref(), vendor_sources);
+
+        let rule = RuleConfig {
+            device: allow.device.get_ref().clone(),
+            functions: functions?,
+            addresses: addresses?,
+            values: values?,
+            sub_functions: sub_functions?.map(|list| list.into_iter().map(|n| n as u16).collect()),
+            mei_types: mei_types?.map(|list| list.into_iter().map(|n| n as u8).collect()),
+            quantity: quantity?,
+            when: when?,
+            origin: self.checker.at(&allow.device),
+        };
+        if !device_ok {
+            return None;
+        }
+        self.warn_unmatchable(key, allow, &rule);
+        Some(rule)
+    }
+
+    fn functions(&mut self, key: &str, allow: &raw::AllowSection) -> Option<Vec<u8>> {
+        let Some(functions) = &allow.functions else {
+            self.checker.error(
+                &allow.device,
+                format!("{key}.functions: missing; list the functions the rule allows, as [\"read_holding_registers\"]"),
+            );
+            return None;
+        };
+        if functions.get_ref().is_empty() {
+            self.checker.error(
+                functions,
+                format!("{key}.functions: empty, so the rule allows nothing; list at least one function"),
+            );
+            return None;
+        }
+        let mut codes = Vec::new();
+        let mut ok = true;
+        for (index, function) in functions.get_ref().iter().enumerate() {
+            let parsed = match function.get_ref() {
+                Scalar::Text(name) => syntax::parse_function_name(name),
+                Scalar::Integer(number) => syntax::parse_function_number(*number),
+            };
+            match parsed {
+                Ok(code) => codes.push(code),
+                Err(problem) => {
+                    self.checker
+                        .error(function, format!("{key}.functions[{}]: {problem}", index + 1));
+                    ok = false;
+                }
+            }
+        }
+        codes.sort_unstable();
+        codes.dedup();
+        ok.then_some(codes)
+    }
+
+    fn range<T>(&mut self, key: &str, value: &Scalar, at: &Spanned<T>) -> Option<Range16> {
+        let parsed = match value {
+            Scalar::Text(text) => syntax::parse_range(text),
+            Scalar::Integer(number) => syntax::range_of_number(*number),
+        };
+        match parsed {
+            Ok(range) => Some(range),
+            Err(problem) => {
+                self.checker.error(at, format!("{key}: {problem}"));
+                None
+            }
+        }
+    }
+
+    fn ranges(&mut self, key: &str, written: &Spanned<ScalarList>) -> Option<Vec<Range16>> {
+        match written.get_ref() {
+            ScalarList::One(value) => self.range(key, value, written).map(|range| vec![range]),
+            ScalarList::Many(values) => {
+                if values.is_empty() {
+                    self.checker.error(
+                        written,
+                        format!("{key}: empty list, so the rule never matches; list at least one range or remove the key"),
+                    );
+                    return None;
+                }
+                let mut ranges = Vec::new();
+                let mut ok = true;
+                for (index, value) in values.iter().enumerate() {
+                    let entry_key = format!("{key}[{}]", index + 1);
+                    match self.range(&entry_key, value.get_ref(), value) {
+                        Some(range) => ranges.push(range),
+                        None => ok = false,
+                    }
+                }
+                ok.then_some(ranges)
+            }
+        }
+    }
+
+    /// Checks a list of integers against `0..=max`; `Some(None)` when the key
+    /// is missing.
+    fn small_integers(
+        &mut self,
+        key: &str,
+        written: Option<&[Spanned<i64>]>,
+        max: i64,
+    ) -> Option<Option<Vec<i64>>> {
+        let Some(written) = written else {
+            return Some(None);
+        };
+        let mut numbers = Vec::new();
+        let mut ok = true;
+        for (index, value) in written.iter().enumerate() {
+            let entry_key = format!("{key}[{}]", index + 1);
+            match self.checker.integer(&entry_key, Some(value), 0, (0, max)) {
+                Some(number) => numbers.push(number),
+                None => ok = false,
+            }
+        }
+        numbers.sort_unstable();
+        numbers.dedup();
+        ok.then_some(Some(numbers))
+    }
+
+    fn when(
+        &mut self,
+        key: &str,
+        section: Option<&raw::WhenSection>,
+        vendor_sources: &[IpNet],
+    ) -> Option<WhenConfig> {
+        let Some(section) = section else {
+            return Some(WhenConfig::default());
+        };
+        let key = format!("{key}.when");
+        let state = self.when_state(&key, section.state.as_ref());
+        let schedule = self.when_schedule(&key, section.schedule.as_deref());
+        let window = self.when_window(&key, section.window.as_deref());
+        let sources = section.sources.as_ref().map(|written| {
+            let nets = self.networks(&format!("{key}.sources"), written);
+            self.warn_outside_vendor(&key, written, &nets, vendor_sources);
+            nets
+        });
+        Some(WhenConfig {
+            state: state?,
+            schedule: schedule?,
+            window: window?,
+            sources,
+        })
+    }
+
+    fn when_state(
+        &mut self,
+        key: &str,
+        written: Option<&raw::SpannedMap>,
+    ) -> Option<Vec<(String, String)>> {
+        let Some(written) = written else {
+            return Some(Vec::new());
+        };
+        let mut conditions = Vec::new();
+        let mut ok = true;
+        for (state, value) in written.get_ref() {
+            let entry_key = format!("{key}.state.\"{}\"", state.get_ref());
+            let Some(values) = self.gateway.state_values.get(state.get_ref()) else {
+                let mut known: Vec<String> = self.gateway.state_values.keys().cloned().collect();
+                known.sort();
+                self.checker.error(
+                    state,
+                    format!(
+                        "{key}.state: unknown state \"{}\"; known states: {}",
+                        state.get_ref(),
+                        known_list(&known)
+                    ),
+                );
+                ok = false;
+                continue;
+            };
+            if !values.contains(value.get_ref()) {
+                let mut known = values.clone();
+                known.sort();
+                known.dedup();
+                self.checker.error(
+                    value,
+                    format!(
+                        "{entry_key}: state \"{}\" has no value \"{}\"; its values: {}",
+                        state.get_ref(),
+                        value.get_ref(),
+                        known_list(&known)
+                    ),
+                );
+                ok = false;
+                continue;
+            }
+            conditions.push((state.get_ref().clone(), value.get_ref().clone()));
+        }
+        ok.then_some(conditions)
+    }
+
+    fn when_schedule(
+        &mut self,
+        key: &str,
+        written: Option<&[Spanned<String>]>,
+    ) -> Option<Vec<super::WeeklyWindow>> {
+        let mut windows = Vec::new();
+        let mut ok = true;
+        for (index, text) in written.unwrap_or_default().iter().enumerate() {
+            match syntax::parse_weekly(text.get_ref()) {
+                Ok(window) => windows.push(window),
+                Err(problem) => {
+                    self.checker
+                        .error(text, format!("{key}.schedule[{}]: {problem}", index + 1));
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(windows)
+    }
+
+    fn when_window(
+        &mut self,
+        key: &str,
+        written: Option<&[Spanned<String>]>,
+    ) -> Option<Vec<super::DatedWindow>> {
+        let mut windows = Vec::new();
+        let mut ok = true;
+        let timezone = &self.gateway.gateway.timezone;
+        for (index, text) in written.unwrap_or_default().iter().enumerate() {
+            let entry_key = format!("{key}.window[{}]", index + 1);
+            match syntax::parse_dated(text.get_ref()) {
+                Ok(window) => {
+                    let end = timezone.to_ambiguous_timestamp(window.end).later();
+                    if end.is_ok_and(|end| end <= self.now) {
+                        self.checker.warning(
+                            text,
+                            format!(
+                                "{entry_key}: \"{}\" is entirely in the past, so it never matches; remove it or correct the dates",
+                                text.get_ref()
+                            ),
+                        );
+                    }
+                    windows.push(window);
+                }
+                Err(problem) => {
+                    self.checker.error(text, format!("{entry_key}: {problem}"));
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(windows)
+    }
+
+    /// Warns about rule networks that share no address with the vendor's own
+    /// sources: a connection from there is never this vendor's.
+    fn warn_outside_vendor(
+        &mut self,
+        key: &str,
+        written: &[Spanned<String>],
+        nets: &[IpNet],
+        vendor_sources: &[IpNet],
+    ) {
+        if vendor_sources.is_empty() {
+            return;
+        }
+        for (net, text) in nets.iter().zip(written) {
+            let overlaps = vendor_sources.iter().any(|source| {
+                let (a_v6, a_start, a_end) = net_bounds(net);
+                let (b_v6, b_start, b_end) = net_bounds(source);
+                a_v6 == b_v6 && a_start <= b_end && b_start <= a_end
+            });
+            if !overlaps {
+                self.checker.warning(
+                    text,
+                    format!(
+                        "{key}.sources: {net} is outside every vendor source, so it never matches; list a network inside vendor.sources"
+                    ),
+                );
+            }
+        }
+    }
+
+    fn warn_unmatchable(&mut self, key: &str, allow: &raw::AllowSection, rule: &RuleConfig) {
+        let names: Vec<String> = rule
+            .functions
+            .iter()
+            .map(|code| syntax::function_name(*code).map_or(code.to_string(), str::to_owned))
+            .collect();
+        if let Some(values) = &allow.values {
+            if !rule
+                .functions
+                .iter()
+                .any(|code| VALUE_WRITING_FUNCTIONS.contains(code))
+            {
+                self.checker.warning(
+                    values,
+                    format!(
+                        "{key}.values: none of the functions ({}) writes values, so the key has no effect; remove it",
+                        names.join(", ")
+                    ),
+                );
+            }
+        }
+        if allow.addresses.is_none() {
+            let addressed: Vec<&String> = rule
+                .functions
+                .iter()
+                .zip(&names)
+                .filter(|(code, _)| ADDRESSED_FUNCTIONS.contains(code))
+                .map(|(_, name)| name)
+                .collect();
+            if !addressed.is_empty() {
+                let addressed: Vec<&str> = addressed.iter().map(|s| s.as_str()).collect();
+                self.checker.warning(
+                    &allow.device,
+                    format!(
+                        "{key}.addresses: missing, so {} never match; list the allowed addresses, as [\"0-999\"]",
+                        addressed.join(", ")
+                    ),
+                );
+            }
+        }
+        if let Some(first) = allow.sub_functions.as_ref().and_then(|list| list.first()) {
+            if !rule.functions.contains(&DIAGNOSTICS) {
+                self.checker.warning(
+                    first,
+                    format!("{key}.sub_functions: the rule does not allow diagnostics (8), so the key has no effect"),
+                );
+            }
+        }
+        if let Some(first) = allow.mei_types.as_ref().and_then(|list| list.first()) {
+            if !rule.functions.contains(&ENCAPSULATED_INTERFACE) {
+                self.checker.warning(
+                    first,
+                    format!("{key}.mei_types: the rule does not allow encapsulated_interface_transport (43), so the key has no effect"),
+                );
+            }
+        }
+    }
+}

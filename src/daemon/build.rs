@@ -1,0 +1,64 @@
+//! Turns a compiled policy into a running generation: one upstream pool per
+//! device, reusing the pools of the previous generation whose settings did
+//! not change so that a reload keeps their PLC connections.
+
+use std::sync::Arc;
+
+use crate::events::Emitter;
+use crate::modbus::generation::Generation;
+use crate::modbus::upstream::{Pool, UpstreamSettings};
+use crate::policy::{DevicePlan, Policy, StateTable};
+
+/// Bound of the queue of requests waiting for a device connection.
+const POOL_QUEUE: usize = 1024;
+
+pub fn upstream_settings(device: &DevicePlan) -> UpstreamSettings {
+    UpstreamSettings {
+        device: device.name.clone(),
+        address: device.address,
+        timeout: device.timeout,
+        max_connections: device.max_connections,
+        max_in_flight: device.max_in_flight,
+        connect_timeout: device.connect_timeout,
+        backoff_max: device.backoff_max,
+        max_queue: POOL_QUEUE,
+    }
+}
+
+/// Builds the generation for `policy`, taking over unchanged pools and the
+/// state table from `previous`.
+pub fn build_generation(
+    policy: Policy,
+    previous: Option<&Generation>,
+    emitter: &Emitter,
+) -> Generation {
+    let pools = policy
+        .devices()
+        .iter()
+        .map(|device| {
+            reuse_pool(device, previous)
+                .unwrap_or_else(|| Pool::new(upstream_settings(device), emitter.clone()))
+        })
+        .collect();
+    // Readings stay valid across a reload that keeps the same states, so
+    // state-gated rules do not fail closed for one poll period.
+    let states = match previous {
+        Some(previous) if previous.policy.states() == policy.states() => previous.states.clone(),
+        _ => Arc::new(StateTable::new(policy.states().len())),
+    };
+    Generation {
+        policy,
+        pools,
+        states,
+    }
+}
+
+fn reuse_pool(device: &DevicePlan, previous: Option<&Generation>) -> Option<Pool> {
+    let previous = previous?;
+    let index = previous
+        .policy
+        .devices()
+        .iter()
+        .position(|old| old.name == device.name && old == device)?;
+    Some(previous.pools[index].clone())
+}

@@ -1,0 +1,170 @@
+//! The writer thread: drains the event queue in batches, hands each batch to
+//! a `Sink` and makes it durable. It runs on its own OS thread so that file
+//! I/O and fsync never stall the async runtime.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+
+use tokio::sync::mpsc;
+
+use super::Event;
+
+/// Largest number of events taken from the queue for one write.
+const MAX_BATCH: usize = 1024;
+
+/// When a written batch is forced to stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// One fsync per batch: events that arrive while a sync runs share the
+    /// next one (group commit).
+    Batch,
+    /// One fsync per event.
+    Always,
+}
+
+/// Where events end up. The audit log and collectors implement it too.
+pub trait Sink: Send {
+    /// Appends `batch` in order.
+    fn write_batch(&mut self, batch: &[Event]) -> io::Result<()>;
+    /// Forces what was written to stable storage.
+    fn sync(&mut self) -> io::Result<()>;
+}
+
+/// Events as JSON lines appended to one file.
+pub struct JsonLinesFile {
+    path: PathBuf,
+    file: File,
+    buffer: Vec<u8>,
+}
+
+impl JsonLinesFile {
+    /// Opens `folder/events.jsonl` for appending, creating the folder.
+    pub fn open(folder: &Path) -> io::Result<JsonLinesFile> {
+        std::fs::create_dir_all(folder)?;
+        let path = folder.join("events.jsonl");
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        Ok(JsonLinesFile {
+            path,
+            file,
+            buffer: Vec::with_capacity(64 * 1024),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Sink for JsonLinesFile {
+    fn write_batch(&mut self, batch: &[Event]) -> io::Result<()> {
+        self.buffer.clear();
+        for event in batch {
+            serde_json::to_writer(&mut self.buffer, event)?;
+            self.buffer.push(b'\n');
+        }
+        self.file.write_all(&self.buffer)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+/// The running writer thread. Joining it waits until every queued event is
+/// written, which happens once every `Emitter` clone is dropped.
+pub struct WriterHandle {
+    thread: JoinHandle<()>,
+}
+
+impl WriterHandle {
+    pub fn join(self) {
+        if self.thread.join().is_err() {
+            tracing::error!("event writer thread panicked");
+        }
+    }
+}
+
+/// Starts the writer thread draining `receiver` into `sink`.
+pub fn spawn_writer(
+    mut receiver: mpsc::Receiver<Event>,
+    mut sink: Box<dyn Sink>,
+    mode: SyncMode,
+) -> io::Result<WriterHandle> {
+    let thread = std::thread::Builder::new()
+        .name("sluice-events".into())
+        .spawn(move || {
+            let mut batch = Vec::with_capacity(MAX_BATCH);
+            let mut failing = false;
+            while receiver.blocking_recv_many(&mut batch, MAX_BATCH) > 0 {
+                let result = write_durably(sink.as_mut(), &batch, mode);
+                report_write_result(&result, &mut failing, batch.len());
+                batch.clear();
+            }
+        })?;
+    Ok(WriterHandle { thread })
+}
+
+fn write_durably(sink: &mut dyn Sink, batch: &[Event], mode: SyncMode) -> io::Result<()> {
+    match mode {
+        SyncMode::Batch => {
+            sink.write_batch(batch)?;
+            sink.sync()
+        }
+        SyncMode::Always => {
+            for event in batch {
+                sink.write_batch(std::slice::from_ref(event))?;
+                sink.sync()?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Logs a write failure once per episode of failures, and its end.
+fn report_write_result(result: &io::Result<()>, failing: &mut bool, count: usize) {
+    match result {
+        Err(error) if !*failing => {
+            *failing = true;
+            tracing::error!(%error, events = count, "event log write failed");
+        }
+        Err(_) => {}
+        Ok(()) if *failing => {
+            *failing = false;
+            tracing::info!("event log writes recovered");
+        }
+        Ok(()) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::events::{Emitter, EventType};
+
+    #[tokio::test]
+    async fn writer_appends_every_event_as_a_line() {
+        let folder = tempfile::tempdir().unwrap();
+        let (emitter, receiver) = Emitter::new(Arc::from("edge-01"));
+        let sink = JsonLinesFile::open(folder.path()).unwrap();
+        let path = sink.path().to_path_buf();
+        let writer = spawn_writer(receiver, Box::new(sink), SyncMode::Batch).unwrap();
+        for _ in 0..100 {
+            emitter.emit(Event::new(EventType::System)).await.unwrap();
+        }
+        drop(emitter);
+        tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .unwrap();
+
+        let text = std::fs::read_to_string(path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 100);
+        let last: serde_json::Value = serde_json::from_str(lines[99]).unwrap();
+        assert_eq!(last["event_type"], "system");
+        assert_eq!(last["gateway"], "edge-01");
+    }
+}

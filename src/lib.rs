@@ -1,0 +1,11 @@
+//! sluice: a protocol-aware OT security gateway. The binary in `main.rs` is a
+//! thin command line over these parts; `DESIGN.md` describes how they fit.
+
+pub mod config;
+pub mod events;
+pub mod identity;
+pub mod modbus;
+pub mod policy;
+pub mod daemon;
+pub mod demo;
+pub mod state;

@@ -1,0 +1,177 @@
+//! The `sluice` command line: parses arguments, sets up logging and hands
+//! over to the library. Exit status: 0 success, 1 when `check` finds the
+//! configuration invalid, 64 for an invalid configuration elsewhere or bad usage.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use sluice::daemon::{self, PrintReadiness, RunError};
+
+/// Exit status for bad usage and invalid configuration (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+/// Exit status when `check` finds problems.
+const EXIT_INVALID: u8 = 1;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Protocol-aware OT security gateway for Modbus/TCP"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway in the foreground.
+    Run {
+        /// Gateway configuration file; rules and paths are found from it.
+        #[arg(long, default_value = "/etc/sluice/gateway.toml")]
+        config: PathBuf,
+    },
+    /// Validate the gateway file and every rule file, printing every problem.
+    Check {
+        #[arg(long, default_value = "/etc/sluice/gateway.toml")]
+        config: PathBuf,
+    },
+    /// Run a simulated PLC and the gateway with the example configuration on loopback.
+    Demo,
+    /// Run only the simulated PLC (a Modbus/TCP server with recognisable values).
+    PlcSim {
+        /// Address to listen on; port 0 picks a free port.
+        #[arg(long, default_value = "127.0.0.1:5021")]
+        bind: std::net::SocketAddr,
+        /// Append one JSON line per received request to this file.
+        #[arg(long)]
+        log: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return match error.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(EXIT_USAGE),
+            };
+        }
+    };
+    init_tracing();
+
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run { config } => run_async(run(config)),
+        Command::Demo => run_async(sluice::demo::run()),
+        Command::PlcSim { bind, log } => run_async(plc_sim(bind, log)),
+    }
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run_async<F: std::future::Future<Output = ExitCode>>(future: F) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(future),
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(config: &std::path::Path) -> ExitCode {
+    match sluice::policy::Policy::load(config) {
+        Ok((_, warnings)) => {
+            for warning in &warnings {
+                println!("{warning}");
+            }
+            println!("{}: configuration valid", config.display());
+            ExitCode::SUCCESS
+        }
+        Err(diagnostics) => {
+            for error in &diagnostics.errors {
+                println!("{error}");
+            }
+            for warning in &diagnostics.warnings {
+                println!("{warning}");
+            }
+            ExitCode::from(EXIT_INVALID)
+        }
+    }
+}
+
+async fn run(config: PathBuf) -> ExitCode {
+    let stop = CancellationToken::new();
+    match daemon::run(&config, &mut PrintReadiness, stop).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(RunError::Config(diagnostics)) => {
+            for error in &diagnostics.errors {
+                eprintln!("{error}");
+            }
+            eprintln!(
+                "error: {}: invalid configuration, not starting",
+                config.display()
+            );
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(RunError::Io(error)) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn plc_sim(bind: std::net::SocketAddr, log: Option<PathBuf>) -> ExitCode {
+    let mut plc = sluice::modbus::sim::SimPlc::new();
+    if let Some(path) = log {
+        plc = match plc.with_log(&path) {
+            Ok(plc) => plc,
+            Err(error) => {
+                eprintln!("error: cannot open request log {}: {error}", path.display());
+                return ExitCode::FAILURE;
+            }
+        };
+    }
+    let listener = match tokio::net::TcpListener::bind(bind).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("error: cannot bind {bind}: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match listener.local_addr() {
+        Ok(address) => println!("listening {address}"),
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    }
+    tokio::select! {
+        served = plc.serve(listener) => match served {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: simulated PLC failed: {error}");
+                ExitCode::FAILURE
+            }
+        },
+        _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
+    }
+}

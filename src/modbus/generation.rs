@@ -1,0 +1,37 @@
+//! One generation of the running gateway: a compiled policy and the upstream
+//! pools and state table that go with its devices. Sessions load the current
+//! generation once per request, so a reload swaps it atomically and requests
+//! in flight finish on the generation they started with.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::events::Emitter;
+use crate::policy::{DeviceId, Policy, StateTable};
+
+use super::upstream::Pool;
+
+pub struct Generation {
+    pub policy: Policy,
+    /// One pool per device, indexed by `DeviceId`.
+    pub pools: Vec<Pool>,
+    pub states: Arc<StateTable>,
+}
+
+impl Generation {
+    pub fn pool(&self, device: DeviceId) -> &Pool {
+        &self.pools[device]
+    }
+
+    pub fn device_name(&self, device: DeviceId) -> &Arc<str> {
+        &self.policy.devices()[device].name
+    }
+}
+
+/// What every listener and session of the process shares.
+pub struct Shared {
+    pub current: ArcSwap<Generation>,
+    pub emitter: Emitter,
+    pub sessions: super::registry::Registry,
+}

@@ -1,0 +1,154 @@
+//! The accept loop of a plain Modbus/TCP listener: identifies the vendor by
+//! source address, applies the connection limits and starts a session.
+//! Connections that fail either check are closed at once and recorded.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::events::{Event, EventType, Severity};
+
+use super::generation::Shared;
+use super::registry::{AdmitLimits, SessionInfo};
+use super::session::{self, SessionParams};
+
+/// Pause after an accept error such as EMFILE, so a full descriptor table
+/// does not turn the loop into a busy spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Accepts connections on `socket` until `shutdown` is cancelled. Sessions
+/// are spawned on `tracker` so that a drain can wait for them.
+pub async fn serve(
+    name: Arc<str>,
+    socket: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = socket.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                admit(&name, stream, peer, &shared, &shutdown, &tracker).await;
+            }
+            Err(error) => {
+                tracing::warn!(listener = %name, %error, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            }
+        }
+    }
+}
+
+async fn admit(
+    name: &Arc<str>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let generation = shared.current.load();
+    let policy = &generation.policy;
+    let Some(plan) = policy.listeners().iter().find(|plan| &plan.name == name) else {
+        return;
+    };
+
+    let Some(vendor) = policy.identify(peer.ip()) else {
+        tracing::debug!(listener = %name, %peer, "connection from unknown source closed");
+        reject(shared, name, peer, None, "source address matches no vendor").await;
+        let mut anomaly = Event::anomaly(
+            "unknown_client",
+            Severity::High,
+            format!("connection from {peer} matches no vendor"),
+        );
+        anomaly.listener = Some(name.clone());
+        anomaly.src_ip = Some(peer.ip());
+        anomaly.src_port = Some(peer.port());
+        emit(shared, anomaly).await;
+        return;
+    };
+    let vendor_name = policy.vendor_name(vendor).clone();
+
+    let info = SessionInfo {
+        id: shared.sessions.next_id(),
+        listener: name.clone(),
+        vendor: vendor_name.clone(),
+        peer,
+        started: jiff::Timestamp::now(),
+        requests: Arc::default(),
+        close: CancellationToken::new(),
+    };
+    let limits = AdmitLimits {
+        per_listener: plan.limits.max_connections,
+        per_source: plan.limits.max_connections_per_source,
+        per_vendor: policy.vendor_max_sessions(vendor),
+    };
+    let params = SessionParams {
+        id: info.id,
+        listener: name.clone(),
+        peer,
+        vendor,
+        vendor_name: vendor_name.clone(),
+        requests: info.requests.clone(),
+        close: info.close.clone(),
+        drain: shutdown.clone(),
+    };
+    drop(generation);
+
+    if let Err(error) = shared.sessions.admit(info, limits) {
+        tracing::debug!(listener = %name, %peer, %error, "connection rejected");
+        reject(shared, name, peer, Some(vendor_name), &error.to_string()).await;
+        return;
+    }
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, %error, "could not disable Nagle's algorithm");
+    }
+
+    let shared = shared.clone();
+    tracker.spawn(async move {
+        let id = params.id;
+        session::run(stream, params, shared.clone()).await;
+        shared.sessions.remove(id);
+    });
+}
+
+async fn reject(
+    shared: &Shared,
+    listener: &Arc<str>,
+    peer: SocketAddr,
+    vendor: Option<Arc<str>>,
+    reason: &str,
+) {
+    let mut event = Event::new(EventType::Session);
+    event.action = Some("reject");
+    event.listener = Some(listener.clone());
+    event.vendor = vendor;
+    event.src_ip = Some(peer.ip());
+    event.src_port = Some(peer.port());
+    event.reason = Some(reason.to_owned());
+    emit(shared, event).await;
+}
+
+async fn emit(shared: &Shared, event: Event) {
+    if let Err(error) = shared.emitter.emit(event).await {
+        tracing::error!(%error, "event not recorded");
+    }
+}
+
+/// Binds `address`, logging the failure with the listener's name.
+pub async fn bind(name: &str, address: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(address).await.map_err(|error| {
+        io::Error::new(
+            error.kind(),
+            format!("listener {name}: cannot bind {address}: {error}"),
+        )
+    })
+}

@@ -1,0 +1,681 @@
+//! One client connection on a plain Modbus/TCP listener. The session reads
+//! frames, decides each request against the current policy generation,
+//! forwards what is allowed through the device's pool and writes every answer
+//! back under the client's own transaction id. Several requests of one client
+//! may be in flight at once, up to the listener's `max_pending`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::time::{sleep_until, Instant as TokioInstant};
+use tokio_util::sync::CancellationToken;
+
+use crate::events::{DecisionKind, Event, EventType, ModbusInfo, Severity};
+use crate::policy::{Context, Decision, DeviceId, ListenerPlan, Mode, OnDeny, VendorId};
+
+use super::access::access_of;
+use super::frame::{self, Decoded, FrameError, Header};
+use super::generation::{Generation, Shared};
+use super::pdu::{ExceptionCode, Request};
+use super::upstream::{Pool, UpstreamError};
+
+/// Initial size of the read and write buffers of a session, in bytes.
+const BUFFER_CAPACITY: usize = 4096;
+
+/// Who a session is and how it can be told to stop.
+pub struct SessionParams {
+    pub id: u64,
+    pub listener: Arc<str>,
+    pub peer: SocketAddr,
+    pub vendor: VendorId,
+    pub vendor_name: Arc<str>,
+    pub requests: Arc<AtomicU64>,
+    /// Cancelled to close the session at once.
+    pub close: CancellationToken,
+    /// Cancelled to stop reading requests; the session closes once the
+    /// requests already in flight are answered.
+    pub drain: CancellationToken,
+}
+
+/// Why a session ended, as recorded in its close event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CloseReason {
+    ClientClosed,
+    FrameError,
+    IncompleteFrame,
+    FrameTimeout,
+    IdleTimeout,
+    DenyClose,
+    VendorRemoved,
+    ListenerRemoved,
+    Closed,
+    Drained,
+    WriteFailed,
+    ReadFailed,
+}
+
+impl CloseReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client closed the connection",
+            CloseReason::FrameError => "invalid MBAP header",
+            CloseReason::IncompleteFrame => "connection ended inside a frame",
+            CloseReason::FrameTimeout => "frame not completed in time",
+            CloseReason::IdleTimeout => "idle timeout",
+            CloseReason::DenyClose => "request denied with on_deny = close",
+            CloseReason::VendorRemoved => "vendor no longer matches after reload",
+            CloseReason::ListenerRemoved => "listener removed by reload",
+            CloseReason::Closed => "closed by the gateway",
+            CloseReason::Drained => "gateway shutting down",
+            CloseReason::WriteFailed => "write to client failed",
+            CloseReason::ReadFailed => "read from client failed",
+        }
+    }
+}
+
+/// The answer to one forwarded request, with its decision event still to be
+/// emitted.
+struct Completed {
+    header: Header,
+    function: u8,
+    outcome: Result<Option<Bytes>, UpstreamError>,
+    event: Event,
+}
+
+/// An allowed (or monitored) request on its way to a device.
+struct Job {
+    pool: Pool,
+    header: Header,
+    upstream_unit: u8,
+    request: Request,
+    expects_response: bool,
+    event: Event,
+}
+
+/// What the session does after handling one frame.
+enum Step {
+    Continue,
+    Forward(Job),
+    Close(CloseReason),
+}
+
+struct Session {
+    params: SessionParams,
+    shared: Arc<Shared>,
+    generation: Arc<Generation>,
+    listener: usize,
+    output: BytesMut,
+}
+
+/// Serves one admitted connection until it closes; records its end.
+pub async fn run(stream: TcpStream, params: SessionParams, shared: Arc<Shared>) {
+    let generation = shared.current.load_full();
+    let Some(listener) = find_listener(&generation, &params.listener) else {
+        return;
+    };
+    let mut session = Session {
+        params,
+        shared,
+        generation,
+        listener,
+        output: BytesMut::with_capacity(BUFFER_CAPACITY),
+    };
+    session.record_open().await;
+
+    let (reader, writer) = stream.into_split();
+    let reason = session.serve(reader, writer).await;
+
+    tracing::debug!(reason = reason.as_str(), "session closed");
+    session.record_close(reason).await;
+}
+
+fn find_listener(generation: &Generation, name: &str) -> Option<usize> {
+    generation
+        .policy
+        .listeners()
+        .iter()
+        .position(|listener| &*listener.name == name)
+}
+
+impl Session {
+    fn plan(&self) -> &ListenerPlan {
+        &self.generation.policy.listeners()[self.listener]
+    }
+
+    async fn serve(
+        &mut self,
+        mut reader: OwnedReadHalf,
+        mut writer: OwnedWriteHalf,
+    ) -> CloseReason {
+        let mut input = BytesMut::with_capacity(BUFFER_CAPACITY);
+        let mut in_flight = FuturesUnordered::new();
+        let mut reading = true;
+        let mut partial_since: Option<TokioInstant> = None;
+        let mut last_activity = TokioInstant::now();
+        let close = self.params.close.clone();
+        let drain = self.params.drain.clone();
+        let mut draining = false;
+
+        loop {
+            // Handle every complete frame already buffered.
+            while reading {
+                match frame::decode_request(&mut input) {
+                    Ok(Some(decoded)) => {
+                        last_activity = TokioInstant::now();
+                        match self.handle(decoded, in_flight.len()).await {
+                            Step::Continue => {}
+                            Step::Forward(job) => in_flight.push(forward(job)),
+                            Step::Close(reason) => return self.finish(&mut writer, reason).await,
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(error) => {
+                        self.record_frame_error(&error).await;
+                        return self.finish(&mut writer, CloseReason::FrameError).await;
+                    }
+                }
+            }
+            if !self.output.is_empty() && writer.write_all(&self.output).await.is_err() {
+                return CloseReason::WriteFailed;
+            }
+            self.output.clear();
+            if !reading && in_flight.is_empty() {
+                let reason = if draining {
+                    CloseReason::Drained
+                } else {
+                    CloseReason::ClientClosed
+                };
+                return self.finish(&mut writer, reason).await;
+            }
+
+            let limits = self.plan().limits;
+            partial_since = if input.is_empty() {
+                None
+            } else {
+                Some(partial_since.unwrap_or_else(TokioInstant::now))
+            };
+            let deadline = match partial_since {
+                Some(started) => started + limits.frame_timeout,
+                None => last_activity + limits.idle_timeout,
+            };
+            let timer_armed = reading && (partial_since.is_some() || in_flight.is_empty());
+
+            tokio::select! {
+                biased;
+                _ = close.cancelled() => return CloseReason::Closed,
+                _ = drain.cancelled(), if reading => {
+                    reading = false;
+                    draining = true;
+                }
+                Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                    self.complete(done).await;
+                    // Collect every other answer that is already there, so
+                    // they leave in one write.
+                    while let Some(Some(done)) = futures_util::FutureExt::now_or_never(in_flight.next()) {
+                        self.complete(done).await;
+                    }
+                    last_activity = TokioInstant::now();
+                }
+                read = reader.read_buf(&mut input), if reading => match read {
+                    Ok(0) => {
+                        reading = false;
+                        if !input.is_empty() {
+                            self.record_protocol_anomaly(
+                                "incomplete_frame",
+                                format!("connection ended with {} bytes of an unfinished frame", input.len()),
+                            ).await;
+                            return CloseReason::IncompleteFrame;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return CloseReason::ReadFailed,
+                },
+                _ = sleep_until(deadline), if timer_armed => {
+                    if partial_since.is_some() {
+                        self.record_protocol_anomaly(
+                            "incomplete_frame",
+                            format!("frame not completed within {} ms", limits.frame_timeout.as_millis()),
+                        ).await;
+                        return CloseReason::FrameTimeout;
+                    }
+                    return CloseReason::IdleTimeout;
+                }
+            }
+        }
+    }
+
+    /// Writes what is buffered, then closes the write side.
+    async fn finish(&mut self, writer: &mut OwnedWriteHalf, reason: CloseReason) -> CloseReason {
+        if !self.output.is_empty() {
+            let _ = writer.write_all(&self.output).await;
+            self.output.clear();
+        }
+        let _ = writer.shutdown().await;
+        reason
+    }
+
+    /// Moves to the newest generation, re-checking that this session's
+    /// listener and vendor still exist in it.
+    fn refresh(&mut self) -> Result<(), CloseReason> {
+        let current = self.shared.current.load();
+        if Arc::ptr_eq(&current, &self.generation) {
+            return Ok(());
+        }
+        let generation = arc_swap::Guard::into_inner(current);
+        let listener = find_listener(&generation, &self.params.listener)
+            .ok_or(CloseReason::ListenerRemoved)?;
+        let vendor = generation
+            .policy
+            .identify(self.params.peer.ip())
+            .filter(|vendor| generation.policy.vendor_name(*vendor) == &self.params.vendor_name)
+            .ok_or(CloseReason::VendorRemoved)?;
+        self.generation = generation;
+        self.listener = listener;
+        self.params.vendor = vendor;
+        Ok(())
+    }
+
+    async fn handle(&mut self, decoded: Decoded, pending: usize) -> Step {
+        if let Err(reason) = self.refresh() {
+            return Step::Close(reason);
+        }
+        self.params.requests.fetch_add(1, Ordering::Relaxed);
+        match decoded {
+            Decoded::Invalid {
+                header,
+                function,
+                exception,
+                error,
+            } => {
+                self.reject_invalid(header, function, exception, &error)
+                    .await;
+                Step::Continue
+            }
+            Decoded::Request { header, request } => {
+                self.handle_request(header, request, pending).await
+            }
+        }
+    }
+}
+
+impl Session {
+    async fn handle_request(&mut self, header: Header, request: Request, pending: usize) -> Step {
+        let function = request.function_code();
+        let plan = self.plan();
+        let mode = plan.mode;
+        let on_deny = plan.on_deny;
+        let max_pending = plan.limits.max_pending;
+
+        let Some(device) = plan.routes.device_for(header.unit) else {
+            let mut event = self.decision_event(header, &request, None);
+            event.decision = Some(DecisionKind::Deny);
+            event.reason = Some(format!("no route for unit id {}", header.unit));
+            self.answer_exception(
+                header,
+                function,
+                ExceptionCode::GatewayPathUnavailable,
+                event,
+            )
+            .await;
+            return Step::Continue;
+        };
+        if pending >= max_pending {
+            let mut event = self.decision_event(header, &request, Some(device));
+            event.decision = Some(DecisionKind::Deny);
+            event.reason = Some(format!("pending request limit {max_pending} reached"));
+            self.answer_exception(header, function, ExceptionCode::ServerDeviceBusy, event)
+                .await;
+            return Step::Continue;
+        }
+
+        let access = access_of(header.unit, &request);
+        let context = Context {
+            source: self.params.peer.ip(),
+            now: jiff::Timestamp::now(),
+            instant: Instant::now(),
+            states: &self.generation.states,
+        };
+        let decision = self
+            .generation
+            .policy
+            .decide(self.params.vendor, device, &access, &context);
+
+        let mut event = self.decision_event(header, &request, Some(device));
+        let exception = match &decision {
+            Decision::Allow { rule } => {
+                event.decision = Some(DecisionKind::Allow);
+                event.rule = Some(self.generation.policy.rule_label(*rule).to_owned());
+                None
+            }
+            Decision::Deny { reason } => {
+                event.decision = Some(DecisionKind::Deny);
+                event.reason = Some(reason.to_string());
+                // A policy code sluice cannot send becomes 01, the
+                // conservative answer for a denial.
+                Some(
+                    ExceptionCode::from_code(reason.exception_code())
+                        .unwrap_or(ExceptionCode::IllegalFunction),
+                )
+            }
+        };
+
+        match (exception, mode) {
+            (None, _) => Step::Forward(self.job(header, request, device, event)),
+            (Some(_), Mode::Monitor) => {
+                event.enforced = Some(false);
+                Step::Forward(self.job(header, request, device, event))
+            }
+            (Some(code), Mode::Enforce) => {
+                self.enforce_denial(header, function, code, on_deny, event)
+                    .await
+            }
+        }
+    }
+
+    async fn enforce_denial(
+        &mut self,
+        header: Header,
+        function: u8,
+        code: ExceptionCode,
+        on_deny: OnDeny,
+        event: Event,
+    ) -> Step {
+        match on_deny {
+            OnDeny::Exception => {
+                self.answer_exception(header, function, code, event).await;
+                Step::Continue
+            }
+            OnDeny::Drop => {
+                self.emit(event).await;
+                Step::Continue
+            }
+            OnDeny::Close => {
+                self.emit(event).await;
+                Step::Close(CloseReason::DenyClose)
+            }
+        }
+    }
+
+    fn job(&self, header: Header, request: Request, device: DeviceId, event: Event) -> Job {
+        let upstream_unit = self.generation.policy.devices()[device].unit;
+        let expects_response = expects_response(upstream_unit, &request);
+        Job {
+            pool: self.generation.pool(device).clone(),
+            header,
+            upstream_unit,
+            request,
+            expects_response,
+            event,
+        }
+    }
+
+    /// Answers a frame whose PDU broke the specification; it never reaches a PLC.
+    async fn reject_invalid(
+        &mut self,
+        header: Header,
+        function: u8,
+        exception: ExceptionCode,
+        error: &frame::PduError,
+    ) {
+        let mut event = self.base_event(EventType::Decision);
+        event.modbus = Some(ModbusInfo {
+            unit: header.unit,
+            function,
+            function_name: super::pdu::function_name_of(function),
+            address: None,
+            quantity: None,
+            transaction_id: header.transaction_id,
+            sub_function: None,
+            exception: None,
+        });
+        event.decision = Some(DecisionKind::Deny);
+        event.reason = Some(format!("malformed request: {error}"));
+        self.answer_exception(header, function, exception, event)
+            .await;
+        self.record_protocol_anomaly("malformed_request", error.to_string())
+            .await;
+    }
+
+    async fn answer_exception(
+        &mut self,
+        header: Header,
+        function: u8,
+        code: ExceptionCode,
+        mut event: Event,
+    ) {
+        frame::encode_exception(header, function, code, &mut self.output);
+        if let Some(modbus) = event.modbus.as_mut() {
+            modbus.exception = Some(code.code());
+        }
+        self.emit(event).await;
+    }
+
+    async fn complete(&mut self, done: Completed) {
+        let Completed {
+            header,
+            function,
+            outcome,
+            mut event,
+        } = done;
+        match outcome {
+            Ok(Some(pdu)) => frame::encode_response(header, &pdu, &mut self.output),
+            Ok(None) => {}
+            Err(error) => {
+                let code = error.exception_code();
+                frame::encode_exception(header, function, code, &mut self.output);
+                if let Some(modbus) = event.modbus.as_mut() {
+                    modbus.exception = Some(code.code());
+                }
+                event.detail = Some(serde_json::json!({ "upstream": error.to_string() }));
+            }
+        }
+        self.emit(event).await;
+    }
+
+    fn base_event(&self, event_type: EventType) -> Event {
+        let mut event = Event::new(event_type);
+        event.listener = Some(self.params.listener.clone());
+        event.session_id = Some(self.params.id);
+        event.vendor = Some(self.params.vendor_name.clone());
+        event.src_ip = Some(self.params.peer.ip());
+        event.src_port = Some(self.params.peer.port());
+        event
+    }
+
+    fn decision_event(&self, header: Header, request: &Request, device: Option<DeviceId>) -> Event {
+        let mut event = self.base_event(EventType::Decision);
+        event.device = device.map(|device| self.generation.device_name(device).clone());
+        event.modbus = Some(modbus_info(header, request));
+        event
+    }
+
+    async fn emit(&self, event: Event) {
+        if let Err(error) = self.shared.emitter.emit(event).await {
+            tracing::error!(%error, "event not recorded");
+        }
+    }
+
+    async fn record_open(&self) {
+        let mut event = self.base_event(EventType::Session);
+        event.action = Some("open");
+        self.emit(event).await;
+    }
+
+    async fn record_close(&self, reason: CloseReason) {
+        let mut event = self.base_event(EventType::Session);
+        event.action = Some("close");
+        event.reason = Some(reason.as_str().to_owned());
+        event.detail = Some(serde_json::json!({
+            "requests": self.params.requests.load(Ordering::Relaxed),
+        }));
+        self.emit(event).await;
+    }
+
+    async fn record_frame_error(&self, error: &FrameError) {
+        let kind = match error {
+            FrameError::ProtocolId { .. } => "bad_protocol_id",
+            FrameError::Length { .. } => "bad_length",
+            FrameError::ExceptionFunction { .. } => "exception_function_in_request",
+        };
+        tracing::debug!(%error, "closing session on framing error");
+        self.record_protocol_anomaly(kind, error.to_string()).await;
+    }
+
+    async fn record_protocol_anomaly(&self, kind: &'static str, detail: String) {
+        let mut event = Event::anomaly(kind, Severity::Medium, detail);
+        event.listener = Some(self.params.listener.clone());
+        event.session_id = Some(self.params.id);
+        event.vendor = Some(self.params.vendor_name.clone());
+        event.src_ip = Some(self.params.peer.ip());
+        event.src_port = Some(self.params.peer.port());
+        self.emit(event).await;
+    }
+}
+
+/// Sends one job to its device and waits for the answer.
+async fn forward(job: Job) -> Completed {
+    let Job {
+        pool,
+        header,
+        upstream_unit,
+        request,
+        expects_response,
+        event,
+    } = job;
+    let function = request.function_code();
+    let outcome = if expects_response {
+        pool.call(upstream_unit, &request).await.map(Some)
+    } else {
+        pool.send_without_response(upstream_unit, &request)
+            .await
+            .map(|()| None)
+    };
+    Completed {
+        header,
+        function,
+        outcome,
+        event,
+    }
+}
+
+/// Whether the specification has the device answer `request`: force listen
+/// only (FC 8, sub-function 4) and broadcast writes to unit 0 get no response.
+fn expects_response(upstream_unit: u8, request: &Request) -> bool {
+    match request {
+        Request::Diagnostics {
+            sub_function: 4, ..
+        } => false,
+        _ if upstream_unit == 0 => !is_write(request),
+        _ => true,
+    }
+}
+
+fn is_write(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::WriteSingleCoil { .. }
+            | Request::WriteSingleRegister { .. }
+            | Request::WriteMultipleCoils { .. }
+            | Request::WriteMultipleRegisters { .. }
+            | Request::WriteFileRecord { .. }
+            | Request::MaskWriteRegister { .. }
+            | Request::ReadWriteMultipleRegisters { .. }
+    )
+}
+
+fn modbus_info(header: Header, request: &Request) -> ModbusInfo {
+    let (address, quantity) = address_and_quantity(request);
+    ModbusInfo {
+        unit: header.unit,
+        function: request.function_code(),
+        function_name: request.function_name(),
+        address,
+        quantity,
+        transaction_id: header.transaction_id,
+        sub_function: match request {
+            Request::Diagnostics { sub_function, .. } => Some(*sub_function),
+            Request::EncapsulatedInterface { mei_type, .. } => Some(u16::from(*mei_type)),
+            _ => None,
+        },
+        exception: None,
+    }
+}
+
+/// The first address and the count a request touches; FC 23 reports its
+/// write part, which is what a rule on writes is about.
+fn address_and_quantity(request: &Request) -> (Option<u16>, Option<u16>) {
+    match *request {
+        Request::ReadCoils { address, quantity }
+        | Request::ReadDiscreteInputs { address, quantity }
+        | Request::ReadHoldingRegisters { address, quantity }
+        | Request::ReadInputRegisters { address, quantity }
+        | Request::WriteMultipleCoils {
+            address, quantity, ..
+        }
+        | Request::WriteMultipleRegisters {
+            address, quantity, ..
+        } => (Some(address), Some(quantity)),
+        Request::WriteSingleCoil { address, .. }
+        | Request::WriteSingleRegister { address, .. }
+        | Request::MaskWriteRegister { address, .. }
+        | Request::ReadFifoQueue { address } => (Some(address), Some(1)),
+        Request::ReadWriteMultipleRegisters {
+            write_address,
+            write_quantity,
+            ..
+        } => (Some(write_address), Some(write_quantity)),
+        _ => (None, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn force_listen_only_expects_no_response() {
+        let request = Request::Diagnostics {
+            sub_function: 4,
+            data: Bytes::from_static(&[0, 0]),
+        };
+        assert!(!expects_response(1, &request));
+    }
+
+    #[test]
+    fn broadcast_write_expects_no_response() {
+        let request = Request::WriteSingleRegister {
+            address: 1,
+            value: 2,
+        };
+        assert!(!expects_response(0, &request));
+        assert!(expects_response(1, &request));
+    }
+
+    #[test]
+    fn broadcast_read_expects_response() {
+        let request = Request::ReadHoldingRegisters {
+            address: 0,
+            quantity: 1,
+        };
+        assert!(expects_response(0, &request));
+    }
+
+    #[test]
+    fn read_write_registers_reports_write_part() {
+        let request = Request::ReadWriteMultipleRegisters {
+            read_address: 10,
+            read_quantity: 2,
+            write_address: 100,
+            write_quantity: 1,
+            values: Bytes::from_static(&[0, 7]),
+        };
+        assert_eq!(address_and_quantity(&request), (Some(100), Some(1)));
+    }
+}

@@ -1,0 +1,1187 @@
+//! The upstream side of forwarding: one `Pool` per PLC device, which owns up
+//! to `max_connections` TCP connections, assigns its own transaction ids,
+//! enforces the response deadline and checks each response against its
+//! request. Policy and client sessions live elsewhere; the pool sends a PLC
+//! only the requests it is given, plus the TCP connects that carry them.
+//!
+//! Each connection is one task that owns its socket. Callers hand it a job
+//! and a oneshot through a bounded channel. The task writes every request it
+//! may send in one system call, decodes every response that one read brings,
+//! and keeps a single timer set to the earliest deadline.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::frame::{self, FrameError, Header, RawResponse, ResponseError};
+use super::pdu::{ExceptionCode, Request};
+use crate::events::{Emitter, Event, EventType, ModbusInfo, Severity};
+
+/// Delay after the first failed connect attempt; it doubles with each
+/// further failure up to `backoff_max`.
+pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Largest `max_in_flight` the pool accepts. Transaction ids are 16 bits and
+/// matching a response scans the outstanding requests, so a connection
+/// keeps far fewer than 65536 of them.
+pub const MAX_IN_FLIGHT: usize = 256;
+
+/// Free space ensured in the read buffer before each read, in bytes. One
+/// maximal Modbus/TCP frame is 260 bytes, so one read can bring many.
+const READ_CHUNK: usize = 4096;
+
+/// Number of timed-out transaction ids a connection remembers, so that a
+/// late response can be told apart from one that nobody requested.
+const RETIRED_IDS: usize = 64;
+
+/// How to reach one device and how much load it may get.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    /// Device name from the configuration, used in events, logs and errors.
+    pub device: Arc<str>,
+    pub address: SocketAddr,
+    /// Maximum time from accepting a request to receiving its response.
+    pub timeout: Duration,
+    /// Maximum number of TCP connections to the device.
+    pub max_connections: usize,
+    /// Maximum number of requests awaiting a response on one connection.
+    pub max_in_flight: usize,
+    pub connect_timeout: Duration,
+    /// Upper bound of the delay between failed connect attempts.
+    pub backoff_max: Duration,
+    /// Maximum number of requests the pool holds, queued or in flight.
+    pub max_queue: usize,
+}
+
+impl UpstreamSettings {
+    /// Creates settings with the defaults: 1 s timeout, one connection with
+    /// one request in flight, 3 s connect timeout, backoff up to 10 s and a
+    /// queue of 256 requests.
+    pub fn new(device: impl Into<Arc<str>>, address: SocketAddr) -> UpstreamSettings {
+        UpstreamSettings {
+            device: device.into(),
+            address,
+            timeout: Duration::from_millis(1000),
+            max_connections: 1,
+            max_in_flight: 1,
+            connect_timeout: Duration::from_secs(3),
+            backoff_max: Duration::from_secs(10),
+            max_queue: 256,
+        }
+    }
+}
+
+/// Why a connection to the device could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectFailure {
+    #[error("connect failed: {kind}")]
+    Io { kind: io::ErrorKind },
+    #[error("connect timed out after {timeout:?}")]
+    TimedOut { timeout: Duration },
+    #[error("backing off after failed connects; next attempt in {remaining:?}")]
+    BackingOff { remaining: Duration },
+}
+
+/// Why an open connection ended before a request got its response.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CloseReason {
+    #[error("device closed the connection")]
+    Eof,
+    #[error("I/O error: {kind}")]
+    Io { kind: io::ErrorKind },
+    #[error("invalid response frame: {error}")]
+    Framing { error: FrameError },
+    #[error("connection reset after a bad response to another request")]
+    Reset,
+    #[error("upstream pool shut down")]
+    Shutdown,
+}
+
+/// A request that did not get a valid response. Every variant is the PLC
+/// side's failure except `Busy`, which is sluice's own back-pressure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("device {device} at {address} unreachable: {reason}")]
+    Unreachable {
+        device: Arc<str>,
+        address: SocketAddr,
+        reason: ConnectFailure,
+    },
+    #[error("device {device} did not respond within {timeout:?}")]
+    Timeout { device: Arc<str>, timeout: Duration },
+    #[error("response does not match its request: {error}")]
+    BadResponse { error: ResponseError },
+    #[error("response came from unit {received} to a request for unit {expected}")]
+    WrongUnit { expected: u8, received: u8 },
+    #[error("upstream request queue full")]
+    Busy,
+    #[error("connection to device {device} ended before the response: {reason}")]
+    Closed {
+        device: Arc<str>,
+        reason: CloseReason,
+    },
+}
+
+impl UpstreamError {
+    /// Returns the exception code that the client gets for this failure.
+    pub fn exception_code(&self) -> ExceptionCode {
+        match self {
+            UpstreamError::Unreachable { .. } => ExceptionCode::GatewayPathUnavailable,
+            // sluice itself removed the path, and the device never saw the request.
+            UpstreamError::Closed {
+                reason: CloseReason::Shutdown,
+                ..
+            } => ExceptionCode::GatewayPathUnavailable,
+            UpstreamError::Busy => ExceptionCode::ServerDeviceBusy,
+            UpstreamError::Timeout { .. }
+            | UpstreamError::BadResponse { .. }
+            | UpstreamError::WrongUnit { .. }
+            | UpstreamError::Closed { .. } => ExceptionCode::GatewayTargetFailedToRespond,
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<Bytes, UpstreamError>>;
+
+/// One request on its way from a caller to a connection task.
+struct Job {
+    unit: u8,
+    request: Request,
+    /// False for requests that by specification get no response; such a
+    /// job is answered with an empty PDU once it is written.
+    expects_response: bool,
+    deadline: Instant,
+    reply: Reply,
+}
+
+/// A request that was written and awaits its response.
+struct InFlight {
+    transaction_id: u16,
+    job: Job,
+}
+
+const STATUS_UNKNOWN: u8 = 0;
+const STATUS_UP: u8 = 1;
+const STATUS_DOWN: u8 = 2;
+
+/// State of one device that callers and connection tasks share.
+struct DeviceState {
+    settings: UpstreamSettings,
+    emitter: Emitter,
+    status: AtomicU8,
+    /// Number of connection tasks holding an open connection.
+    connected: AtomicUsize,
+}
+
+/// State of one connection slot that callers and its task share.
+struct SlotState {
+    /// Requests given to this slot and not yet answered.
+    load: AtomicUsize,
+    /// Consecutive failed connect attempts.
+    failures: AtomicU32,
+    /// End of the current backoff, in nanoseconds after `epoch`; 0 when
+    /// the next attempt may start at once.
+    backoff_until: AtomicU64,
+    epoch: Instant,
+}
+
+impl SlotState {
+    fn backoff_remaining(&self, now: Instant) -> Option<Duration> {
+        let until = self.backoff_until.load(Ordering::Acquire);
+        if until == 0 {
+            return None;
+        }
+        let until = self.epoch + Duration::from_nanos(until);
+        let remaining = until.saturating_duration_since(now);
+        (!remaining.is_zero()).then_some(remaining)
+    }
+
+    fn record_success(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        self.backoff_until.store(0, Ordering::Release);
+    }
+
+    fn record_failure(&self, now: Instant, backoff_max: Duration) -> Duration {
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let delay = backoff_delay(failures, backoff_max);
+        let until = (now + delay).saturating_duration_since(self.epoch);
+        let nanos = u64::try_from(until.as_nanos()).unwrap_or(u64::MAX).max(1);
+        self.backoff_until.store(nanos, Ordering::Release);
+        delay
+    }
+}
+
+/// Returns the wait after `failures` consecutive failed connects: 100 ms
+/// after the first, doubling up to `max`.
+fn backoff_delay(failures: u32, max: Duration) -> Duration {
+    let doublings = failures.saturating_sub(1).min(20);
+    INITIAL_BACKOFF.saturating_mul(1 << doublings).min(max)
+}
+
+/// The receiving ends a slot's task takes when it starts.
+struct SlotReceivers {
+    jobs: mpsc::Receiver<Job>,
+    shutdown: watch::Receiver<bool>,
+}
+
+struct Slot {
+    state: Arc<SlotState>,
+    sender: mpsc::Sender<Job>,
+    /// Taken when the slot's task is spawned, on the slot's first request.
+    receivers: Mutex<Option<SlotReceivers>>,
+    started: AtomicBool,
+}
+
+struct PoolInner {
+    device: Arc<DeviceState>,
+    slots: Box<[Slot]>,
+    /// Requests admitted and not yet answered, over all slots.
+    pending: AtomicUsize,
+    closed: AtomicBool,
+    shutdown: watch::Sender<bool>,
+}
+
+/// The connections to one device, shared by every session that routes to
+/// it. Cloning is cheap and clones share the connections.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+impl Pool {
+    /// Creates a pool without opening any connection: the first request
+    /// spawns its slot's task, which then connects.
+    pub fn new(settings: UpstreamSettings, emitter: Emitter) -> Pool {
+        let mut settings = settings;
+        // Configuration validates these; the clamps keep the pool sound
+        // when a caller builds settings by hand.
+        settings.max_connections = settings.max_connections.max(1);
+        settings.max_in_flight = settings.max_in_flight.clamp(1, MAX_IN_FLIGHT);
+        settings.max_queue = settings.max_queue.max(1);
+
+        let (shutdown, _) = watch::channel(false);
+        let epoch = Instant::now();
+        let slots = (0..settings.max_connections)
+            .map(|_| {
+                let (sender, jobs) = mpsc::channel(settings.max_queue);
+                let receivers = SlotReceivers {
+                    jobs,
+                    shutdown: shutdown.subscribe(),
+                };
+                Slot {
+                    state: Arc::new(SlotState {
+                        load: AtomicUsize::new(0),
+                        failures: AtomicU32::new(0),
+                        backoff_until: AtomicU64::new(0),
+                        epoch,
+                    }),
+                    sender,
+                    receivers: Mutex::new(Some(receivers)),
+                    started: AtomicBool::new(false),
+                }
+            })
+            .collect();
+        let device = DeviceState {
+            settings,
+            emitter,
+            status: AtomicU8::new(STATUS_UNKNOWN),
+            connected: AtomicUsize::new(0),
+        };
+        let inner = PoolInner {
+            device: Arc::new(device),
+            slots,
+            pending: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            shutdown,
+        };
+        Pool {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Sends `request` to `unit` and returns the response PDU (function code
+    /// and data) after `check_response` has accepted it. An exception
+    /// response from the PLC is a valid response and is returned as such.
+    pub async fn call(&self, unit: u8, request: &Request) -> Result<Bytes, UpstreamError> {
+        let (reply, response) = oneshot::channel();
+        let _admission = self.inner.submit(unit, request, true, reply)?;
+        response
+            .await
+            .unwrap_or_else(|_| Err(self.inner.shutdown_error()))
+    }
+
+    /// Sends a request that by specification gets no response, such as FC 8
+    /// sub-function 4 or a write to unit 0 behind a serial gateway. Returns
+    /// once the request is handed to the socket.
+    pub async fn send_without_response(
+        &self,
+        unit: u8,
+        request: &Request,
+    ) -> Result<(), UpstreamError> {
+        let (reply, written) = oneshot::channel();
+        let _admission = self.inner.submit(unit, request, false, reply)?;
+        match written.await {
+            Ok(result) => result.map(|_| ()),
+            Err(_) => Err(self.inner.shutdown_error()),
+        }
+    }
+
+    /// Returns whether the last connect attempt succeeded. A pool that has
+    /// not connected yet is not up.
+    pub fn is_up(&self) -> bool {
+        self.inner.device.status.load(Ordering::Acquire) == STATUS_UP
+    }
+
+    /// Closes every connection. Outstanding and later requests fail with
+    /// `Closed` and reason `Shutdown`.
+    pub fn shutdown(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.shutdown.send_replace(true);
+        // Dropping the receivers of slots that never started closes their
+        // channels, so no request can wait in one forever.
+        for slot in self.inner.slots.iter() {
+            let _ = lock_receivers(slot).take();
+        }
+    }
+}
+
+/// Releases a request's place in the queue when its caller stops waiting,
+/// whether it got an answer or was cancelled.
+struct Admission<'a> {
+    pool: &'a PoolInner,
+    slot: usize,
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        self.pool.slots[self.slot]
+            .state
+            .load
+            .fetch_sub(1, Ordering::AcqRel);
+        self.pool.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl PoolInner {
+    fn submit(
+        &self,
+        unit: u8,
+        request: &Request,
+        expects_response: bool,
+        reply: Reply,
+    ) -> Result<Admission<'_>, UpstreamError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.shutdown_error());
+        }
+        let now = Instant::now();
+        let slot = self.choose_slot(now)?;
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.device.settings.max_queue {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(UpstreamError::Busy);
+        }
+        self.slots[slot].state.load.fetch_add(1, Ordering::AcqRel);
+        let admission = Admission { pool: self, slot };
+
+        self.start_slot(slot);
+        let job = Job {
+            unit,
+            request: request.clone(),
+            expects_response,
+            deadline: now + self.device.settings.timeout,
+            reply,
+        };
+        match self.slots[slot].sender.try_send(job) {
+            Ok(()) => Ok(admission),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(UpstreamError::Busy),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(self.shutdown_error()),
+        }
+    }
+
+    /// Picks the least loaded slot that is not backing off, the lowest index
+    /// on a tie, so that light traffic uses a single connection.
+    fn choose_slot(&self, now: Instant) -> Result<usize, UpstreamError> {
+        let mut best: Option<(usize, usize)> = None;
+        let mut shortest_backoff = Duration::MAX;
+        for (index, slot) in self.slots.iter().enumerate() {
+            if let Some(remaining) = slot.state.backoff_remaining(now) {
+                shortest_backoff = shortest_backoff.min(remaining);
+                continue;
+            }
+            let load = slot.state.load.load(Ordering::Acquire);
+            if best.is_none_or(|(_, best_load)| load < best_load) {
+                best = Some((index, load));
+            }
+        }
+        match best {
+            Some((index, _)) => Ok(index),
+            None => Err(self.device.unreachable(ConnectFailure::BackingOff {
+                remaining: shortest_backoff,
+            })),
+        }
+    }
+
+    fn start_slot(&self, index: usize) {
+        let slot = &self.slots[index];
+        if slot.started.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(receivers) = lock_receivers(slot).take() else {
+            return;
+        };
+        slot.started.store(true, Ordering::Release);
+
+        let settings = &self.device.settings;
+        let span = tracing::info_span!("upstream", device = %settings.device, slot = index);
+        let worker = Worker {
+            device: self.device.clone(),
+            slot: slot.state.clone(),
+            jobs: receivers.jobs,
+            shutdown: receivers.shutdown,
+            waiting: VecDeque::new(),
+            next_transaction_id: 1,
+            retired: VecDeque::with_capacity(RETIRED_IDS),
+        };
+        tokio::spawn(worker.run().instrument(span));
+    }
+
+    fn shutdown_error(&self) -> UpstreamError {
+        UpstreamError::Closed {
+            device: self.device.settings.device.clone(),
+            reason: CloseReason::Shutdown,
+        }
+    }
+}
+
+fn lock_receivers(slot: &Slot) -> std::sync::MutexGuard<'_, Option<SlotReceivers>> {
+    // The guarded value is a plain Option, which a panic cannot leave
+    // half-changed.
+    slot.receivers
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl DeviceState {
+    fn unreachable(&self, reason: ConnectFailure) -> UpstreamError {
+        UpstreamError::Unreachable {
+            device: self.settings.device.clone(),
+            address: self.settings.address,
+            reason,
+        }
+    }
+
+    fn timeout(&self) -> UpstreamError {
+        UpstreamError::Timeout {
+            device: self.settings.device.clone(),
+            timeout: self.settings.timeout,
+        }
+    }
+
+    fn closed(&self, reason: CloseReason) -> UpstreamError {
+        UpstreamError::Closed {
+            device: self.settings.device.clone(),
+            reason,
+        }
+    }
+
+    async fn connection_opened(&self) {
+        self.connected.fetch_add(1, Ordering::AcqRel);
+        if self.status.swap(STATUS_UP, Ordering::AcqRel) == STATUS_UP {
+            return;
+        }
+        let settings = &self.settings;
+        tracing::info!(device = %settings.device, address = %settings.address, "device up");
+        let detail = serde_json::json!({ "address": settings.address.to_string() });
+        self.emit_system("device_up", detail).await;
+    }
+
+    fn connection_closed(&self) {
+        self.connected.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Marks the device down after a failed connect, unless another slot
+    /// still holds an open connection.
+    async fn connect_failed(&self, failure: &ConnectFailure) {
+        if self.connected.load(Ordering::Acquire) > 0 {
+            return;
+        }
+        if self.status.swap(STATUS_DOWN, Ordering::AcqRel) == STATUS_DOWN {
+            return;
+        }
+        let settings = &self.settings;
+        tracing::info!(
+            device = %settings.device,
+            address = %settings.address,
+            error = %failure,
+            "device down"
+        );
+        let detail = serde_json::json!({
+            "address": settings.address.to_string(),
+            "error": failure.to_string(),
+        });
+        self.emit_system("device_down", detail).await;
+    }
+
+    async fn emit_system(&self, action: &'static str, detail: serde_json::Value) {
+        let mut event = Event::new(EventType::System);
+        event.action = Some(action);
+        event.detail = Some(detail);
+        self.emit(event).await;
+    }
+
+    async fn emit_anomaly(
+        &self,
+        kind: &'static str,
+        severity: Severity,
+        detail: String,
+        modbus: Option<ModbusInfo>,
+    ) {
+        let mut event = Event::anomaly(kind, severity, detail);
+        event.modbus = modbus;
+        self.emit(event).await;
+    }
+
+    async fn emit(&self, mut event: Event) {
+        event.device = Some(self.settings.device.clone());
+        if let Err(error) = self.emitter.emit(event).await {
+            tracing::warn!(%error, "upstream event not recorded");
+        }
+    }
+}
+
+/// How a connection ended.
+enum End {
+    /// The connection is gone; waiting requests go to the next one.
+    Lost,
+    /// The pool shut down or was dropped; the task stops.
+    Stopped,
+}
+
+/// The task behind one connection slot. It holds at most one connection at
+/// a time and reconnects when requests arrive after it was lost.
+struct Worker {
+    device: Arc<DeviceState>,
+    slot: Arc<SlotState>,
+    jobs: mpsc::Receiver<Job>,
+    shutdown: watch::Receiver<bool>,
+    /// Received requests that are not yet written, oldest first.
+    waiting: VecDeque<Job>,
+    next_transaction_id: u16,
+    /// Recently timed-out transaction ids, oldest first.
+    retired: VecDeque<u16>,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        loop {
+            if self.waiting.is_empty() && !self.wait_for_job().await {
+                break;
+            }
+            if let Some(remaining) = self.slot.backoff_remaining(Instant::now()) {
+                let error = self
+                    .device
+                    .unreachable(ConnectFailure::BackingOff { remaining });
+                self.fail_waiting(&error);
+                continue;
+            }
+            let Some(result) = self.connect().await else {
+                break;
+            };
+            match result {
+                Ok(stream) => {
+                    self.slot.record_success();
+                    self.device.connection_opened().await;
+                    let end = self.serve(&stream).await;
+                    self.device.connection_closed();
+                    if let End::Stopped = end {
+                        break;
+                    }
+                }
+                Err(failure) => {
+                    let delay = self
+                        .slot
+                        .record_failure(Instant::now(), self.device.settings.backoff_max);
+                    tracing::debug!(error = %failure, ?delay, "connect failed");
+                    self.device.connect_failed(&failure).await;
+                    self.fail_waiting(&self.device.unreachable(failure));
+                }
+            }
+        }
+        let error = self.device.closed(CloseReason::Shutdown);
+        self.fail_waiting(&error);
+        self.jobs.close();
+        while let Ok(job) = self.jobs.try_recv() {
+            let _ = job.reply.send(Err(error.clone()));
+        }
+    }
+
+    /// Waits for the next request while no connection is needed. Returns
+    /// false when the pool shuts down.
+    async fn wait_for_job(&mut self) -> bool {
+        tokio::select! {
+            job = self.jobs.recv() => match job {
+                Some(job) => {
+                    self.waiting.push_back(job);
+                    true
+                }
+                None => false,
+            },
+            _ = self.shutdown.changed() => false,
+        }
+    }
+
+    /// Opens a connection while still accepting requests and expiring their
+    /// deadlines. Returns `None` when the pool shuts down meanwhile.
+    async fn connect(&mut self) -> Option<Result<TcpStream, ConnectFailure>> {
+        let settings = &self.device.settings;
+        let open = open_connection(settings.address, settings.connect_timeout);
+        tokio::pin!(open);
+        let timer = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(timer);
+        loop {
+            let deadline = self.waiting.front().map(|job| job.deadline);
+            if let Some(deadline) = deadline {
+                timer.as_mut().reset(deadline);
+            }
+            let room = self.has_room(0);
+            tokio::select! {
+                result = &mut open => return Some(result),
+                job = self.jobs.recv(), if room => match job {
+                    Some(job) => self.waiting.push_back(job),
+                    None => return None,
+                },
+                _ = &mut timer, if deadline.is_some() => self.expire_waiting(Instant::now()),
+                _ = self.shutdown.changed() => return None,
+            }
+        }
+    }
+
+    fn has_room(&self, in_flight: usize) -> bool {
+        self.waiting.len() + in_flight < self.device.settings.max_queue
+    }
+
+    /// Exchanges requests and responses on one open connection until it is
+    /// lost or the pool stops.
+    async fn serve(&mut self, stream: &TcpStream) -> End {
+        let max_in_flight = self.device.settings.max_in_flight;
+        let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(max_in_flight);
+        let mut written: Vec<Reply> = Vec::new();
+        let mut write_buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut read_buf = BytesMut::with_capacity(READ_CHUNK);
+        let timer = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(timer);
+
+        loop {
+            self.pull_jobs(in_flight.len());
+            self.dispatch(&mut in_flight, &mut written, &mut write_buf);
+            if let Err(error) = write_pending(stream, &mut write_buf) {
+                return self.lose(&mut in_flight, CloseReason::Io { kind: error.kind() });
+            }
+            for reply in written.drain(..) {
+                let _ = reply.send(Ok(Bytes::new()));
+            }
+
+            let deadline = earliest_deadline(&in_flight, &self.waiting);
+            if let Some(deadline) = deadline {
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+            }
+            let room = self.has_room(in_flight.len());
+            let must_write = !write_buf.is_empty();
+
+            tokio::select! {
+                biased;
+                _ = self.shutdown.changed() => {
+                    let error = self.device.closed(CloseReason::Shutdown);
+                    fail_in_flight(&mut in_flight, &error);
+                    return End::Stopped;
+                }
+                ready = stream.readable() => {
+                    if let Err(error) = ready {
+                        return self.lose(&mut in_flight, CloseReason::Io { kind: error.kind() });
+                    }
+                    read_buf.reserve(READ_CHUNK);
+                    match stream.try_read_buf(&mut read_buf) {
+                        Ok(0) => return self.lose(&mut in_flight, CloseReason::Eof),
+                        Ok(_) => {
+                            if let Err(end) = self.handle_responses(&mut read_buf, &mut in_flight).await {
+                                return end;
+                            }
+                        }
+                        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(error) => {
+                            return self.lose(&mut in_flight, CloseReason::Io { kind: error.kind() });
+                        }
+                    }
+                }
+                _ = stream.writable(), if must_write => {}
+                job = self.jobs.recv(), if room => match job {
+                    Some(job) => self.waiting.push_back(job),
+                    None => {
+                        let error = self.device.closed(CloseReason::Shutdown);
+                        fail_in_flight(&mut in_flight, &error);
+                        return End::Stopped;
+                    }
+                },
+                _ = &mut timer, if deadline.is_some() => {
+                    self.expire(&mut in_flight, Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Moves every request already in the channel to `waiting`, as far as
+    /// the queue limit allows, without waiting.
+    fn pull_jobs(&mut self, in_flight: usize) {
+        while self.has_room(in_flight) {
+            match self.jobs.try_recv() {
+                Ok(job) => self.waiting.push_back(job),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Encodes waiting requests into `write_buf` in arrival order while the
+    /// connection may take more. Requests whose caller left or whose
+    /// deadline passed are not sent.
+    fn dispatch(
+        &mut self,
+        in_flight: &mut VecDeque<InFlight>,
+        written: &mut Vec<Reply>,
+        write_buf: &mut BytesMut,
+    ) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let max_in_flight = self.device.settings.max_in_flight;
+        while let Some(job) = self.waiting.front() {
+            if job.expects_response && in_flight.len() >= max_in_flight {
+                break;
+            }
+            let Some(job) = self.waiting.pop_front() else {
+                break;
+            };
+            if job.reply.is_closed() {
+                continue;
+            }
+            if job.deadline <= now {
+                let _ = job.reply.send(Err(self.device.timeout()));
+                continue;
+            }
+            let transaction_id = self.allocate_transaction_id(in_flight);
+            let header = Header {
+                transaction_id,
+                unit: job.unit,
+            };
+            frame::encode_request(header, &job.request, write_buf);
+            if job.expects_response {
+                in_flight.push_back(InFlight {
+                    transaction_id,
+                    job,
+                });
+            } else {
+                written.push(job.reply);
+            }
+        }
+    }
+
+    /// Returns the next transaction id that no outstanding request uses.
+    fn allocate_transaction_id(&mut self, in_flight: &VecDeque<InFlight>) -> u16 {
+        loop {
+            let candidate = self.next_transaction_id;
+            self.next_transaction_id = candidate.wrapping_add(1);
+            if !in_flight
+                .iter()
+                .any(|entry| entry.transaction_id == candidate)
+            {
+                return candidate;
+            }
+        }
+    }
+
+    /// Answers every request whose deadline has passed with `Timeout`. The
+    /// transaction id of a written one is retired, so that its late
+    /// response is discarded.
+    fn expire(&mut self, in_flight: &mut VecDeque<InFlight>, now: Instant) {
+        let mut index = 0;
+        while index < in_flight.len() {
+            if in_flight[index].job.deadline > now {
+                index += 1;
+                continue;
+            }
+            let Some(entry) = in_flight.remove(index) else {
+                break;
+            };
+            tracing::debug!(
+                transaction_id = entry.transaction_id,
+                "request timed out; transaction id retired"
+            );
+            if self.retired.len() == RETIRED_IDS {
+                self.retired.pop_front();
+            }
+            self.retired.push_back(entry.transaction_id);
+            let _ = entry.job.reply.send(Err(self.device.timeout()));
+        }
+        self.expire_waiting(now);
+    }
+
+    fn expire_waiting(&mut self, now: Instant) {
+        while let Some(job) = self.waiting.front() {
+            if job.deadline > now {
+                break;
+            }
+            if let Some(job) = self.waiting.pop_front() {
+                let _ = job.reply.send(Err(self.device.timeout()));
+            }
+        }
+    }
+
+    /// Decodes every complete response in `read_buf`. Returns `Err` when the
+    /// connection must be reset.
+    async fn handle_responses(
+        &mut self,
+        read_buf: &mut BytesMut,
+        in_flight: &mut VecDeque<InFlight>,
+    ) -> Result<(), End> {
+        loop {
+            match frame::decode_response(read_buf) {
+                Ok(Some(response)) => self.handle_response(response, in_flight).await?,
+                Ok(None) => return Ok(()),
+                Err(error) => {
+                    let detail = format!("invalid response frame: {error}; connection reset");
+                    self.device
+                        .emit_anomaly("bad_response", Severity::Medium, detail, None)
+                        .await;
+                    return Err(self.lose(in_flight, CloseReason::Framing { error }));
+                }
+            }
+        }
+    }
+
+    async fn handle_response(
+        &mut self,
+        response: RawResponse,
+        in_flight: &mut VecDeque<InFlight>,
+    ) -> Result<(), End> {
+        let transaction_id = response.header.transaction_id;
+        let position = in_flight
+            .iter()
+            .position(|entry| entry.transaction_id == transaction_id);
+        let Some(entry) = position.and_then(|index| in_flight.remove(index)) else {
+            self.report_unmatched(&response).await;
+            return Ok(());
+        };
+
+        let error = if response.header.unit != entry.job.unit {
+            UpstreamError::WrongUnit {
+                expected: entry.job.unit,
+                received: response.header.unit,
+            }
+        } else {
+            match frame::check_response(&entry.job.request, &response.pdu) {
+                Ok(()) => {
+                    let _ = entry.job.reply.send(Ok(response.pdu));
+                    return Ok(());
+                }
+                Err(error) => UpstreamError::BadResponse { error },
+            }
+        };
+
+        let detail = format!("{error}; connection reset");
+        let modbus = modbus_info(&entry, response.header.unit);
+        let _ = entry.job.reply.send(Err(error));
+        self.device
+            .emit_anomaly("bad_response", Severity::Medium, detail, Some(modbus))
+            .await;
+        Err(self.lose(in_flight, CloseReason::Reset))
+    }
+
+    /// Records a response that no outstanding request is waiting for.
+    async fn report_unmatched(&self, response: &RawResponse) {
+        let transaction_id = response.header.transaction_id;
+        let (severity, detail) = if self.retired.contains(&transaction_id) {
+            let detail = format!("response to timed-out transaction id {transaction_id} discarded");
+            (Severity::Low, detail)
+        } else {
+            let detail = format!(
+                "response with transaction id {transaction_id} matches no outstanding request; discarded"
+            );
+            (Severity::Medium, detail)
+        };
+        tracing::debug!(transaction_id, "unmatched response discarded");
+        let function = response.pdu.first().copied().unwrap_or(0);
+        let modbus = ModbusInfo {
+            unit: response.header.unit,
+            function,
+            function_name: super::pdu::function_name_of(function & 0x7F),
+            address: None,
+            quantity: None,
+            transaction_id,
+            sub_function: None,
+            exception: None,
+        };
+        self.device
+            .emit_anomaly("late_response", severity, detail, Some(modbus))
+            .await;
+    }
+
+    /// Fails every written request with `Closed` and gives up the
+    /// connection; waiting requests stay for the next one.
+    fn lose(&mut self, in_flight: &mut VecDeque<InFlight>, reason: CloseReason) -> End {
+        tracing::debug!(%reason, outstanding = in_flight.len(), "upstream connection closed");
+        let error = self.device.closed(reason);
+        fail_in_flight(in_flight, &error);
+        End::Lost
+    }
+
+    fn fail_waiting(&mut self, error: &UpstreamError) {
+        for job in self.waiting.drain(..) {
+            let _ = job.reply.send(Err(error.clone()));
+        }
+    }
+}
+
+async fn open_connection(
+    address: SocketAddr,
+    connect_timeout: Duration,
+) -> Result<TcpStream, ConnectFailure> {
+    let connect = tokio::time::timeout(connect_timeout, TcpStream::connect(address));
+    let stream = match connect.await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => return Err(ConnectFailure::Io { kind: error.kind() }),
+        Err(_) => {
+            return Err(ConnectFailure::TimedOut {
+                timeout: connect_timeout,
+            })
+        }
+    };
+    // Requests are small and latency-bound, so Nagle's algorithm only delays them.
+    stream
+        .set_nodelay(true)
+        .map_err(|error| ConnectFailure::Io { kind: error.kind() })?;
+    Ok(stream)
+}
+
+/// Writes as much of `write_buf` as the socket takes without waiting.
+fn write_pending(stream: &TcpStream, write_buf: &mut BytesMut) -> io::Result<()> {
+    if write_buf.is_empty() {
+        return Ok(());
+    }
+    match stream.try_write(write_buf) {
+        Ok(written) => {
+            write_buf.advance(written);
+            Ok(())
+        }
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+fn earliest_deadline(in_flight: &VecDeque<InFlight>, waiting: &VecDeque<Job>) -> Option<Instant> {
+    let written = in_flight.iter().map(|entry| entry.job.deadline).min();
+    let queued = waiting.front().map(|job| job.deadline);
+    match (written, queued) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn fail_in_flight(in_flight: &mut VecDeque<InFlight>, error: &UpstreamError) {
+    for entry in in_flight.drain(..) {
+        let _ = entry.job.reply.send(Err(error.clone()));
+    }
+}
+
+fn modbus_info(entry: &InFlight, unit: u8) -> ModbusInfo {
+    ModbusInfo {
+        unit,
+        function: entry.job.request.function_code(),
+        function_name: entry.job.request.function_name(),
+        address: None,
+        quantity: None,
+        transaction_id: entry.transaction_id,
+        sub_function: None,
+        exception: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> UpstreamSettings {
+        UpstreamSettings::new("press-1", SocketAddr::from(([127, 0, 0, 1], 1)))
+    }
+
+    #[test]
+    fn backoff_doubles_from_100ms_up_to_max() {
+        let max = Duration::from_secs(1);
+        let delays: Vec<Duration> = (1..=6)
+            .map(|failures| backoff_delay(failures, max))
+            .collect();
+        let expected = [100, 200, 400, 800, 1000, 1000].map(Duration::from_millis);
+        assert_eq!(delays, expected);
+        assert_eq!(backoff_delay(u32::MAX, max), max);
+    }
+
+    #[test]
+    fn slot_backs_off_after_failure_and_clears_on_success() {
+        let epoch = Instant::now();
+        let slot = SlotState {
+            load: AtomicUsize::new(0),
+            failures: AtomicU32::new(0),
+            backoff_until: AtomicU64::new(0),
+            epoch,
+        };
+        assert_eq!(slot.backoff_remaining(epoch), None);
+
+        let delay = slot.record_failure(epoch, Duration::from_secs(5));
+        assert_eq!(delay, Duration::from_millis(100));
+        let remaining = slot.backoff_remaining(epoch + Duration::from_millis(40));
+        assert_eq!(remaining, Some(Duration::from_millis(60)));
+        assert_eq!(
+            slot.backoff_remaining(epoch + Duration::from_millis(100)),
+            None
+        );
+
+        let delay = slot.record_failure(epoch, Duration::from_secs(5));
+        assert_eq!(delay, Duration::from_millis(200));
+
+        slot.record_success();
+        assert_eq!(slot.backoff_remaining(epoch), None);
+        assert_eq!(slot.failures.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn errors_map_to_gateway_exception_codes() {
+        let device: Arc<str> = Arc::from("press-1");
+        let address = SocketAddr::from(([127, 0, 0, 1], 502));
+        let cases = [
+            (
+                UpstreamError::Unreachable {
+                    device: device.clone(),
+                    address,
+                    reason: ConnectFailure::Io {
+                        kind: io::ErrorKind::ConnectionRefused,
+                    },
+                },
+                ExceptionCode::GatewayPathUnavailable,
+            ),
+            (
+                UpstreamError::Timeout {
+                    device: device.clone(),
+                    timeout: Duration::from_millis(200),
+                },
+                ExceptionCode::GatewayTargetFailedToRespond,
+            ),
+            (
+                UpstreamError::WrongUnit {
+                    expected: 1,
+                    received: 2,
+                },
+                ExceptionCode::GatewayTargetFailedToRespond,
+            ),
+            (UpstreamError::Busy, ExceptionCode::ServerDeviceBusy),
+            (
+                UpstreamError::Closed {
+                    device: device.clone(),
+                    reason: CloseReason::Eof,
+                },
+                ExceptionCode::GatewayTargetFailedToRespond,
+            ),
+            (
+                UpstreamError::Closed {
+                    device,
+                    reason: CloseReason::Shutdown,
+                },
+                ExceptionCode::GatewayPathUnavailable,
+            ),
+        ];
+        for (error, code) in cases {
+            assert_eq!(error.exception_code(), code, "{error}");
+        }
+    }
+
+    #[test]
+    fn error_messages_name_device_and_limit() {
+        let error = UpstreamError::Timeout {
+            device: Arc::from("press-1"),
+            timeout: Duration::from_millis(200),
+        };
+        assert_eq!(
+            error.to_string(),
+            "device press-1 did not respond within 200ms"
+        );
+        let error = UpstreamError::Unreachable {
+            device: Arc::from("press-1"),
+            address: SocketAddr::from(([127, 0, 0, 1], 502)),
+            reason: ConnectFailure::Io {
+                kind: io::ErrorKind::ConnectionRefused,
+            },
+        };
+        assert_eq!(
+            error.to_string(),
+            "device press-1 at 127.0.0.1:502 unreachable: connect failed: connection refused"
+        );
+    }
+
+    #[test]
+    fn new_pool_clamps_zero_limits() {
+        let (emitter, _events) = Emitter::new(Arc::from("edge-01"));
+        let mut zero = settings();
+        zero.max_connections = 0;
+        zero.max_in_flight = 0;
+        zero.max_queue = 0;
+        let pool = Pool::new(zero, emitter);
+        let settings = &pool.inner.device.settings;
+        assert_eq!(settings.max_connections, 1);
+        assert_eq!(settings.max_in_flight, 1);
+        assert_eq!(settings.max_queue, 1);
+        assert_eq!(pool.inner.slots.len(), 1);
+        assert!(!pool.is_up());
+    }
+
+    #[tokio::test]
+    async fn busy_when_queue_full() {
+        let (emitter, _events) = Emitter::new(Arc::from("edge-01"));
+        let mut one = settings();
+        one.max_queue = 1;
+        let pool = Pool::new(one, emitter);
+        let request = Request::ReadHoldingRegisters {
+            address: 0,
+            quantity: 1,
+        };
+        let (reply, _response) = oneshot::channel();
+        let admission = pool.inner.submit(1, &request, true, reply);
+        assert!(admission.is_ok());
+        let second = pool.call(1, &request).await;
+        assert_eq!(second, Err(UpstreamError::Busy));
+    }
+
+    #[tokio::test]
+    async fn calls_after_shutdown_fail_closed() {
+        let (emitter, _events) = Emitter::new(Arc::from("edge-01"));
+        let pool = Pool::new(settings(), emitter);
+        pool.shutdown();
+        let request = Request::ReadCoils {
+            address: 0,
+            quantity: 1,
+        };
+        let result = pool.call(1, &request).await;
+        let expected = UpstreamError::Closed {
+            device: Arc::from("press-1"),
+            reason: CloseReason::Shutdown,
+        };
+        assert_eq!(result, Err(expected));
+    }
+}

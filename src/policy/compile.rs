@@ -1,0 +1,330 @@
+//! Compiles a validated `Config` into a `Policy`: resolves names to indices,
+//! turns ranges into interval sets and builds the per vendor, device and
+//! function rule tables that `decide()` searches.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::{
+    Config, Diagnostic, Diagnostics, ListenerTarget, Origin, RuleConfig, StateConfig, VendorConfig,
+};
+use crate::identity::{SourceIndex, SourceSet};
+
+use super::{
+    AuditPlan, CompiledRule, CompiledWhen, DevicePlan, FunctionTable, IntervalSet, ListenerPlan,
+    Policy, Routes, RuleRef, StatePlan, VendorPlan,
+};
+
+/// Collects problems of names that refer to nothing. `config::load` reports
+/// these first, so they only occur in configurations built in code.
+#[derive(Default)]
+struct Problems {
+    errors: Vec<Diagnostic>,
+}
+
+impl Problems {
+    fn error(&mut self, at: &Origin, message: String) {
+        self.errors.push(at.diagnostic(message));
+    }
+}
+
+struct Names {
+    devices: HashMap<String, usize>,
+    states: HashMap<String, usize>,
+}
+
+pub(super) fn compile(config: &Config) -> Result<(Policy, Vec<Diagnostic>), Diagnostics> {
+    let mut problems = Problems::default();
+    let names = Names {
+        devices: index_names(config.devices.iter().map(|d| d.name.as_str())),
+        states: index_names(config.states.iter().map(|s| s.name.as_str())),
+    };
+
+    let devices = config.devices.iter().map(device_plan).collect::<Vec<_>>();
+    let listeners = config
+        .listeners
+        .iter()
+        .filter_map(|listener| listener_plan(listener, &names, &mut problems))
+        .collect();
+    let states = config
+        .states
+        .iter()
+        .filter_map(|state| state_plan(state, &names, &mut problems))
+        .collect::<Vec<_>>();
+
+    let mut rules = Vec::new();
+    let mut placements = Vec::new();
+    for (vendor, vendor_config) in config.vendors.iter().enumerate() {
+        for (index, rule) in vendor_config.rules.iter().enumerate() {
+            let rule_ref = RuleRef {
+                vendor: vendor as u32,
+                index: index as u32,
+            };
+            let Some(compiled) = compile_rule(rule, rule_ref, &names, &states, &mut problems)
+            else {
+                continue;
+            };
+            let device = names.devices[&rule.device];
+            for &function in &rule.functions {
+                placements.push((vendor * devices.len() + device, function, rules.len() as u32));
+            }
+            rules.push(compiled);
+        }
+    }
+    let (tables, candidates) = build_tables(placements, config.vendors.len() * devices.len());
+    let identity = build_identity(&config.vendors, &mut problems);
+
+    if !problems.errors.is_empty() {
+        return Err(Diagnostics {
+            errors: problems.errors,
+            warnings: Vec::new(),
+        });
+    }
+    let policy = Policy {
+        gateway_name: Arc::from(config.gateway.name.as_str()),
+        timezone: config.gateway.timezone.clone(),
+        listeners,
+        devices,
+        states,
+        audit: AuditPlan {
+            path: config.audit.path.clone(),
+            sync: config.audit.sync,
+        },
+        vendors: config.vendors.iter().map(vendor_plan).collect(),
+        identity,
+        rules,
+        tables,
+        candidates,
+        files: config.files.clone(),
+        unknown_name: Arc::from("unknown"),
+    };
+    Ok((policy, Vec::new()))
+}
+
+fn index_names<'a>(names: impl Iterator<Item = &'a str>) -> HashMap<String, usize> {
+    let mut index = HashMap::new();
+    for (position, name) in names.enumerate() {
+        index.entry(name.to_owned()).or_insert(position);
+    }
+    index
+}
+
+fn device_plan(device: &crate::config::DeviceConfig) -> DevicePlan {
+    DevicePlan {
+        name: Arc::from(device.name.as_str()),
+        address: device.address,
+        unit: device.unit,
+        timeout: device.timeout,
+        max_connections: device.max_connections,
+        max_in_flight: device.max_in_flight,
+        connect_timeout: device.connect_timeout,
+        backoff_max: device.backoff_max,
+    }
+}
+
+fn device_id(name: &str, names: &Names, at: &Origin, problems: &mut Problems) -> Option<usize> {
+    let id = names.devices.get(name).copied();
+    if id.is_none() {
+        problems.error(at, format!("unknown device \"{name}\""));
+    }
+    id
+}
+
+fn listener_plan(
+    listener: &crate::config::ListenerConfig,
+    names: &Names,
+    problems: &mut Problems,
+) -> Option<ListenerPlan> {
+    let routes = match &listener.target {
+        ListenerTarget::Device(device) => {
+            Routes::Device(device_id(device, names, &listener.origin, problems)?)
+        }
+        ListenerTarget::Routes(table) => {
+            let mut units = Box::new([None; 256]);
+            for (unit, device) in table {
+                units[usize::from(*unit)] = device_id(device, names, &listener.origin, problems);
+            }
+            Routes::Units(units)
+        }
+    };
+    Some(ListenerPlan {
+        name: Arc::from(listener.name.as_str()),
+        bind: listener.bind,
+        mode: listener.mode,
+        on_deny: listener.on_deny,
+        routes,
+        limits: listener.limits,
+    })
+}
+
+fn state_plan(state: &StateConfig, names: &Names, problems: &mut Problems) -> Option<StatePlan> {
+    let device = device_id(&state.device, names, &state.origin, problems)?;
+    let mut value_names: Vec<Arc<str>> = Vec::new();
+    let mut values = Vec::with_capacity(state.values.len());
+    for value in &state.values {
+        let index = match value_names.iter().position(|name| **name == *value.name) {
+            Some(index) => index,
+            None => {
+                value_names.push(Arc::from(value.name.as_str()));
+                value_names.len() - 1
+            }
+        };
+        values.push((value.raw, index as u16));
+    }
+    values.sort();
+    Some(StatePlan {
+        name: Arc::from(state.name.as_str()),
+        device,
+        kind: state.kind,
+        address: state.address,
+        poll: state.poll,
+        max_age: state.max_age,
+        values: values.into_boxed_slice(),
+        value_names: value_names.into_boxed_slice(),
+    })
+}
+
+fn compile_rule(
+    rule: &RuleConfig,
+    rule_ref: RuleRef,
+    names: &Names,
+    states: &[StatePlan],
+    problems: &mut Problems,
+) -> Option<CompiledRule> {
+    device_id(&rule.device, names, &rule.origin, problems)?;
+    let values = rule
+        .values
+        .as_ref()
+        .map(|ranges| IntervalSet::new(ranges.iter().copied()));
+    let coil_values = values.as_ref().map_or(0b11, |set| {
+        u8::from(set.contains(0)) | u8::from(set.contains(1)) << 1
+    });
+    let mut sub_functions = rule.sub_functions.clone();
+    let mut mei_types = rule.mei_types.clone();
+    if let Some(list) = &mut sub_functions {
+        list.sort_unstable();
+    }
+    if let Some(list) = &mut mei_types {
+        list.sort_unstable();
+    }
+    Some(CompiledRule {
+        rule: rule_ref,
+        addresses: IntervalSet::new(rule.addresses.iter().copied()),
+        values,
+        coil_values,
+        quantity: rule.quantity,
+        sub_functions: sub_functions.map(Vec::into_boxed_slice),
+        mei_types: mei_types.map(Vec::into_boxed_slice),
+        when: compile_when(rule, names, states, problems)?,
+    })
+}
+
+/// Compiles the rule's conditions; `Some(None)` when it has none.
+fn compile_when(
+    rule: &RuleConfig,
+    names: &Names,
+    states: &[StatePlan],
+    problems: &mut Problems,
+) -> Option<Option<Box<CompiledWhen>>> {
+    let when = &rule.when;
+    let mut conditions = Vec::new();
+    for (state_name, value_name) in &when.state {
+        let state = names.states.get(state_name).copied();
+        let plan = state.and_then(|state| states.get(state).map(|plan| (state, plan)));
+        let Some((state, plan)) = plan else {
+            problems.error(&rule.origin, format!("unknown state \"{state_name}\""));
+            return None;
+        };
+        let Some(value) = plan.value_names.iter().position(|name| **name == **value_name) else {
+            problems.error(
+                &rule.origin,
+                format!("state \"{state_name}\" has no value \"{value_name}\""),
+            );
+            return None;
+        };
+        conditions.push((state, value as u16));
+    }
+
+    let empty = when.sources.is_none()
+        && conditions.is_empty()
+        && when.schedule.is_empty()
+        && when.window.is_empty();
+    if empty {
+        return Some(None);
+    }
+    Some(Some(Box::new(CompiledWhen {
+        sources: when
+            .sources
+            .as_ref()
+            .map(|nets| SourceSet::new(nets.iter().copied())),
+        states: conditions.into_boxed_slice(),
+        schedule: when.schedule.clone().into_boxed_slice(),
+        windows: when.window.clone().into_boxed_slice(),
+    })))
+}
+
+/// Groups rule indices by table slot and function code, keeping rules in
+/// file order within a group.
+fn build_tables(
+    mut placements: Vec<(usize, u8, u32)>,
+    slot_count: usize,
+) -> (Vec<FunctionTable>, Vec<u32>) {
+    placements.sort_unstable();
+    let mut tables = vec![FunctionTable::default(); slot_count];
+    let mut candidates = Vec::with_capacity(placements.len());
+    let mut entries: Vec<(u8, u32, u32)> = Vec::new();
+    let mut current_slot = None;
+    for (slot, function, rule) in placements {
+        if current_slot != Some(slot) {
+            if let Some(previous) = current_slot {
+                tables[previous].entries = std::mem::take(&mut entries).into_boxed_slice();
+            }
+            current_slot = Some(slot);
+        }
+        let position = candidates.len() as u32;
+        match entries.last_mut() {
+            Some(entry) if entry.0 == function => entry.2 = position + 1,
+            _ => entries.push((function, position, position + 1)),
+        }
+        candidates.push(rule);
+    }
+    if let Some(previous) = current_slot {
+        tables[previous].entries = entries.into_boxed_slice();
+    }
+    (tables, candidates)
+}
+
+/// Builds the source index of vendors identified by source address.
+fn build_identity(vendors: &[VendorConfig], problems: &mut Problems) -> SourceIndex {
+    let entries = vendors
+        .iter()
+        .enumerate()
+        .filter(|(_, vendor)| !vendor.certificate_matchers)
+        .flat_map(|(id, vendor)| vendor.sources.iter().map(move |net| (*net, id)));
+    match SourceIndex::new(entries) {
+        Ok(index) => index,
+        Err(overlap) => {
+            let vendor = &vendors[overlap.second.1];
+            problems.error(
+                &vendor.origin,
+                format!(
+                    "vendor \"{}\": source {} overlaps {} of vendor \"{}\"",
+                    vendor.name, overlap.second.0, overlap.first.0, vendors[overlap.first.1].name
+                ),
+            );
+            SourceIndex::default()
+        }
+    }
+}
+
+fn vendor_plan(vendor: &VendorConfig) -> VendorPlan {
+    VendorPlan {
+        name: Arc::from(vendor.name.as_str()),
+        file_name: Arc::from(vendor.file_name.as_str()),
+        sources: vendor.sources.clone(),
+        max_sessions: vendor.max_sessions,
+        rule_labels: (1..=vendor.rules.len())
+            .map(|n| format!("{}#{n}", vendor.file_name).into_boxed_str())
+            .collect(),
+    }
+}

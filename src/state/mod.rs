@@ -1,0 +1,192 @@
+//! Operational state pollers: one task per `[[state]]` reads its register or
+//! bit through the device's pool every `poll_ms`, writes the reading into the
+//! generation's state table and records every change of the named value.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use crate::events::{Emitter, Event, EventType};
+use crate::modbus::generation::{Generation, Shared};
+use crate::modbus::pdu::Request;
+use crate::policy::{StateKind, StatePlan};
+
+/// The running pollers of one generation.
+pub struct Pollers {
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Pollers {
+    /// Starts one poller per state of the current generation.
+    pub fn start(shared: &Arc<Shared>) -> Pollers {
+        let generation = shared.current.load_full();
+        let cancel = CancellationToken::new();
+        let tasks = (0..generation.policy.states().len())
+            .map(|index| {
+                tokio::spawn(poll(
+                    index,
+                    generation.clone(),
+                    shared.emitter.clone(),
+                    cancel.clone(),
+                ))
+            })
+            .collect();
+        Pollers { cancel, tasks }
+    }
+
+    /// Replaces the pollers with those of the current generation.
+    pub async fn restart(&mut self, shared: &Arc<Shared>) {
+        self.stop().await;
+        *self = Pollers::start(shared);
+    }
+
+    pub async fn stop(&mut self) {
+        self.cancel.cancel();
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+    }
+}
+
+/// The request that reads one state.
+fn read_request(plan: &StatePlan) -> Request {
+    let address = plan.address;
+    match plan.kind {
+        StateKind::HoldingRegister => Request::ReadHoldingRegisters {
+            address,
+            quantity: 1,
+        },
+        StateKind::InputRegister => Request::ReadInputRegisters {
+            address,
+            quantity: 1,
+        },
+        StateKind::Coil => Request::ReadCoils {
+            address,
+            quantity: 1,
+        },
+        StateKind::DiscreteInput => Request::ReadDiscreteInputs {
+            address,
+            quantity: 1,
+        },
+    }
+}
+
+/// Extracts the raw value from a checked response PDU: the register, or 0 or
+/// 1 for a bit. An exception response yields `None`.
+fn raw_value(kind: StateKind, pdu: &Bytes) -> Option<u16> {
+    match kind {
+        StateKind::HoldingRegister | StateKind::InputRegister => match pdu.as_ref() {
+            [_, 2, high, low] => Some(u16::from_be_bytes([*high, *low])),
+            _ => None,
+        },
+        StateKind::Coil | StateKind::DiscreteInput => match pdu.as_ref() {
+            [_, 1, bits] => Some(u16::from(bits & 1)),
+            _ => None,
+        },
+    }
+}
+
+async fn poll(
+    index: usize,
+    generation: Arc<Generation>,
+    emitter: Emitter,
+    cancel: CancellationToken,
+) {
+    let plan = &generation.policy.states()[index];
+    let device = &generation.policy.devices()[plan.device];
+    let pool = generation.pool(plan.device);
+    let request = read_request(plan);
+    let mut last: Option<Arc<str>> = generation
+        .policy
+        .state_value(&generation.states, index, Instant::now())
+        .cloned();
+    let mut ticker = tokio::time::interval(plan.poll);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let raw = match pool.call(device.unit, &request).await {
+            Ok(pdu) => raw_value(plan.kind, &pdu),
+            Err(error) => {
+                tracing::debug!(state = %plan.name, %error, "state read failed");
+                None
+            }
+        };
+        if let Some(raw) = raw {
+            generation.states.set(index, Some(raw), Instant::now());
+        }
+        let current = generation
+            .policy
+            .state_value(&generation.states, index, Instant::now())
+            .cloned();
+        if current != last {
+            record_change(
+                &emitter,
+                plan,
+                &device.name,
+                last.as_deref(),
+                current.as_deref(),
+                raw,
+            )
+            .await;
+            last = current;
+        }
+    }
+}
+
+async fn record_change(
+    emitter: &Emitter,
+    plan: &StatePlan,
+    device: &Arc<str>,
+    old: Option<&str>,
+    new: Option<&str>,
+    raw: Option<u16>,
+) {
+    let (old, new) = (old.unwrap_or("unknown"), new.unwrap_or("unknown"));
+    tracing::info!(state = %plan.name, old, new, "operational state changed");
+    let mut event = Event::new(EventType::State);
+    event.action = Some("change");
+    event.device = Some(device.clone());
+    event.detail = Some(serde_json::json!({
+        "state": &*plan.name,
+        "old": old,
+        "new": new,
+        "raw": raw,
+    }));
+    if let Err(error) = emitter.emit(event).await {
+        tracing::error!(%error, "event not recorded");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn register_response_yields_raw_value() {
+        let pdu = Bytes::from_static(&[0x03, 0x02, 0x01, 0x02]);
+        assert_eq!(raw_value(StateKind::HoldingRegister, &pdu), Some(0x0102));
+    }
+
+    #[test]
+    fn coil_response_yields_lowest_bit() {
+        let pdu = Bytes::from_static(&[0x01, 0x01, 0x03]);
+        assert_eq!(raw_value(StateKind::Coil, &pdu), Some(1));
+        let pdu = Bytes::from_static(&[0x02, 0x01, 0x02]);
+        assert_eq!(raw_value(StateKind::DiscreteInput, &pdu), Some(0));
+    }
+
+    #[test]
+    fn exception_response_yields_nothing() {
+        let pdu = Bytes::from_static(&[0x83, 0x02]);
+        assert_eq!(raw_value(StateKind::HoldingRegister, &pdu), None);
+    }
+}
