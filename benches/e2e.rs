@@ -80,7 +80,7 @@ fn write_config(folder: &std::path::Path, plc: SocketAddr, connections: usize) {
     let gateway = format!(
         "[gateway]\nname = \"bench\"\nrules = \"rules\"\n\n\
          [[listener]]\nname = \"bench\"\nprotocol = \"modbus\"\nbind = \"127.0.0.1:0\"\ndevice = \"plc\"\n\
-         max_connections = {limit}\nmax_connections_per_source = {limit}\n\n\
+         limits = {{ max_connections = {limit}, max_connections_per_source = {limit} }}\n\n\
          [[device]]\nname = \"plc\"\naddress = \"{plc}\"\nunit = 1\ntimeout_ms = 2000\nmax_connections = {connections}\n\n\
          [audit]\npath = \"audit\"\n",
         limit = connections + 8,

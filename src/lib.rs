@@ -2,10 +2,10 @@
 //! thin command line over these parts; `DESIGN.md` describes how they fit.
 
 pub mod config;
+pub mod daemon;
+pub mod demo;
 pub mod events;
 pub mod identity;
 pub mod modbus;
 pub mod policy;
-pub mod daemon;
-pub mod demo;
 pub mod state;

@@ -60,7 +60,7 @@ fn registers_pdu(values: &[u16]) -> Vec<u8> {
     pdu
 }
 
-/// One request frame as a fake PLC sees it.
+/// One request frame as a fake PLC receives it.
 struct Received {
     transaction_id: u16,
     unit: u8,
@@ -226,7 +226,7 @@ async fn silent_device_times_out() {
 }
 
 #[tokio::test]
-async fn closed_port_is_unreachable_then_backs_off() {
+async fn closed_port_unreachable_then_backs_off() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     drop(listener);
@@ -299,13 +299,13 @@ async fn wrong_function_in_response_resets_connection() {
     assert_eq!(recorded[0].0, "bad_response");
     assert_eq!(
         recorded[0].2,
-        "response does not match its request: response function code 0x04 \
-         does not match request function 0x03; connection reset"
+        "connection reset: response does not match its request: \
+         response function code 0x04 does not match request function 0x03"
     );
 }
 
 #[tokio::test]
-async fn stale_response_in_same_segment_is_discarded() {
+async fn stale_response_in_segment_discarded() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let fake = tokio::spawn(async move {
@@ -335,9 +335,7 @@ async fn stale_response_in_same_segment_is_discarded() {
     assert_ne!(stale_id, current_id);
     let events = drain(&mut events);
     let recorded = anomalies(&events);
-    let detail = format!(
-        "response with transaction id {stale_id} matches no outstanding request; discarded"
-    );
+    let detail = format!("discarded response to unknown transaction id {stale_id}");
     assert_eq!(recorded, vec![("late_response", Severity::Medium, detail)]);
     let stale = events.iter().find(|event| event.anomaly.is_some()).unwrap();
     let modbus = stale.modbus.as_ref().unwrap();
@@ -377,7 +375,7 @@ async fn short_exception_frame_is_bad_response() {
 }
 
 #[tokio::test]
-async fn late_response_is_not_delivered_to_next_request() {
+async fn late_response_never_reaches_next_caller() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let fake = tokio::spawn(async move {
@@ -405,13 +403,13 @@ async fn late_response_is_not_delivered_to_next_request() {
     assert_eq!(second, Ok(Bytes::from(registers_pdu(&[2]))));
 
     let (late_id, _stream) = within(fake).await.unwrap();
-    let detail = format!("response to timed-out transaction id {late_id} discarded");
+    let detail = format!("discarded response to timed-out transaction id {late_id}");
     let recorded = anomalies(&drain(&mut events));
     assert_eq!(recorded, vec![("late_response", Severity::Low, detail)]);
 }
 
 #[tokio::test]
-async fn out_of_order_responses_reach_their_callers() {
+async fn out_of_order_responses_reach_callers() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let fake = tokio::spawn(async move {
@@ -460,7 +458,7 @@ async fn response_from_other_unit_is_rejected() {
 }
 
 #[tokio::test]
-async fn dead_device_does_not_delay_other_pool() {
+async fn dead_device_never_delays_other_pool() {
     let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent_address = silent.local_addr().unwrap();
     let holder = tokio::spawn(async move {
@@ -493,7 +491,7 @@ async fn dead_device_does_not_delay_other_pool() {
 }
 
 #[tokio::test]
-async fn requests_without_response_are_written_not_awaited() {
+async fn no_response_requests_written_not_awaited() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("requests.jsonl");
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -518,7 +516,7 @@ async fn requests_without_response_are_written_not_awaited() {
         .unwrap();
 
     // The simulated PLC handles one connection's requests in order, so this
-    // answer proves that both earlier requests arrived.
+    // response proves that both earlier requests arrived.
     let read = within(pool.call(1, &read_holding(20, 1))).await;
     assert_eq!(read, Ok(Bytes::from(registers_pdu(&[77]))));
     assert_eq!(plc.request_count(), 3);

@@ -53,7 +53,7 @@ impl fmt::Display for Diagnostics {
 
 impl std::error::Error for Diagnostics {}
 
-/// Where a configuration item was written, kept so that later stages can
+/// The file position of a configuration item, kept so that later stages can
 /// report problems at the item.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {

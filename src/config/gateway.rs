@@ -24,7 +24,7 @@ const MAX_COUNT: i64 = 1_000_000;
 /// Largest timeout or period accepted: one day, in milliseconds.
 const MAX_MILLISECONDS: i64 = 86_400_000;
 
-/// What the rule files are checked against.
+/// The checked gateway file, against which the rule files are checked.
 pub(super) struct LoadedGateway {
     pub gateway: GatewayConfig,
     pub listeners: Vec<ListenerConfig>,
@@ -36,7 +36,8 @@ pub(super) struct LoadedGateway {
     pub device_names: Vec<String>,
     /// Every state name written, with the value names it defines.
     pub state_values: HashMap<String, Vec<String>>,
-    /// Where the rules folder is set, or the gateway name when it is not.
+    /// The position of `gateway.rules`, or of the gateway name when the key is
+    /// missing.
     pub rules_origin: Origin,
 }
 
@@ -61,7 +62,11 @@ pub(super) fn load(path: &Path, report: &mut Report) -> Option<LoadedGateway> {
 
     check.unsupported_sections(&file);
     let gateway = check.gateway(&file.gateway, base);
-    let device_names: Vec<String> = file.device.iter().map(|d| d.name.get_ref().clone()).collect();
+    let device_names: Vec<String> = file
+        .device
+        .iter()
+        .map(|d| d.name.get_ref().clone())
+        .collect();
     let devices = check.devices(&file.device);
     let listeners = check.listeners(&file.listener, &device_names);
     let (states, state_values) = check.states(&file.state, &device_names);
@@ -182,7 +187,10 @@ impl Checker<'_> {
         seen: &mut HashMap<String, Origin>,
     ) {
         if name.get_ref().trim().is_empty() {
-            self.error(name, format!("{key}: empty {kind} name; give every {kind} a name"));
+            self.error(
+                name,
+                format!("{key}: empty {kind} name; give every {kind} a name"),
+            );
             return;
         }
         let at = self.at(name);
@@ -218,7 +226,10 @@ impl Checker<'_> {
 
     fn gateway(&mut self, section: &raw::GatewaySection, base: &Path) -> GatewayConfig {
         if section.name.get_ref().trim().is_empty() {
-            self.error(&section.name, "gateway.name: empty name; name the gateway, as \"edge-01\"");
+            self.error(
+                &section.name,
+                "gateway.name: empty name; name the gateway, as \"edge-01\"",
+            );
         }
 
         let timezone = match &section.timezone {
@@ -238,7 +249,10 @@ impl Checker<'_> {
             },
         };
 
-        let rules = section.rules.as_ref().map_or("rules", |r| r.get_ref().as_str());
+        let rules = section
+            .rules
+            .as_ref()
+            .map_or("rules", |r| r.get_ref().as_str());
         GatewayConfig {
             name: section.name.get_ref().clone(),
             timezone,
@@ -256,7 +270,12 @@ impl Checker<'_> {
         let mut listeners = Vec::new();
         for (index, section) in sections.iter().enumerate() {
             let key = format!("listener[{}]", index + 1);
-            self.unique_name(&format!("{key}.name"), "listener", &section.name, &mut names);
+            self.unique_name(
+                &format!("{key}.name"),
+                "listener",
+                &section.name,
+                &mut names,
+            );
             let protocol_ok = self.listener_protocol(&key, section);
             let bind = self.listener_bind(&key, section, &mut binds);
             let mode = self.choice(
@@ -299,11 +318,16 @@ impl Checker<'_> {
             let name = protocol.get_ref();
             let problem = match name.as_str() {
                 "modbus" => None,
-                "modbus-tls" | "opcua" => Some(format!("\"{name}\" is not supported by this build")),
+                "modbus-tls" | "opcua" => {
+                    Some(format!("\"{name}\" is not supported by this build"))
+                }
                 _ => Some(format!("unknown protocol \"{name}\"")),
             };
             if let Some(problem) = problem {
-                self.error(protocol, format!("{key}.protocol: {problem}; use \"modbus\""));
+                self.error(
+                    protocol,
+                    format!("{key}.protocol: {problem}; use \"modbus\""),
+                );
                 return false;
             }
         }
@@ -372,7 +396,10 @@ impl Checker<'_> {
         if let Some((_, choice)) = choices.iter().find(|(word, _)| word == value.get_ref()) {
             return Some(*choice);
         }
-        let words: Vec<String> = choices.iter().map(|(word, _)| format!("\"{word}\"")).collect();
+        let words: Vec<String> = choices
+            .iter()
+            .map(|(word, _)| format!("\"{word}\""))
+            .collect();
         self.error(
             value,
             format!(
@@ -527,7 +554,10 @@ impl Checker<'_> {
                 _ => Some(format!("unknown protocol \"{name}\"")),
             };
             if let Some(problem) = problem {
-                self.error(protocol, format!("{key}.protocol: {problem}; use \"modbus\""));
+                self.error(
+                    protocol,
+                    format!("{key}.protocol: {problem}; use \"modbus\""),
+                );
                 return None;
             }
         }
@@ -603,7 +633,11 @@ impl Checker<'_> {
             let key = format!("state[{}]", index + 1);
             self.unique_name(&format!("{key}.name"), "state", &section.name, &mut names);
             let values = section.values.as_ref().map_or_else(Vec::new, |values| {
-                values.get_ref().values().map(|v| v.get_ref().clone()).collect()
+                values
+                    .get_ref()
+                    .values()
+                    .map(|v| v.get_ref().clone())
+                    .collect()
             });
             state_values
                 .entry(section.name.get_ref().clone())
@@ -676,10 +710,22 @@ impl Checker<'_> {
 
     fn state_source(&mut self, key: &str, section: &raw::StateSection) -> Option<(StateKind, u16)> {
         let sources = [
-            ("holding_register", StateKind::HoldingRegister, &section.holding_register),
-            ("input_register", StateKind::InputRegister, &section.input_register),
+            (
+                "holding_register",
+                StateKind::HoldingRegister,
+                &section.holding_register,
+            ),
+            (
+                "input_register",
+                StateKind::InputRegister,
+                &section.input_register,
+            ),
             ("coil", StateKind::Coil, &section.coil),
-            ("discrete_input", StateKind::DiscreteInput, &section.discrete_input),
+            (
+                "discrete_input",
+                StateKind::DiscreteInput,
+                &section.discrete_input,
+            ),
         ];
         let given: Vec<_> = sources
             .iter()
@@ -724,7 +770,10 @@ impl Checker<'_> {
             return None;
         };
         if values.get_ref().is_empty() {
-            self.error(values, format!("{key}.values: empty; map at least one raw value to a name"));
+            self.error(
+                values,
+                format!("{key}.values: empty; map at least one raw value to a name"),
+            );
             return None;
         }
         let is_bit = matches!(kind, Some(StateKind::Coil | StateKind::DiscreteInput));
@@ -749,7 +798,10 @@ impl Checker<'_> {
                 }
             };
             if name.get_ref().trim().is_empty() {
-                self.error(name, format!("{value_key}: empty value name; name the state value"));
+                self.error(
+                    name,
+                    format!("{value_key}: empty value name; name the state value"),
+                );
                 ok = false;
             }
             parsed.push((

@@ -1,6 +1,6 @@
 //! Reading `gateway.toml` and the rule files it names into validated types.
 //! Every problem of every file is collected and reported at once with its
-//! file, line and column; the compiled snapshot and `decide()` live in
+//! file, line and column. The compiled snapshot and `decide()` live in
 //! `policy`, which builds on these types.
 
 use std::net::SocketAddr;
@@ -51,12 +51,12 @@ pub enum Mode {
     Monitor,
 }
 
-/// What a listener does with a denied request.
+/// The action a listener takes on a denied request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnDeny {
-    /// Answers with the Modbus exception code of the deny reason.
+    /// Sends a Modbus exception response with the code of the deny reason.
     Exception,
-    /// Sends no answer.
+    /// Sends no response.
     Drop,
     /// Closes the client connection.
     Close,
@@ -71,7 +71,7 @@ pub struct ListenerLimits {
     pub idle_timeout: Duration,
     /// A frame whose first byte arrived must be complete within this time.
     pub frame_timeout: Duration,
-    /// Requests of one session waiting for an answer.
+    /// Requests of one session waiting for a response.
     pub max_pending: usize,
 }
 
@@ -89,7 +89,7 @@ impl Default for ListenerLimits {
     }
 }
 
-/// Where a listener sends requests.
+/// The destination of a listener's requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenerTarget {
     /// One device, for any unit id.
@@ -169,7 +169,7 @@ pub struct StateConfig {
     pub origin: Origin,
 }
 
-/// How the audit log reaches the disk.
+/// The flush policy of the audit log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuditSync {
     /// Records are flushed in batches, each on disk within a short delay.
@@ -297,7 +297,7 @@ impl RuleConfig {
 /// Loads `gateway_file` and every rule file in its rules folder.
 ///
 /// On success returns the configuration and its warnings. Otherwise returns
-/// every error and warning found in all files; a file with a syntax error
+/// every error and warning found in all files. A file with a syntax error
 /// gives that one error, and the other files are still checked.
 pub fn load(gateway_file: &Path) -> Result<(Config, Vec<Diagnostic>), Diagnostics> {
     let mut report = diagnostic::Report::default();

@@ -87,9 +87,12 @@ pub(super) fn load(
             gateway,
             now,
         };
-        check
-            .checker
-            .unique_name("vendor.name", "vendor", &file.vendor.name, &mut vendor_names);
+        check.checker.unique_name(
+            "vendor.name",
+            "vendor",
+            &file.vendor.name,
+            &mut vendor_names,
+        );
         let vendor = check.vendor(&path, &file);
         let written = file.vendor.sources.as_deref().unwrap_or_default();
         if !vendor.certificate_matchers {
@@ -374,8 +377,10 @@ impl RuleChecker<'_> {
             match parsed {
                 Ok(code) => codes.push(code),
                 Err(problem) => {
-                    self.checker
-                        .error(function, format!("{key}.functions[{}]: {problem}", index + 1));
+                    self.checker.error(
+                        function,
+                        format!("{key}.functions[{}]: {problem}", index + 1),
+                    );
                     ok = false;
                 }
             }

@@ -85,7 +85,9 @@ pub(super) fn parse_function_name(name: &str) -> Result<u8, String> {
 /// Parses `"FIRST-LAST"` or `"N"` into an inclusive range of 16-bit values.
 pub(super) fn parse_range(text: &str) -> Result<Range16, String> {
     let invalid = || {
-        format!("invalid range \"{text}\"; write a number or FIRST-LAST, such as \"5\" or \"0-999\"")
+        format!(
+            "invalid range \"{text}\"; write a number or FIRST-LAST, such as \"5\" or \"0-999\""
+        )
     };
     let (first, last) = match text.split_once('-') {
         Some((first, last)) => (first.trim(), last.trim()),
@@ -224,7 +226,13 @@ mod tests {
     #[test]
     fn range_parses_single_and_pair() {
         assert_eq!(parse_range("5"), Ok(Range16 { first: 5, last: 5 }));
-        assert_eq!(parse_range("0-999"), Ok(Range16 { first: 0, last: 999 }));
+        assert_eq!(
+            parse_range("0-999"),
+            Ok(Range16 {
+                first: 0,
+                last: 999
+            })
+        );
         assert_eq!(
             parse_range("0-65535"),
             Ok(Range16 {
@@ -249,7 +257,10 @@ mod tests {
         );
         assert_eq!(
             parse_range("ten"),
-            Err("invalid range \"ten\"; write a number or FIRST-LAST, such as \"5\" or \"0-999\"".into())
+            Err(
+                "invalid range \"ten\"; write a number or FIRST-LAST, such as \"5\" or \"0-999\""
+                    .into()
+            )
         );
         assert!(parse_range("").is_err());
         assert!(parse_range("-5").is_err());
@@ -265,11 +276,17 @@ mod tests {
         assert_eq!(function_code("read_device_identification"), Some(43));
         assert_eq!(
             parse_function_number(0),
-            Err("function code 0 outside 1..=127; use a code from 1 to 127 or a function name".into())
+            Err(
+                "function code 0 outside 1..=127; use a code from 1 to 127 or a function name"
+                    .into()
+            )
         );
         assert_eq!(
             parse_function_number(128),
-            Err("function code 128 outside 1..=127; use a code from 1 to 127 or a function name".into())
+            Err(
+                "function code 128 outside 1..=127; use a code from 1 to 127 or a function name"
+                    .into()
+            )
         );
         assert_eq!(parse_function_number(100), Ok(100));
     }

@@ -50,7 +50,12 @@ impl<T: Copy + Ord> RangeTable<T> {
                             second: (net, owner),
                         });
                     }
-                    last.1 = last.1.max(end);
+                    // Keep the network that reaches furthest, so that a
+                    // later overlap is reported against a network it touches.
+                    if end > last.1 {
+                        last.1 = end;
+                        last_net = Some(net);
+                    }
                     continue;
                 }
             }
@@ -175,10 +180,14 @@ mod tests {
 
     #[test]
     fn overlapping_networks_of_two_owners_are_rejected() {
-        let error = SourceIndex::new([(net("10.0.0.0/8"), 0), (net("10.50.0.0/16"), 1)]).unwrap_err();
+        let error =
+            SourceIndex::new([(net("10.0.0.0/8"), 0), (net("10.50.0.0/16"), 1)]).unwrap_err();
         assert_eq!(error.first, (net("10.0.0.0/8"), 0));
         assert_eq!(error.second, (net("10.50.0.0/16"), 1));
-        assert_eq!(error.to_string(), "10.50.0.0/16 of owner 1 overlaps 10.0.0.0/8 of owner 0");
+        assert_eq!(
+            error.to_string(),
+            "10.50.0.0/16 of owner 1 overlaps 10.0.0.0/8 of owner 0"
+        );
     }
 
     #[test]

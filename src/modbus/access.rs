@@ -203,7 +203,13 @@ mod tests {
             values: WrittenValues::Registers(&[0x12, 0x34]),
             ..plain(23)
         };
-        assert_eq!(access_of(3, &request), ModbusAccess { unit: 3, ..expected });
+        assert_eq!(
+            access_of(3, &request),
+            ModbusAccess {
+                unit: 3,
+                ..expected
+            }
+        );
     }
 
     #[test]

@@ -1,12 +1,12 @@
 //! Modbus/TCP: frame codec, listeners, sessions, upstream pools and the
 //! simulated PLC used by `sluice demo` and the tests.
 
-pub mod frame;
-pub mod pdu;
 pub mod access;
-pub mod sim;
-pub mod upstream;
+pub mod frame;
 pub mod generation;
 pub mod listener;
+pub mod pdu;
 pub mod registry;
 pub mod session;
+pub mod sim;
+pub mod upstream;

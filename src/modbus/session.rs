@@ -99,7 +99,10 @@ struct Job {
     event: Event,
 }
 
-/// What the session does after handling one frame.
+/// What the session does after handling one frame. A `Step` lives only until
+/// the caller moves the job into the in-flight set, so the large variant is
+/// cheaper than a boxed one, which would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Step {
     Continue,
     Forward(Job),
@@ -165,7 +168,7 @@ impl Session {
 
         loop {
             // Handle every complete frame already buffered.
-            while reading {
+            while reading && !input.is_empty() {
                 match frame::decode_request(&mut input) {
                     Ok(Some(decoded)) => {
                         last_activity = TokioInstant::now();

@@ -32,13 +32,12 @@ const MAX_WRITE_BITS: u16 = 0x07B0;
 const MAX_WRITE_REGISTERS: u16 = 0x007B;
 const MAX_READ_WRITE_WRITE_REGISTERS: u16 = 0x0079;
 
-/// FC 8 sub-function 0x0004: the device enters listen-only mode and does
-/// not answer.
+/// FC 8 sub-function 0x0004: the device enters listen-only mode and sends no response.
 const DIAGNOSTICS: u8 = 0x08;
 const FORCE_LISTEN_ONLY: [u8; 2] = [0x00, 0x04];
 
 /// Unit id 0 addresses every device behind a serial gateway, which applies
-/// a write without answering.
+/// a write without a response.
 const BROADCAST_UNIT: u8 = 0;
 
 struct Memory {
@@ -146,7 +145,7 @@ impl SimPlc {
         self.memory().discrete[usize::from(address)] = value;
     }
 
-    /// Returns the number of requests received, answered or not.
+    /// Returns the number of requests received, including those without a response.
     pub fn request_count(&self) -> u64 {
         self.inner.requests.load(Ordering::Relaxed)
     }
@@ -171,8 +170,8 @@ impl SimPlc {
     }
 
     fn memory(&self) -> MutexGuard<'_, Memory> {
-        // A panic while holding the lock cannot leave the tables half
-        // resized, so the data stays usable.
+        // Every table entry is a valid value at all times, so memory that a
+        // panicking writer left behind is still usable.
         self.inner
             .memory
             .lock()
@@ -191,8 +190,8 @@ impl SimPlc {
         if let Request::Custom(DIAGNOSTICS, data) = &request {
             if data.starts_with(&FORCE_LISTEN_ONLY) {
                 // NOTE: a real device stays silent until FC 8 sub-function
-                // 0x0001 restarts communications; this simulation keeps
-                // answering later requests.
+                // 0x0001 restarts communications, but this simulation keeps
+                // responding to later requests.
                 return Ok(None);
             }
         }

@@ -1,7 +1,7 @@
 //! The upstream side of forwarding: one `Pool` per PLC device, which owns up
 //! to `max_connections` TCP connections, assigns its own transaction ids,
 //! enforces the response deadline and checks each response against its
-//! request. Policy and client sessions live elsewhere; the pool sends a PLC
+//! request. Policy and client sessions live elsewhere, and the pool sends a PLC
 //! only the requests it is given, plus the TCP connects that carry them.
 //!
 //! Each connection is one task that owns its socket. Callers hand it a job
@@ -26,7 +26,7 @@ use super::frame::{self, FrameError, Header, RawResponse, ResponseError};
 use super::pdu::{ExceptionCode, Request};
 use crate::events::{Emitter, Event, EventType, ModbusInfo, Severity};
 
-/// Delay after the first failed connect attempt; it doubles with each
+/// Delay after the first failed connect attempt. It doubles with each
 /// further failure up to `backoff_max`.
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -40,7 +40,7 @@ pub const MAX_IN_FLIGHT: usize = 256;
 const READ_CHUNK: usize = 4096;
 
 /// Number of timed-out transaction ids a connection remembers, so that a
-/// late response can be told apart from one that nobody requested.
+/// late response can be distinguished from an unsolicited one.
 const RETIRED_IDS: usize = 64;
 
 /// How to reach one device and how much load it may get.
@@ -80,7 +80,7 @@ impl UpstreamSettings {
     }
 }
 
-/// Why a connection to the device could not be used.
+/// Cause of a failure to reach the device.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConnectFailure {
     #[error("connect failed: {kind}")]
@@ -91,7 +91,7 @@ pub enum ConnectFailure {
     BackingOff { remaining: Duration },
 }
 
-/// Why an open connection ended before a request got its response.
+/// Cause of the end of an open connection before a request got its response.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CloseReason {
     #[error("device closed the connection")]
@@ -156,8 +156,8 @@ type Reply = oneshot::Sender<Result<Bytes, UpstreamError>>;
 struct Job {
     unit: u8,
     request: Request,
-    /// False for requests that by specification get no response; such a
-    /// job is answered with an empty PDU once it is written.
+    /// False for requests that by specification get no response. Such a
+    /// job completes with an empty PDU once it is written.
     expects_response: bool,
     deadline: Instant,
     reply: Reply,
@@ -184,11 +184,11 @@ struct DeviceState {
 
 /// State of one connection slot that callers and its task share.
 struct SlotState {
-    /// Requests given to this slot and not yet answered.
+    /// Requests given to this slot that have not completed yet.
     load: AtomicUsize,
     /// Consecutive failed connect attempts.
     failures: AtomicU32,
-    /// End of the current backoff, in nanoseconds after `epoch`; 0 when
+    /// End of the current backoff, in nanoseconds after `epoch`, or 0 when
     /// the next attempt may start at once.
     backoff_until: AtomicU64,
     epoch: Instant,
@@ -244,7 +244,7 @@ struct Slot {
 struct PoolInner {
     device: Arc<DeviceState>,
     slots: Box<[Slot]>,
-    /// Requests admitted and not yet answered, over all slots.
+    /// Requests admitted that have not completed yet, over all slots.
     pending: AtomicUsize,
     closed: AtomicBool,
     shutdown: watch::Sender<bool>,
@@ -262,7 +262,7 @@ impl Pool {
     /// spawns its slot's task, which then connects.
     pub fn new(settings: UpstreamSettings, emitter: Emitter) -> Pool {
         let mut settings = settings;
-        // Configuration validates these; the clamps keep the pool sound
+        // Configuration validates these, and the clamps keep the pool sound
         // when a caller builds settings by hand.
         settings.max_connections = settings.max_connections.max(1);
         settings.max_in_flight = settings.max_in_flight.clamp(1, MAX_IN_FLIGHT);
@@ -355,7 +355,7 @@ impl Pool {
 }
 
 /// Releases a request's place in the queue when its caller stops waiting,
-/// whether it got an answer or was cancelled.
+/// whether it got a response or was cancelled.
 struct Admission<'a> {
     pool: &'a PoolInner,
     slot: usize,
@@ -508,7 +508,7 @@ impl DeviceState {
     }
 
     /// Marks the device down after a failed connect, unless another slot
-    /// still holds an open connection.
+    /// still has an open connection.
     async fn connect_failed(&self, failure: &ConnectFailure) {
         if self.connected.load(Ordering::Acquire) > 0 {
             return;
@@ -557,15 +557,37 @@ impl DeviceState {
     }
 }
 
-/// How a connection ended.
+/// Outcome of serving one connection.
 enum End {
-    /// The connection is gone; waiting requests go to the next one.
+    /// The connection is gone, and waiting requests go to the next one.
     Lost,
-    /// The pool shut down or was dropped; the task stops.
+    /// The pool shut down or was dropped, so the task stops.
     Stopped,
 }
 
-/// The task behind one connection slot. It holds at most one connection at
+/// One open connection and the requests written to it.
+struct Link<'a> {
+    stream: &'a TcpStream,
+    in_flight: VecDeque<InFlight>,
+    /// Replies of requests without a response, sent once the write is tried.
+    written: Vec<Reply>,
+    write_buf: BytesMut,
+    read_buf: BytesMut,
+}
+
+impl<'a> Link<'a> {
+    fn new(stream: &'a TcpStream, max_in_flight: usize) -> Link<'a> {
+        Link {
+            stream,
+            in_flight: VecDeque::with_capacity(max_in_flight),
+            written: Vec::new(),
+            write_buf: BytesMut::with_capacity(READ_CHUNK),
+            read_buf: BytesMut::with_capacity(READ_CHUNK),
+        }
+    }
+}
+
+/// The task behind one connection slot. It has at most one connection at
 /// a time and reconnects when requests arrive after it was lost.
 struct Worker {
     device: Arc<DeviceState>,
@@ -671,72 +693,81 @@ impl Worker {
     /// Exchanges requests and responses on one open connection until it is
     /// lost or the pool stops.
     async fn serve(&mut self, stream: &TcpStream) -> End {
-        let max_in_flight = self.device.settings.max_in_flight;
-        let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(max_in_flight);
-        let mut written: Vec<Reply> = Vec::new();
-        let mut write_buf = BytesMut::with_capacity(READ_CHUNK);
-        let mut read_buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut link = Link::new(stream, self.device.settings.max_in_flight);
         let timer = tokio::time::sleep_until(Instant::now());
         tokio::pin!(timer);
 
         loop {
-            self.pull_jobs(in_flight.len());
-            self.dispatch(&mut in_flight, &mut written, &mut write_buf);
-            if let Err(error) = write_pending(stream, &mut write_buf) {
-                return self.lose(&mut in_flight, CloseReason::Io { kind: error.kind() });
-            }
-            for reply in written.drain(..) {
-                let _ = reply.send(Ok(Bytes::new()));
+            if let Err(end) = self.send(&mut link) {
+                return end;
             }
 
-            let deadline = earliest_deadline(&in_flight, &self.waiting);
+            let deadline = earliest_deadline(&link.in_flight, &self.waiting);
             if let Some(deadline) = deadline {
                 if timer.deadline() != deadline {
                     timer.as_mut().reset(deadline);
                 }
             }
-            let room = self.has_room(in_flight.len());
-            let must_write = !write_buf.is_empty();
+            let room = self.has_room(link.in_flight.len());
+            let must_write = !link.write_buf.is_empty();
 
             tokio::select! {
                 biased;
-                _ = self.shutdown.changed() => {
-                    let error = self.device.closed(CloseReason::Shutdown);
-                    fail_in_flight(&mut in_flight, &error);
-                    return End::Stopped;
-                }
+                _ = self.shutdown.changed() => return self.stop(&mut link),
                 ready = stream.readable() => {
-                    if let Err(error) = ready {
-                        return self.lose(&mut in_flight, CloseReason::Io { kind: error.kind() });
-                    }
-                    read_buf.reserve(READ_CHUNK);
-                    match stream.try_read_buf(&mut read_buf) {
-                        Ok(0) => return self.lose(&mut in_flight, CloseReason::Eof),
-                        Ok(_) => {
-                            if let Err(end) = self.handle_responses(&mut read_buf, &mut in_flight).await {
-                                return end;
-                            }
-                        }
-                        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(error) => {
-                            return self.lose(&mut in_flight, CloseReason::Io { kind: error.kind() });
-                        }
+                    let received = match ready {
+                        Ok(()) => self.receive(&mut link).await,
+                        Err(error) => Err(self.lose(&mut link.in_flight, io_reason(&error))),
+                    };
+                    if let Err(end) = received {
+                        return end;
                     }
                 }
                 _ = stream.writable(), if must_write => {}
                 job = self.jobs.recv(), if room => match job {
                     Some(job) => self.waiting.push_back(job),
-                    None => {
-                        let error = self.device.closed(CloseReason::Shutdown);
-                        fail_in_flight(&mut in_flight, &error);
-                        return End::Stopped;
-                    }
+                    None => return self.stop(&mut link),
                 },
                 _ = &mut timer, if deadline.is_some() => {
-                    self.expire(&mut in_flight, Instant::now());
+                    self.expire(&mut link.in_flight, Instant::now());
                 }
             }
         }
+    }
+
+    /// Sends what the connection may take now: queued requests, then as
+    /// much of the write buffer as the socket accepts without waiting.
+    fn send(&mut self, link: &mut Link<'_>) -> Result<(), End> {
+        self.pull_jobs(link.in_flight.len());
+        self.dispatch(&mut link.in_flight, &mut link.written, &mut link.write_buf);
+        if let Err(error) = write_pending(link.stream, &mut link.write_buf) {
+            return Err(self.lose(&mut link.in_flight, io_reason(&error)));
+        }
+        for reply in link.written.drain(..) {
+            let _ = reply.send(Ok(Bytes::new()));
+        }
+        Ok(())
+    }
+
+    /// Reads what the socket has and handles every complete response.
+    async fn receive(&mut self, link: &mut Link<'_>) -> Result<(), End> {
+        link.read_buf.reserve(READ_CHUNK);
+        match link.stream.try_read_buf(&mut link.read_buf) {
+            Ok(0) => Err(self.lose(&mut link.in_flight, CloseReason::Eof)),
+            Ok(_) => {
+                self.handle_responses(&mut link.read_buf, &mut link.in_flight)
+                    .await
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(error) => Err(self.lose(&mut link.in_flight, io_reason(&error))),
+        }
+    }
+
+    /// Fails the written requests because the pool shut down or was dropped.
+    fn stop(&mut self, link: &mut Link<'_>) -> End {
+        let error = self.device.closed(CloseReason::Shutdown);
+        fail_in_flight(&mut link.in_flight, &error);
+        End::Stopped
     }
 
     /// Moves every request already in the channel to `waiting`, as far as
@@ -809,9 +840,12 @@ impl Worker {
         }
     }
 
-    /// Answers every request whose deadline has passed with `Timeout`. The
+    /// Fails every request whose deadline has passed with `Timeout`. The
     /// transaction id of a written one is retired, so that its late
     /// response is discarded.
+    ///
+    /// NOTE: the connection stays open however many requests time out, so a
+    /// half-open connection is noticed only when TCP reports an error.
     fn expire(&mut self, in_flight: &mut VecDeque<InFlight>, now: Instant) {
         let mut index = 0;
         while index < in_flight.len() {
@@ -858,7 +892,7 @@ impl Worker {
                 Ok(Some(response)) => self.handle_response(response, in_flight).await?,
                 Ok(None) => return Ok(()),
                 Err(error) => {
-                    let detail = format!("invalid response frame: {error}; connection reset");
+                    let detail = format!("connection reset after invalid response frame: {error}");
                     self.device
                         .emit_anomaly("bad_response", Severity::Medium, detail, None)
                         .await;
@@ -897,7 +931,7 @@ impl Worker {
             }
         };
 
-        let detail = format!("{error}; connection reset");
+        let detail = format!("connection reset: {error}");
         let modbus = modbus_info(&entry, response.header.unit);
         let _ = entry.job.reply.send(Err(error));
         self.device
@@ -910,12 +944,10 @@ impl Worker {
     async fn report_unmatched(&self, response: &RawResponse) {
         let transaction_id = response.header.transaction_id;
         let (severity, detail) = if self.retired.contains(&transaction_id) {
-            let detail = format!("response to timed-out transaction id {transaction_id} discarded");
+            let detail = format!("discarded response to timed-out transaction id {transaction_id}");
             (Severity::Low, detail)
         } else {
-            let detail = format!(
-                "response with transaction id {transaction_id} matches no outstanding request; discarded"
-            );
+            let detail = format!("discarded response to unknown transaction id {transaction_id}");
             (Severity::Medium, detail)
         };
         tracing::debug!(transaction_id, "unmatched response discarded");
@@ -936,7 +968,7 @@ impl Worker {
     }
 
     /// Fails every written request with `Closed` and gives up the
-    /// connection; waiting requests stay for the next one.
+    /// connection. Waiting requests stay for the next one.
     fn lose(&mut self, in_flight: &mut VecDeque<InFlight>, reason: CloseReason) -> End {
         tracing::debug!(%reason, outstanding = in_flight.len(), "upstream connection closed");
         let error = self.device.closed(reason);
@@ -970,6 +1002,10 @@ async fn open_connection(
         .set_nodelay(true)
         .map_err(|error| ConnectFailure::Io { kind: error.kind() })?;
     Ok(stream)
+}
+
+fn io_reason(error: &io::Error) -> CloseReason {
+    CloseReason::Io { kind: error.kind() }
 }
 
 /// Writes as much of `write_buf` as the socket takes without waiting.
@@ -1035,7 +1071,7 @@ mod tests {
     }
 
     #[test]
-    fn slot_backs_off_after_failure_and_clears_on_success() {
+    fn slot_backoff_clears_on_success() {
         let epoch = Instant::now();
         let slot = SlotState {
             load: AtomicUsize::new(0),
@@ -1154,9 +1190,9 @@ mod tests {
     #[tokio::test]
     async fn busy_when_queue_full() {
         let (emitter, _events) = Emitter::new(Arc::from("edge-01"));
-        let mut one = settings();
-        one.max_queue = 1;
-        let pool = Pool::new(one, emitter);
+        let mut small_queue = settings();
+        small_queue.max_queue = 1;
+        let pool = Pool::new(small_queue, emitter);
         let request = Request::ReadHoldingRegisters {
             address: 0,
             quantity: 1,

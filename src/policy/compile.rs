@@ -66,7 +66,11 @@ pub(super) fn compile(config: &Config) -> Result<(Policy, Vec<Diagnostic>), Diag
             };
             let device = names.devices[&rule.device];
             for &function in &rule.functions {
-                placements.push((vendor * devices.len() + device, function, rules.len() as u32));
+                placements.push((
+                    vendor * devices.len() + device,
+                    function,
+                    rules.len() as u32,
+                ));
             }
             rules.push(compiled);
         }
@@ -235,7 +239,11 @@ fn compile_when(
             problems.error(&rule.origin, format!("unknown state \"{state_name}\""));
             return None;
         };
-        let Some(value) = plan.value_names.iter().position(|name| **name == **value_name) else {
+        let Some(value) = plan
+            .value_names
+            .iter()
+            .position(|name| **name == **value_name)
+        else {
             problems.error(
                 &rule.origin,
                 format!("state \"{state_name}\" has no value \"{value_name}\""),

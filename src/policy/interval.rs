@@ -41,7 +41,9 @@ impl IntervalSet {
 
     /// Returns the interval that contains `value`.
     fn interval_of(&self, value: u16) -> Option<(u16, u16)> {
-        let after = self.intervals.partition_point(|interval| interval.0 <= value);
+        let after = self
+            .intervals
+            .partition_point(|interval| interval.0 <= value);
         let interval = *self.intervals.get(after.checked_sub(1)?)?;
         (value <= interval.1).then_some(interval)
     }
@@ -83,7 +85,11 @@ mod tests {
     use super::*;
 
     fn set(ranges: &[(u16, u16)]) -> IntervalSet {
-        IntervalSet::new(ranges.iter().map(|&(first, last)| Range16::new(first, last)))
+        IntervalSet::new(
+            ranges
+                .iter()
+                .map(|&(first, last)| Range16::new(first, last)),
+        )
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub mod interval;
 mod reason;
 pub mod schedule;
 pub mod state;
+#[cfg(test)]
+mod tests;
 
 pub use crate::config::{AuditSync, ListenerLimits, Mode, OnDeny, StateKind};
 pub use interval::IntervalSet;
@@ -32,7 +34,7 @@ pub type DeviceId = usize;
 /// Index of a vendor in the policy's vendor list.
 pub type VendorId = usize;
 
-/// What one Modbus request touches, as the policy sees it. Addresses are the
+/// The tables, addresses and values one Modbus request touches. Addresses are the
 /// 0-based PDU addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModbusAccess<'a> {
@@ -60,12 +62,18 @@ pub enum WrittenValues<'a> {
     /// FC 16 and 23: big-endian register values.
     Registers(&'a [u8]),
     /// FC 15: packed coil bits, least significant bit first, and their count.
-    Coils { packed: &'a [u8], count: u16 },
+    Coils {
+        packed: &'a [u8],
+        count: u16,
+    },
     /// FC 22: the result depends on the register's current value.
-    Mask { and_mask: u16, or_mask: u16 },
+    Mask {
+        and_mask: u16,
+        or_mask: u16,
+    },
 }
 
-/// Where a request comes from and when it is decided.
+/// The source and time of a request being decided.
 #[derive(Debug, Clone, Copy)]
 pub struct Context<'a> {
     pub source: IpAddr,
@@ -90,7 +98,7 @@ pub enum Decision {
     Deny { reason: DenyReason },
 }
 
-/// Where a listener sends requests, by unit id.
+/// The destination device of a listener's requests, by unit id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Routes {
     /// Every unit id goes to this device.
@@ -226,7 +234,7 @@ impl FunctionTable {
 const DIAGNOSTICS: u8 = 8;
 const ENCAPSULATED_INTERFACE: u8 = 43;
 /// Diagnostics sub-function 4, force listen only mode: the device stops
-/// answering until restarted, so a rule must name it to allow it.
+/// responding until restarted, so a rule must name it to allow it.
 const FORCE_LISTEN_ONLY: u16 = 4;
 
 /// The compiled, immutable policy: plans for every part of the gateway and
@@ -463,7 +471,12 @@ impl Policy {
 
     /// Checks that `state` currently has the value `required`; an unknown
     /// state fails.
-    fn check_state(&self, state: usize, required: u16, context: &Context<'_>) -> Result<(), DenyReason> {
+    fn check_state(
+        &self,
+        state: usize,
+        required: u16,
+        context: &Context<'_>,
+    ) -> Result<(), DenyReason> {
         let plan = &self.states[state];
         let current = context
             .states

@@ -1,5 +1,5 @@
-//! Why `decide()` denied a request, the Modbus exception code each reason
-//! maps to, and the short text events carry. Reasons hold numbers and shared
+//! Deny reasons of `decide()`, the Modbus exception code each reason maps
+//! to, and the short text events carry. Reasons hold numbers and shared
 //! names only, so building one on the request path does not allocate.
 
 use std::fmt;
@@ -30,7 +30,7 @@ pub enum Condition {
     Window,
 }
 
-/// Why a request was denied. When several rules were candidates, the reason
+/// The reason a request was denied. When several rules were candidates, the reason
 /// comes from the rule that failed at the latest check: conditions after
 /// values, values and quantity after addresses, addresses after the
 /// function.
@@ -62,7 +62,7 @@ pub enum DenyReason {
 }
 
 impl DenyReason {
-    /// Returns the Modbus exception code a plain listener answers with.
+    /// Returns the Modbus exception code a plain listener responds with.
     pub fn exception_code(&self) -> u8 {
         match self {
             DenyReason::NoRuleForDevice

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Set in a slot that holds a reading; a slot of 0 holds none.
+/// Flag set in a slot that contains a reading. A slot of 0 contains none.
 const KNOWN: u64 = 1 << 63;
 /// Milliseconds since the table's epoch, stored in the bits between the raw
 /// value and the flag: 47 bits last about 4,000 years.
@@ -115,7 +115,10 @@ mod tests {
         let max_age = Duration::from_millis(1500);
         assert_eq!(table.fresh(0, read_at, max_age), Some(1));
         assert_eq!(table.fresh(0, read_at + max_age, max_age), Some(1));
-        assert_eq!(table.fresh(0, read_at + max_age + Duration::from_millis(1), max_age), None);
+        assert_eq!(
+            table.fresh(0, read_at + max_age + Duration::from_millis(1), max_age),
+            None
+        );
     }
 
     #[test]

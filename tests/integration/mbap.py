@@ -301,7 +301,9 @@ def _check_encapsulated_interface(data: bytes) -> Check:
     if mei_type == MEI_CANOPEN:
         return Check(Verdict.REQUEST)
     if mei_type != MEI_READ_DEVICE_IDENTIFICATION:
-        return Check(Verdict.INVALID, ILLEGAL_FUNCTION, f"FC 43 MEI type {mei_type:#04x}")
+        # NOTE: a reserved MEI type is treated as a malformed PDU (03), as sluice
+        # does. The specification's own choice between 01 and 03 is not checked here.
+        return _invalid(f"FC 43 MEI type {mei_type:#04x}")
     if len(data) != 3:
         return _invalid(f"FC 43/14 data length {len(data)}")
     if not 1 <= data[1] <= 4:

@@ -15,9 +15,9 @@ READ_ALLOW = {
 MBPOLL_VALUE = re.compile(r"^\[(\d+)\]:\s+(-?\d+)$")
 
 
-def start_single_device(start_gateway, plc_sim, **device_fields):
+def start_single_device(start_gateway, plc_sim, listener_fields=None, **device_fields):
     return start_gateway(
-        [listener(device="plc")],
+        [listener(device="plc", **(listener_fields or {}))],
         [device("plc", plc_sim.address, **device_fields)],
         acme_rules(READ_ALLOW),
     )
@@ -82,7 +82,14 @@ REGISTERS_PER_READ = 8
 
 
 def test_many_clients_share_one_connection(start_gateway, plc_sim):
-    gateway = start_single_device(start_gateway, plc_sim, max_connections=1)
+    # All clients come from 127.0.0.1, so the per-source connection limit must
+    # admit every one of them.
+    gateway = start_single_device(
+        start_gateway,
+        plc_sim,
+        listener_fields={"limits": {"max_connections_per_source": CLIENT_COUNT}},
+        max_connections=1,
+    )
     failures: list[str] = []
     results: dict[int, list[list[int]]] = {}
     start = threading.Barrier(CLIENT_COUNT)

@@ -31,7 +31,7 @@ SENTINEL_LOG = {"unit": UNIT, "function": 3, "address": SENTINEL_ADDRESS, "quant
 def gateway(start_gateway, plc_sim):
     # One upstream connection keeps the PLC's log in the order of the requests.
     return start_gateway(
-        [listener(device="plc", frame_timeout_ms=5000)],
+        [listener(device="plc", limits={"frame_timeout_ms": 5000})],
         [device("plc", plc_sim.address, max_connections=1)],
         RULES,
     )

@@ -69,7 +69,7 @@ def expected_log_entry(frame: mbap.Frame) -> dict:
 def test_replay_capture(start_gateway, plc_sim, capture):
     # One upstream connection keeps the PLC's log in the order of the replay.
     gateway = start_gateway(
-        [listener(device="plc", frame_timeout_ms=5000)],
+        [listener(device="plc", limits={"frame_timeout_ms": 5000})],
         [device("plc", plc_sim.address, unit=DEVICE_UNIT, max_connections=1)],
         acme_rules(ALLOW_EVERYTHING),
     )

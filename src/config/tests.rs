@@ -1,0 +1,690 @@
+//! Loading tests: the shipped example files, the shapes of the design
+//! examples, and every diagnostic with its exact position and text.
+
+use std::path::Path;
+
+use super::*;
+
+const GATEWAY: &str = r#"[gateway]
+name = "edge-01"
+
+[[listener]]
+name = "scada"
+bind = "127.0.0.1:5020"
+routes = { 1 = "press-1", 2 = "oven-2" }
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:5021"
+
+[[device]]
+name = "oven-2"
+address = "127.0.0.1:5022"
+unit = 2
+
+[[state]]
+name = "press-1-mode"
+device = "press-1"
+holding_register = 900
+values = { 0 = "production", 1 = "maintenance" }
+"#;
+
+const ACME: &str = r#"[vendor]
+name = "acme"
+sources = ["10.50.0.0/16"]
+
+[[allow]]
+device = "press-1"
+functions = ["read_holding_registers"]
+addresses = ["0-999"]
+"#;
+
+/// Writes `gateway.toml` and the rule files into a new folder.
+fn write(gateway: &str, rules: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("gateway.toml"), gateway).unwrap();
+    std::fs::create_dir(dir.path().join("rules")).unwrap();
+    for (name, text) in rules {
+        std::fs::write(dir.path().join("rules").join(name), text).unwrap();
+    }
+    dir
+}
+
+/// Formats diagnostics with file names relative to `dir`, and `DIR` in
+/// place of `dir` inside messages.
+fn lines(dir: &Path, diagnostics: &[Diagnostic]) -> Vec<String> {
+    let prefix = format!("{}/", dir.display());
+    diagnostics
+        .iter()
+        .map(|d| d.to_string().replace(&prefix, ""))
+        .collect()
+}
+
+fn load_ok(dir: &Path) -> (Config, Vec<String>) {
+    match load(&dir.join("gateway.toml")) {
+        Ok((config, warnings)) => (config, lines(dir, &warnings)),
+        Err(diagnostics) => panic!("unexpected errors:\n{diagnostics}"),
+    }
+}
+
+fn load_errors(dir: &Path) -> (Vec<String>, Vec<String>) {
+    match load(&dir.join("gateway.toml")) {
+        Ok(_) => panic!("configuration loaded without errors"),
+        Err(diagnostics) => (
+            lines(dir, &diagnostics.errors),
+            lines(dir, &diagnostics.warnings),
+        ),
+    }
+}
+
+#[test]
+fn shipped_example_files_load_cleanly() {
+    let dir = write(
+        include_str!("../../gateway.toml.example"),
+        &[
+            ("acme.toml", include_str!("../../rules/acme.toml")),
+            ("historian.toml", include_str!("../../rules/historian.toml")),
+        ],
+    );
+    let (config, warnings) = load_ok(dir.path());
+    assert_eq!(warnings, Vec::<String>::new());
+
+    assert_eq!(config.gateway.name, "edge-01");
+    assert_eq!(config.gateway.rules_dir, dir.path().join("rules"));
+    assert_eq!(config.listeners.len(), 1);
+    let listener = &config.listeners[0];
+    assert_eq!(listener.name, "scada");
+    assert_eq!(listener.bind, "127.0.0.1:5020".parse().unwrap());
+    assert_eq!(
+        listener.target,
+        ListenerTarget::Routes(vec![(1, "press-1".into())])
+    );
+    assert_eq!(config.devices[0].name, "press-1");
+    assert_eq!(config.devices[0].address, "127.0.0.1:5021".parse().unwrap());
+    assert_eq!(config.states[0].kind, StateKind::HoldingRegister);
+    assert_eq!(config.states[0].address, 900);
+    assert_eq!(config.audit.path, dir.path().join("audit"));
+    let vendors: Vec<(&str, &str, usize)> = config
+        .vendors
+        .iter()
+        .map(|v| (v.name.as_str(), v.file_name.as_str(), v.rules.len()))
+        .collect();
+    assert_eq!(
+        vendors,
+        [("acme", "acme.toml", 2), ("historian", "historian.toml", 1)]
+    );
+    assert_eq!(
+        config.vendors[0].rules[1].when.state,
+        [("press-1-mode".to_owned(), "maintenance".to_owned())]
+    );
+    assert_eq!(
+        config.files,
+        [
+            dir.path().join("gateway.toml"),
+            dir.path().join("rules/acme.toml"),
+            dir.path().join("rules/historian.toml"),
+        ]
+    );
+}
+
+#[test]
+fn defaults_fill_missing_settings() {
+    let dir = write(GATEWAY, &[("acme.toml", ACME)]);
+    let (config, warnings) = load_ok(dir.path());
+    assert_eq!(warnings, Vec::<String>::new());
+
+    assert_eq!(config.gateway.timezone.iana_name(), Some("Europe/Brussels"));
+    let listener = &config.listeners[0];
+    assert_eq!(listener.mode, Mode::Enforce);
+    assert_eq!(listener.on_deny, OnDeny::Exception);
+    assert_eq!(listener.limits, ListenerLimits::default());
+    assert_eq!(listener.limits.max_connections, 64);
+    assert_eq!(listener.limits.max_connections_per_source, 8);
+    assert_eq!(listener.limits.idle_timeout, Duration::from_secs(300));
+    assert_eq!(listener.limits.frame_timeout, Duration::from_secs(5));
+    assert_eq!(listener.limits.max_pending, 16);
+
+    let device = &config.devices[0];
+    assert_eq!(device.unit, 1);
+    assert_eq!(device.timeout, Duration::from_millis(1000));
+    assert_eq!(device.max_connections, 1);
+    assert_eq!(device.max_in_flight, 1);
+    assert_eq!(device.connect_timeout, Duration::from_millis(3000));
+    assert_eq!(device.backoff_max, Duration::from_millis(30000));
+
+    let state = &config.states[0];
+    assert_eq!(state.poll, Duration::from_millis(1000));
+    assert_eq!(state.max_age, Duration::from_millis(3000));
+    assert_eq!(
+        state.values,
+        [
+            StateValueConfig {
+                raw: Range16::new(0, 0),
+                name: "production".into()
+            },
+            StateValueConfig {
+                raw: Range16::new(1, 1),
+                name: "maintenance".into()
+            },
+        ]
+    );
+    assert_eq!(
+        config.audit,
+        AuditConfig {
+            path: dir.path().join("audit"),
+            sync: AuditSync::Batch
+        }
+    );
+}
+
+#[test]
+fn explicit_settings_are_read() {
+    let gateway = r#"[gateway]
+name = "edge-02"
+timezone = "America/New_York"
+rules = "vendors"
+
+[[listener]]
+name = "north"
+bind = "[::1]:1502"
+mode = "monitor"
+on_deny = "close"
+device = "rtu"
+limits = { max_connections = 4, max_connections_per_source = 2, idle_timeout_ms = 1000, frame_timeout_ms = 200, max_pending = 3 }
+
+[[device]]
+name = "rtu"
+protocol = "modbus"
+address = "10.0.0.5:502"
+unit = 0
+timeout_ms = 250
+max_connections = 2
+max_in_flight = 4
+connect_timeout_ms = 500
+backoff_max_ms = 8000
+
+[[state]]
+name = "level"
+device = "rtu"
+input_register = 7
+poll_ms = 200
+max_age_ms = 700
+values = { "0-9" = "low", "10-19" = "high", "20" = "low" }
+
+[audit]
+path = "/var/lib/sluice/audit"
+sync = "always"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("gateway.toml"), gateway).unwrap();
+    std::fs::create_dir(dir.path().join("vendors")).unwrap();
+    let rules = "[vendor]\nname = \"x\"\nsources = [\"10.9.0.0/16\"]\nmax_sessions = 3\n";
+    std::fs::write(dir.path().join("vendors/x.toml"), rules).unwrap();
+    let (config, warnings) = load_ok(dir.path());
+    assert_eq!(warnings, Vec::<String>::new());
+
+    assert_eq!(
+        config.gateway.timezone.iana_name(),
+        Some("America/New_York")
+    );
+    assert_eq!(config.gateway.rules_dir, dir.path().join("vendors"));
+    let listener = &config.listeners[0];
+    assert_eq!(listener.bind, "[::1]:1502".parse().unwrap());
+    assert_eq!(listener.mode, Mode::Monitor);
+    assert_eq!(listener.on_deny, OnDeny::Close);
+    assert_eq!(listener.target, ListenerTarget::Device("rtu".into()));
+    assert_eq!(
+        listener.limits,
+        ListenerLimits {
+            max_connections: 4,
+            max_connections_per_source: 2,
+            idle_timeout: Duration::from_millis(1000),
+            frame_timeout: Duration::from_millis(200),
+            max_pending: 3,
+        }
+    );
+    let device = &config.devices[0];
+    assert_eq!(device.unit, 0);
+    assert_eq!(device.timeout, Duration::from_millis(250));
+    assert_eq!(device.max_connections, 2);
+    assert_eq!(device.max_in_flight, 4);
+    assert_eq!(device.connect_timeout, Duration::from_millis(500));
+    assert_eq!(device.backoff_max, Duration::from_millis(8000));
+    let state = &config.states[0];
+    assert_eq!(state.kind, StateKind::InputRegister);
+    assert_eq!(state.max_age, Duration::from_millis(700));
+    let raw: Vec<(u16, u16, &str)> = state
+        .values
+        .iter()
+        .map(|v| (v.raw.first, v.raw.last, v.name.as_str()))
+        .collect();
+    assert_eq!(raw, [(0, 9, "low"), (10, 19, "high"), (20, 20, "low")]);
+    assert_eq!(config.audit.path, Path::new("/var/lib/sluice/audit"));
+    assert_eq!(config.audit.sync, AuditSync::Always);
+    assert_eq!(config.vendors[0].max_sessions, Some(3));
+}
+
+#[test]
+fn design_example_reports_parts_this_build_lacks() {
+    let gateway = r#"[gateway]
+name = "edge-01"
+timezone = "Europe/Brussels"
+rules = "rules"
+
+[[listener]]
+name = "scada"
+protocol = "modbus"
+bind = "127.0.0.1:5020"
+mode = "enforce"
+on_deny = "exception"
+routes = { 1 = "press-1", 2 = "oven-2" }
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:5021"
+unit = 1
+timeout_ms = 1000
+max_connections = 1
+
+[[device]]
+name = "oven-2"
+address = "127.0.0.1:5022"
+
+[[state]]
+name = "press-1-mode"
+device = "press-1"
+holding_register = 900
+poll_ms = 500
+values = { 0 = "production", 1 = "maintenance" }
+
+[[listener]]
+name = "vendors"
+protocol = "modbus-tls"
+bind = "0.0.0.0:802"
+device = "press-1"
+tls = { cert = "tls/gateway.crt", key = "tls/gateway.key" }
+
+[audit]
+path = "/var/lib/sluice/audit"
+sync = "batch"
+
+[[collector]]
+name = "soc"
+
+[metrics]
+bind = "127.0.0.1:9502"
+
+[admin]
+socket = "/run/sluice/control.sock"
+"#;
+    let acme = r#"[vendor]
+name = "acme"
+sources = ["10.50.0.0/16"]
+certificate_cn = ["acme-*"]
+
+[[allow]]
+device = "press-1"
+functions = ["read_holding_registers", "read_input_registers"]
+addresses = ["0-999"]
+
+[[allow]]
+device = "press-1"
+functions = ["write_single_register", "write_multiple_registers"]
+addresses = ["100-119"]
+values = "0-5000"
+when.state = { "press-1-mode" = "maintenance" }
+when.schedule = ["Mon-Fri 07:00-17:00"]
+"#;
+    let dir = write(gateway, &[("acme.toml", acme)]);
+    let (errors, warnings) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        [
+            "gateway.toml:43:1: [[collector]] is not supported by this build; remove the section",
+            "gateway.toml:46:1: [metrics] is not supported by this build; remove the section",
+            "gateway.toml:49:1: [admin] is not supported by this build; remove the section",
+            "gateway.toml:34:12: listener[2].protocol: \"modbus-tls\" is not supported by this build; use \"modbus\"",
+        ]
+    );
+    assert_eq!(
+        warnings,
+        ["rules/acme.toml:2:8: vendor: certificate matchers apply only on modbus-tls listeners, which this build does not support, so this vendor never connects"]
+    );
+}
+
+#[test]
+fn gateway_problems_are_all_reported_with_positions() {
+    let gateway = r#"[gateway]
+name = "edge-01"
+timezone = "Europe/Brusels"
+
+[[listener]]
+name = "scada"
+bind = "127.0.0.1:502x"
+mode = "enforse"
+routes = { 1 = "press-1", 300 = "press-1", 2 = "oven-3" }
+
+[[listener]]
+name = "scada"
+bind = "127.0.0.1:5021"
+device = "press-1"
+routes = { 1 = "press-1" }
+
+[[listener]]
+name = "ops"
+bind = "127.0.0.1:5022"
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:5021"
+unit = 256
+
+[[device]]
+name = "press-1"
+address = "plc.local:502"
+"#;
+    let dir = write(gateway, &[]);
+    let (errors, warnings) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        [
+            "gateway.toml:3:12: gateway.timezone: unknown time zone \"Europe/Brusels\"; use an IANA name such as \"Europe/Brussels\"",
+            "gateway.toml:24:8: device[1].unit: 256 outside 0..=255; set a value from 0 to 255",
+            "gateway.toml:27:8: device[2].name: duplicate device \"press-1\", first defined at gateway.toml:22:8; device names must be unique",
+            "gateway.toml:28:11: device[2].address: invalid socket address \"plc.local:502\"; use IP:PORT, such as \"10.0.0.5:502\"",
+            "gateway.toml:7:8: listener[1].bind: invalid socket address \"127.0.0.1:502x\"; use IP:PORT, such as \"127.0.0.1:5020\"",
+            "gateway.toml:8:8: listener[1].mode: invalid value \"enforse\"; use one of \"enforce\", \"monitor\"",
+            "gateway.toml:9:48: listener[1].routes.\"2\": unknown device \"oven-3\"; known devices: press-1",
+            "gateway.toml:9:27: listener[1].routes.\"300\": invalid unit id \"300\"; use a unit id from 0 to 255",
+            "gateway.toml:12:8: listener[2].name: duplicate listener \"scada\", first defined at gateway.toml:6:8; listener names must be unique",
+            "gateway.toml:15:10: listener[2]: both device and routes are set; keep one of them",
+            "gateway.toml:18:8: listener[3]: neither device nor routes is set; add device = \"NAME\" or routes = { 1 = \"NAME\" }",
+        ]
+    );
+    assert_eq!(
+        warnings,
+        ["gateway.toml:2:8: gateway.rules: no *.toml files in \"rules\", so every request is denied"]
+    );
+}
+
+#[test]
+fn state_problems_are_reported() {
+    let gateway = r#"[gateway]
+name = "edge-01"
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:5021"
+
+[[state]]
+name = "door"
+device = "press-1"
+coil = 3
+values = { 0 = "closed", 2 = "open" }
+
+[[state]]
+name = "mode"
+device = "press-2"
+holding_register = 1
+input_register = 2
+values = { "0-10" = "a", "5-20" = "b" }
+
+[[state]]
+name = "level"
+device = "press-1"
+poll_ms = 1000
+max_age_ms = 500
+"#;
+    let dir = write(gateway, &[]);
+    let (errors, warnings) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        [
+            "gateway.toml:12:26: state[1].values.\"2\": a coil or discrete input reads 0 or 1; use \"0\" or \"1\"",
+            "gateway.toml:16:10: state[2].device: unknown device \"press-2\"; known devices: press-1",
+            "gateway.toml:18:18: state[2].input_register: a state reads one address; keep only one of holding_register, input_register, coil or discrete_input",
+            "gateway.toml:19:26: state[2].values: raw values 5-20 overlap 0-10 at gateway.toml:19:12; map each raw value once",
+            "gateway.toml:22:8: state[3]: no address; set one of holding_register, input_register, coil or discrete_input",
+            "gateway.toml:22:8: state[3].values: missing; map raw values to names, as { 0 = \"production\", 1 = \"maintenance\" }",
+        ]
+    );
+    assert_eq!(
+        warnings,
+        [
+            "gateway.toml:25:14: state[3].max_age_ms: 500 is shorter than poll_ms 1000, so the state is unknown between polls; set it to at least 2 × poll_ms",
+            "gateway.toml:2:8: gateway.rules: no *.toml files in \"rules\", so every request is denied",
+        ]
+    );
+}
+
+#[test]
+fn rule_problems_are_all_reported_with_positions() {
+    let rules = r#"[vendor]
+name = "acme"
+sources = ["10.50.0.0/16", "10.60.0.0/33"]
+
+[[allow]]
+device = "pres-1"
+functions = ["read_holding_register", 3, 200]
+addresses = ["20-10", "0-70000", "5"]
+
+[[allow]]
+device = "press-1"
+functions = ["write_single_register"]
+addresses = "100-119"
+values = "0-5000"
+when.state = { "press-1-mode" = "maintenanc", "oven-mode" = "on" }
+when.schedule = ["Mon-Fry 07:00-17:00"]
+when.window = ["2026-12-10T12:00/2026-12-10T08:00"]
+"#;
+    let dir = write(GATEWAY, &[("acme.toml", rules)]);
+    let (errors, warnings) = load_errors(dir.path());
+    let names = syntax::function_names();
+    assert_eq!(
+        errors,
+        [
+            "rules/acme.toml:3:28: vendor.sources[2]: invalid network \"10.60.0.0/33\"; use CIDR notation, such as \"10.50.0.0/16\"".to_owned(),
+            "rules/acme.toml:6:10: allow[1].device: unknown device \"pres-1\"; known devices: press-1, oven-2".to_owned(),
+            format!("rules/acme.toml:7:14: allow[1].functions[1]: unknown function \"read_holding_register\"; use a code from 1 to 127 or one of: {names}"),
+            "rules/acme.toml:7:42: allow[1].functions[3]: function code 200 outside 1..=127; use a code from 1 to 127 or a function name".to_owned(),
+            "rules/acme.toml:8:14: allow[1].addresses[1]: inverted range \"20-10\"; write the smaller number first, as \"10-20\"".to_owned(),
+            "rules/acme.toml:8:23: allow[1].addresses[2]: 70000 in \"0-70000\" exceeds 65535, the largest Modbus address and register value".to_owned(),
+            "rules/acme.toml:15:47: allow[2].when.state: unknown state \"oven-mode\"; known states: press-1-mode".to_owned(),
+            "rules/acme.toml:15:33: allow[2].when.state.\"press-1-mode\": state \"press-1-mode\" has no value \"maintenanc\"; its values: maintenance, production".to_owned(),
+            "rules/acme.toml:16:18: allow[2].when.schedule[1]: invalid schedule \"Mon-Fry 07:00-17:00\"; write DAYS HH:MM-HH:MM with days Mon..Sun, such as \"Mon-Fri 07:00-17:00\" or \"Sat,Sun 22:00-06:00\"".to_owned(),
+            "rules/acme.toml:17:16: allow[2].when.window[1]: empty or inverted window \"2026-12-10T12:00/2026-12-10T08:00\"; the end must come after the start".to_owned(),
+        ]
+    );
+    assert_eq!(warnings, Vec::<String>::new());
+}
+
+#[test]
+fn problems_of_every_file_are_reported_together() {
+    let gateway = GATEWAY.replace("bind = \"127.0.0.1:5020\"", "bind = \"localhost\"");
+    let broken = "[vendor]\nname = \"beta\"\nsources = [\"10.60.0.0/16\"\n";
+    let unknown_key = "[vendor]\nname = \"gamma\"\nsource = [\"10.70.0.0/16\"]\n";
+    let dir = write(
+        &gateway,
+        &[
+            ("acme.toml", ACME),
+            ("beta.toml", broken),
+            ("gamma.toml", unknown_key),
+        ],
+    );
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        [
+            "gateway.toml:6:8: listener[1].bind: invalid socket address \"localhost\"; use IP:PORT, such as \"127.0.0.1:5020\"",
+            "rules/beta.toml:3:26: unclosed array, expected `]`",
+            "rules/gamma.toml:3:1: unknown field `source`, expected one of `name`, `sources`, `max_sessions`, `certificate_cn`, `certificate_san`, `certificate_sha256`, `modbus_role`, `opcua_users`, `opcua_user_certificates`",
+        ]
+    );
+}
+
+#[test]
+fn overlapping_vendor_sources_are_an_error() {
+    let beta = "[vendor]\nname = \"beta\"\nsources = [\"10.0.0.0/8\"]\n";
+    let acme_again = "[vendor]\nname = \"acme\"\nsources = [\"192.168.0.0/24\"]\n";
+    let dir = write(
+        GATEWAY,
+        &[
+            ("acme.toml", ACME),
+            ("beta.toml", beta),
+            ("zeta.toml", acme_again),
+        ],
+    );
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        [
+            "rules/zeta.toml:2:8: vendor.name: duplicate vendor \"acme\", first defined at rules/acme.toml:2:8; vendor names must be unique",
+            "rules/acme.toml:3:12: vendor.sources[1]: 10.50.0.0/16 of vendor \"acme\" overlaps 10.0.0.0/8 of vendor \"beta\" at rules/beta.toml:3:12; a connection from the overlap would match both vendors, so narrow one of them",
+        ]
+    );
+}
+
+#[test]
+fn disjoint_vendor_sources_load() {
+    let beta = "[vendor]\nname = \"beta\"\nsources = [\"10.51.0.0/16\", \"fd00::/8\"]\n";
+    let gamma = "[vendor]\nname = \"gamma\"\nsources = [\"10.49.255.255/32\", \"fe80::/10\"]\n";
+    let dir = write(
+        GATEWAY,
+        &[
+            ("acme.toml", ACME),
+            ("beta.toml", beta),
+            ("gamma.toml", gamma),
+        ],
+    );
+    let (config, warnings) = load_ok(dir.path());
+    assert_eq!(warnings, Vec::<String>::new());
+    assert_eq!(config.vendors.len(), 3);
+}
+
+#[test]
+fn rules_that_cannot_match_give_warnings() {
+    let rules = r#"[vendor]
+name = "acme"
+sources = ["10.50.1.0/16"]
+
+[[allow]]
+device = "press-1"
+functions = ["read_holding_registers"]
+addresses = ["0-9"]
+values = "0-5"
+
+[[allow]]
+device = "press-1"
+functions = ["read_coils", "diagnostics"]
+when.window = ["2001-01-01T08:00/2001-01-01T12:00"]
+when.sources = ["192.168.0.0/24"]
+
+[[allow]]
+device = "press-1"
+functions = [3]
+addresses = "0-9"
+sub_functions = [4]
+mei_types = [14]
+"#;
+    let dir = write(GATEWAY, &[("acme.toml", rules)]);
+    let (config, warnings) = load_ok(dir.path());
+    assert_eq!(
+        warnings,
+        [
+            "rules/acme.toml:3:12: vendor.sources[1]: \"10.50.1.0/16\" has host bits set and means 10.50.0.0/16; write 10.50.0.0/16 to make that explicit",
+            "rules/acme.toml:9:10: allow[1].values: none of the functions (read_holding_registers) writes values, so the key has no effect; remove it",
+            "rules/acme.toml:14:16: allow[2].when.window[1]: \"2001-01-01T08:00/2001-01-01T12:00\" is entirely in the past, so it never matches; remove it or correct the dates",
+            "rules/acme.toml:15:17: allow[2].when.sources: 192.168.0.0/24 is outside every vendor source, so it never matches; list a network inside vendor.sources",
+            "rules/acme.toml:12:10: allow[2].addresses: missing, so read_coils never match; list the allowed addresses, as [\"0-999\"]",
+            "rules/acme.toml:21:18: allow[3].sub_functions: the rule does not allow diagnostics (8), so the key has no effect",
+            "rules/acme.toml:22:14: allow[3].mei_types: the rule does not allow encapsulated_interface_transport (43), so the key has no effect",
+        ]
+    );
+    assert_eq!(
+        config.vendors[0].sources,
+        ["10.50.0.0/16".parse::<IpNet>().unwrap()]
+    );
+    assert_eq!(config.vendors[0].rules[1].addresses, []);
+}
+
+#[test]
+fn rule_values_accept_lists_and_integers() {
+    let rules = r#"[vendor]
+name = "acme"
+sources = ["10.50.0.0/16"]
+
+[[allow]]
+device = "press-1"
+functions = ["write_single_register", 16, "read_device_identification"]
+addresses = [100, "110-119"]
+values = ["0-10", 20]
+quantity = "1-10"
+sub_functions = [0, 1]
+mei_types = [14]
+when.schedule = ["Mon-Fri 07:00-17:00", "Sat 08:00-12:00"]
+when.window = ["2030-12-10T08:00/2030-12-10T12:00"]
+"#;
+    let dir = write(GATEWAY, &[("acme.toml", rules)]);
+    let (config, _) = load_ok(dir.path());
+    let rule = &config.vendors[0].rules[0];
+    assert_eq!(rule.functions, [6, 16, 43]);
+    assert_eq!(
+        rule.addresses,
+        [Range16::new(100, 100), Range16::new(110, 119)]
+    );
+    assert_eq!(
+        rule.values,
+        Some(vec![Range16::new(0, 10), Range16::new(20, 20)])
+    );
+    assert_eq!(rule.quantity, Some(Range16::new(1, 10)));
+    assert_eq!(rule.sub_functions, Some(vec![0, 1]));
+    assert_eq!(rule.mei_types, Some(vec![14]));
+    assert_eq!(rule.when.schedule.len(), 2);
+    assert_eq!(rule.when.window.len(), 1);
+    assert_eq!(rule.origin.line, 6);
+    assert_eq!(rule.origin.column, 10);
+}
+
+#[test]
+fn missing_gateway_file_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let error = load(&dir.path().join("gateway.toml")).unwrap_err();
+    assert_eq!(
+        lines(dir.path(), &error.errors),
+        ["gateway.toml:1:1: failed to read the gateway file: No such file or directory (os error 2)"]
+    );
+}
+
+#[test]
+fn missing_rules_folder_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = GATEWAY.replace(
+        "name = \"edge-01\"",
+        "name = \"edge-01\"\nrules = \"vendor-rules\"",
+    );
+    std::fs::write(dir.path().join("gateway.toml"), gateway).unwrap();
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        ["gateway.toml:3:9: gateway.rules: failed to read the rules folder \"vendor-rules\": No such file or directory (os error 2); create it or set gateway.rules"]
+    );
+}
+
+#[test]
+fn unsupported_protocols_and_keys_are_named() {
+    let gateway = GATEWAY.replace(
+        "[[device]]\nname = \"oven-2\"",
+        "[[device]]\nname = \"oven-2\"\nprotocol = \"opcua\"",
+    );
+    let rules = "[vendor]\nname = \"acme\"\nsources = [\"10.50.0.0/16\"]\nopcua_users = []\n\n[[allow]]\ndevice = \"press-1\"\nfunctions = [3]\naddresses = \"0-9\"\nnodes = [\"x\"]\n";
+    let dir = write(&gateway, &[("acme.toml", rules)]);
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        [
+            "gateway.toml:15:12: device[2].protocol: \"opcua\" is not supported by this build; use \"modbus\"",
+            "rules/acme.toml:4:15: vendor.opcua_users: OPC UA is not supported by this build; remove the key",
+            "rules/acme.toml:10:9: allow[1].nodes: OPC UA rules are not supported by this build; remove the key",
+        ]
+    );
+}

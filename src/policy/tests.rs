@@ -1,0 +1,872 @@
+//! Decision tests: every deny reason with its exception code and text, the
+//! choice of the most specific reason, conditions on state, schedule,
+//! dated windows and sources, and the plans compiled from configuration.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::config::{
+    AuditConfig, Config, DeviceConfig, GatewayConfig, ListenerConfig, RuleConfig, VendorConfig,
+};
+
+const GATEWAY: &str = r#"[gateway]
+name = "edge-01"
+
+[[listener]]
+name = "scada"
+bind = "127.0.0.1:5020"
+routes = { 1 = "press-1", 2 = "oven-2" }
+
+[[listener]]
+name = "direct"
+bind = "127.0.0.1:5030"
+mode = "monitor"
+on_deny = "drop"
+device = "oven-2"
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:5021"
+
+[[device]]
+name = "oven-2"
+address = "127.0.0.1:5022"
+unit = 2
+
+[[device]]
+name = "dryer-3"
+address = "127.0.0.1:5023"
+
+[[state]]
+name = "press-1-mode"
+device = "press-1"
+holding_register = 900
+poll_ms = 500
+values = { 0 = "production", 1 = "maintenance", "2-9" = "maintenance" }
+"#;
+
+const ACME: &str = r#"[vendor]
+name = "acme"
+sources = ["10.50.0.0/16"]
+max_sessions = 4
+
+[[allow]]
+device = "press-1"
+functions = ["read_holding_registers", "read_input_registers"]
+addresses = ["0-999"]
+quantity = "1-100"
+
+[[allow]]
+device = "press-1"
+functions = ["write_single_register", "write_multiple_registers", "read_write_multiple_registers", "mask_write_register"]
+addresses = ["100-119"]
+values = "0-5000"
+when.state = { "press-1-mode" = "maintenance" }
+
+[[allow]]
+device = "press-1"
+functions = ["write_single_coil", "write_multiple_coils"]
+addresses = ["0-99"]
+values = "0"
+
+[[allow]]
+device = "press-1"
+functions = ["diagnostics", "read_device_identification"]
+mei_types = [14]
+
+[[allow]]
+device = "oven-2"
+functions = ["read_holding_registers"]
+addresses = ["0-99"]
+when.schedule = ["Mon-Fri 07:00-17:00"]
+when.sources = ["10.50.1.0/24"]
+
+[[allow]]
+device = "oven-2"
+functions = ["write_single_register"]
+addresses = ["10"]
+when.window = ["2030-12-10T08:00/2030-12-10T12:00"]
+
+[[allow]]
+device = "press-1"
+functions = ["read_write_multiple_registers"]
+addresses = ["0-9"]
+
+[[allow]]
+device = "press-1"
+functions = ["write_single_register"]
+addresses = ["200-209"]
+values = "0-10"
+"#;
+
+const HISTORIAN: &str = r#"[vendor]
+name = "historian"
+sources = ["::1/128", "192.168.7.0/24"]
+
+[[allow]]
+device = "press-1"
+functions = ["read_input_registers"]
+addresses = ["0-999"]
+
+[[allow]]
+device = "press-1"
+functions = [8]
+sub_functions = [4]
+"#;
+
+const ACME_ID: VendorId = 0;
+const HISTORIAN_ID: VendorId = 1;
+const PRESS: DeviceId = 0;
+const OVEN: DeviceId = 1;
+const DRYER: DeviceId = 2;
+const MODE: usize = 0;
+/// A Monday, 09:00 in Brussels.
+const MONDAY_MORNING: &str = "2026-12-14T08:00:00Z";
+
+fn policy() -> Policy {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("gateway.toml"), GATEWAY).unwrap();
+    std::fs::create_dir(dir.path().join("rules")).unwrap();
+    std::fs::write(dir.path().join("rules/acme.toml"), ACME).unwrap();
+    std::fs::write(dir.path().join("rules/historian.toml"), HISTORIAN).unwrap();
+    let (policy, warnings) = match Policy::load(&dir.path().join("gateway.toml")) {
+        Ok(loaded) => loaded,
+        Err(diagnostics) => panic!("policy failed to load:\n{diagnostics}"),
+    };
+    assert_eq!(warnings, []);
+    policy
+}
+
+struct Clock {
+    table: StateTable,
+    instant: Instant,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Clock {
+            table: StateTable::new(1),
+            instant: Instant::now(),
+        }
+    }
+
+    fn with_mode(raw: u16) -> Self {
+        let clock = Clock::new();
+        clock.table.set(MODE, Some(raw), clock.instant);
+        clock
+    }
+
+    fn context(&self, source: &str, utc: &str) -> Context<'_> {
+        Context {
+            source: source.parse::<IpAddr>().unwrap(),
+            now: utc.parse().unwrap(),
+            instant: self.instant,
+            states: &self.table,
+        }
+    }
+
+    fn acme(&self) -> Context<'_> {
+        self.context("10.50.1.7", MONDAY_MORNING)
+    }
+}
+
+fn access(function: u8) -> ModbusAccess<'static> {
+    ModbusAccess {
+        unit: 1,
+        function,
+        read: None,
+        write: None,
+        values: WrittenValues::None,
+        quantity: None,
+        sub_function: None,
+        mei_type: None,
+    }
+}
+
+fn read(function: u8, address: u16, count: u16) -> ModbusAccess<'static> {
+    ModbusAccess {
+        read: Some((address, count)),
+        quantity: Some(count),
+        ..access(function)
+    }
+}
+
+fn write_register(address: u16, value: u16) -> ModbusAccess<'static> {
+    ModbusAccess {
+        write: Some((address, 1)),
+        values: WrittenValues::Register(value),
+        ..access(6)
+    }
+}
+
+fn allowed(vendor: u32, index: u32) -> Decision {
+    Decision::Allow {
+        rule: RuleRef { vendor, index },
+    }
+}
+
+fn denied(reason: DenyReason) -> Decision {
+    Decision::Deny { reason }
+}
+
+fn state_mismatch(actual: &str) -> DenyReason {
+    DenyReason::ConditionFailed {
+        condition: Condition::State {
+            state: Arc::from("press-1-mode"),
+            required: Arc::from("maintenance"),
+            actual: Arc::from(actual),
+        },
+    }
+}
+
+#[test]
+fn read_inside_range_is_allowed_by_first_rule() {
+    let (policy, clock) = (policy(), Clock::new());
+    let decision = policy.decide(ACME_ID, PRESS, &read(3, 0, 100), &clock.acme());
+    assert_eq!(decision, allowed(0, 0));
+    assert_eq!(
+        policy.rule_label(RuleRef {
+            vendor: 0,
+            index: 0
+        }),
+        "acme.toml#1"
+    );
+}
+
+#[test]
+fn read_past_range_names_first_address_outside() {
+    let (policy, clock) = (policy(), Clock::new());
+    let decision = policy.decide(ACME_ID, PRESS, &read(3, 990, 20), &clock.acme());
+    assert_eq!(
+        decision,
+        denied(DenyReason::AddressNotAllowed { address: 1000 })
+    );
+}
+
+#[test]
+fn quantity_outside_range_is_denied() {
+    let (policy, clock) = (policy(), Clock::new());
+    let decision = policy.decide(ACME_ID, PRESS, &read(4, 0, 101), &clock.acme());
+    assert_eq!(
+        decision,
+        denied(DenyReason::QuantityNotAllowed { quantity: 101 })
+    );
+}
+
+#[test]
+fn function_no_rule_names_is_denied() {
+    let (policy, clock) = (policy(), Clock::new());
+    let decision = policy.decide(ACME_ID, PRESS, &read(1, 0, 1), &clock.acme());
+    assert_eq!(
+        decision,
+        denied(DenyReason::FunctionNotAllowed { function: 1 })
+    );
+}
+
+#[test]
+fn device_without_rules_is_denied() {
+    let (policy, clock) = (policy(), Clock::new());
+    let decision = policy.decide(ACME_ID, DRYER, &read(3, 0, 1), &clock.acme());
+    assert_eq!(decision, denied(DenyReason::NoRuleForDevice));
+}
+
+#[test]
+fn ids_outside_policy_are_denied() {
+    let (policy, clock) = (policy(), Clock::new());
+    let no_rule = denied(DenyReason::NoRuleForDevice);
+    assert_eq!(
+        policy.decide(7, PRESS, &read(3, 0, 1), &clock.acme()),
+        no_rule
+    );
+    assert_eq!(
+        policy.decide(ACME_ID, 7, &read(3, 0, 1), &clock.acme()),
+        no_rule
+    );
+}
+
+#[test]
+fn write_in_maintenance_is_allowed() {
+    let (policy, clock) = (policy(), Clock::with_mode(1));
+    let decision = policy.decide(ACME_ID, PRESS, &write_register(105, 4000), &clock.acme());
+    assert_eq!(decision, allowed(0, 1));
+}
+
+#[test]
+fn state_range_maps_to_its_value_name() {
+    let (policy, clock) = (policy(), Clock::with_mode(7));
+    let decision = policy.decide(ACME_ID, PRESS, &write_register(105, 4000), &clock.acme());
+    assert_eq!(decision, allowed(0, 1));
+}
+
+#[test]
+fn write_in_production_fails_state_condition() {
+    let (policy, clock) = (policy(), Clock::with_mode(0));
+    let decision = policy.decide(ACME_ID, PRESS, &write_register(105, 4000), &clock.acme());
+    assert_eq!(decision, denied(state_mismatch("production")));
+}
+
+#[test]
+fn write_with_unknown_state_fails_closed() {
+    let policy = policy();
+    let never_read = Clock::new();
+    let unmapped = Clock::with_mode(10);
+    let mut stale = Clock::with_mode(1);
+    stale.instant += Duration::from_millis(1501);
+    let unknown = denied(DenyReason::StateUnknown {
+        state: Arc::from("press-1-mode"),
+    });
+    for clock in [never_read, unmapped, stale] {
+        let decision = policy.decide(ACME_ID, PRESS, &write_register(105, 4000), &clock.acme());
+        assert_eq!(decision, unknown);
+    }
+}
+
+#[test]
+fn state_within_max_age_is_used() {
+    let policy = policy();
+    let mut clock = Clock::with_mode(1);
+    clock.instant += Duration::from_millis(1500);
+    let decision = policy.decide(ACME_ID, PRESS, &write_register(105, 4000), &clock.acme());
+    assert_eq!(decision, allowed(0, 1));
+    assert_eq!(
+        policy
+            .state_value(&clock.table, MODE, clock.instant)
+            .map(|v| &**v),
+        Some("maintenance")
+    );
+}
+
+#[test]
+fn value_failure_beats_address_failure_of_other_rule() {
+    let (policy, clock) = (policy(), Clock::with_mode(1));
+    // Rule 2 covers 105 but not 6000; rule 8 does not cover 105.
+    let decision = policy.decide(ACME_ID, PRESS, &write_register(105, 6000), &clock.acme());
+    assert_eq!(
+        decision,
+        denied(DenyReason::ValueNotAllowed {
+            address: 105,
+            value: 6000
+        })
+    );
+    // Rule 2 does not cover 205; rule 8 covers 205 but not 50.
+    let decision = policy.decide(ACME_ID, PRESS, &write_register(205, 50), &clock.acme());
+    assert_eq!(
+        decision,
+        denied(DenyReason::ValueNotAllowed {
+            address: 205,
+            value: 50
+        })
+    );
+    let decision = policy.decide(ACME_ID, PRESS, &write_register(205, 5), &clock.acme());
+    assert_eq!(decision, allowed(0, 7));
+}
+
+#[test]
+fn address_failure_is_reported_when_no_rule_covers_address() {
+    let (policy, clock) = (policy(), Clock::with_mode(1));
+    let decision = policy.decide(ACME_ID, PRESS, &write_register(150, 1), &clock.acme());
+    assert_eq!(
+        decision,
+        denied(DenyReason::AddressNotAllowed { address: 150 })
+    );
+}
+
+#[test]
+fn multiple_register_write_checks_every_value() {
+    let (policy, clock) = (policy(), Clock::with_mode(1));
+    let values = [0x00, 0x01, 0x13, 0x88, 0x13, 0x89];
+    let request = ModbusAccess {
+        write: Some((110, 3)),
+        quantity: Some(3),
+        values: WrittenValues::Registers(&values),
+        ..access(16)
+    };
+    let decision = policy.decide(ACME_ID, PRESS, &request, &clock.acme());
+    assert_eq!(
+        decision,
+        denied(DenyReason::ValueNotAllowed {
+            address: 112,
+            value: 5001
+        })
+    );
+    let request = ModbusAccess {
+        write: Some((110, 2)),
+        values: WrittenValues::Registers(&values[..4]),
+        ..request
+    };
+    assert_eq!(
+        policy.decide(ACME_ID, PRESS, &request, &clock.acme()),
+        allowed(0, 1)
+    );
+}
+
+#[test]
+fn short_register_values_are_denied() {
+    let (policy, clock) = (policy(), Clock::with_mode(1));
+    let request = ModbusAccess {
+        write: Some((110, 2)),
+        values: WrittenValues::Registers(&[0x00, 0x01, 0x00]),
+        ..access(16)
+    };
+    let decision = policy.decide(ACME_ID, PRESS, &request, &clock.acme());
+    assert_eq!(
+        decision,
+        denied(DenyReason::ValueNotAllowed {
+            address: 111,
+            value: 0
+        })
+    );
+}
+
+#[test]
+fn read_write_needs_both_ranges_in_one_rule() {
+    let (policy, clock) = (policy(), Clock::with_mode(1));
+    let values = [0x00, 0x0A];
+    let both_in_rule_2 = ModbusAccess {
+        read: Some((100, 5)),
+        write: Some((110, 1)),
+        values: WrittenValues::Registers(&values),
+        ..access(23)
+    };
+    let decision = policy.decide(ACME_ID, PRESS, &both_in_rule_2, &clock.acme());
+    assert_eq!(decision, allowed(0, 1));
+
+    // Rule 7 covers the read and rule 2 the write, but neither covers both.
+    let split = ModbusAccess {
+        read: Some((0, 5)),
+        ..both_in_rule_2
+    };
+    let decision = policy.decide(ACME_ID, PRESS, &split, &clock.acme());
+    assert_eq!(
+        decision,
+        denied(DenyReason::AddressNotAllowed { address: 0 })
+    );
+}
+
+#[test]
+fn mask_write_needs_every_result_allowed() {
+    let (policy, clock) = (policy(), Clock::with_mode(1));
+    let mask = |and_mask, or_mask| ModbusAccess {
+        write: Some((105, 1)),
+        values: WrittenValues::Mask { and_mask, or_mask },
+        ..access(22)
+    };
+    // Results range from 0x1000 to 0x10FF (4096 to 4351).
+    let decision = policy.decide(ACME_ID, PRESS, &mask(0x00FF, 0x1000), &clock.acme());
+    assert_eq!(decision, allowed(0, 1));
+    // Results can reach 0x1FFF (8191).
+    let decision = policy.decide(ACME_ID, PRESS, &mask(0x0FFF, 0x1000), &clock.acme());
+    assert_eq!(
+        decision,
+        denied(DenyReason::MaskNotAllowed {
+            and_mask: 0x0FFF,
+            or_mask: 0x1000
+        })
+    );
+}
+
+#[test]
+fn coil_writes_check_each_bit() {
+    let (policy, clock) = (policy(), Clock::new());
+    let single = |on| ModbusAccess {
+        write: Some((5, 1)),
+        values: WrittenValues::Coil(on),
+        ..access(5)
+    };
+    assert_eq!(
+        policy.decide(ACME_ID, PRESS, &single(false), &clock.acme()),
+        allowed(0, 2)
+    );
+    assert_eq!(
+        policy.decide(ACME_ID, PRESS, &single(true), &clock.acme()),
+        denied(DenyReason::ValueNotAllowed {
+            address: 5,
+            value: 1
+        })
+    );
+
+    let multiple = |packed: &'static [u8]| ModbusAccess {
+        write: Some((20, 10)),
+        quantity: Some(10),
+        values: WrittenValues::Coils { packed, count: 10 },
+        ..access(15)
+    };
+    assert_eq!(
+        policy.decide(ACME_ID, PRESS, &multiple(&[0x00, 0x00]), &clock.acme()),
+        allowed(0, 2)
+    );
+    // Bit 9 is coil 29; bits past the count are ignored.
+    assert_eq!(
+        policy.decide(ACME_ID, PRESS, &multiple(&[0x00, 0x02]), &clock.acme()),
+        denied(DenyReason::ValueNotAllowed {
+            address: 29,
+            value: 1
+        })
+    );
+    assert_eq!(
+        policy.decide(ACME_ID, PRESS, &multiple(&[0x00, 0xFC]), &clock.acme()),
+        allowed(0, 2)
+    );
+}
+
+#[test]
+fn diagnostics_allow_all_but_listen_only_by_default() {
+    let (policy, clock) = (policy(), Clock::new());
+    let diagnostics = |sub_function| ModbusAccess {
+        sub_function: Some(sub_function),
+        ..access(8)
+    };
+    assert_eq!(
+        policy.decide(ACME_ID, PRESS, &diagnostics(0), &clock.acme()),
+        allowed(0, 3)
+    );
+    assert_eq!(
+        policy.decide(ACME_ID, PRESS, &diagnostics(4), &clock.acme()),
+        denied(DenyReason::SubFunctionNotAllowed { sub_function: 4 })
+    );
+    let historian = clock.context("::1", MONDAY_MORNING);
+    assert_eq!(
+        policy.decide(HISTORIAN_ID, PRESS, &diagnostics(4), &historian),
+        allowed(1, 1)
+    );
+    assert_eq!(
+        policy.decide(HISTORIAN_ID, PRESS, &diagnostics(1), &historian),
+        denied(DenyReason::SubFunctionNotAllowed { sub_function: 1 })
+    );
+}
+
+#[test]
+fn mei_types_limit_encapsulated_interface() {
+    let (policy, clock) = (policy(), Clock::new());
+    let request = |mei_type| ModbusAccess {
+        mei_type: Some(mei_type),
+        ..access(43)
+    };
+    assert_eq!(
+        policy.decide(ACME_ID, PRESS, &request(14), &clock.acme()),
+        allowed(0, 3)
+    );
+    assert_eq!(
+        policy.decide(ACME_ID, PRESS, &request(13), &clock.acme()),
+        denied(DenyReason::MeiTypeNotAllowed { mei_type: 13 })
+    );
+}
+
+#[test]
+fn schedule_and_sources_conditions_apply() {
+    let (policy, clock) = (policy(), Clock::new());
+    let request = read(3, 0, 10);
+    let monday = clock.context("10.50.1.7", MONDAY_MORNING);
+    assert_eq!(
+        policy.decide(ACME_ID, OVEN, &request, &monday),
+        allowed(0, 4)
+    );
+
+    let saturday = clock.context("10.50.1.7", "2026-12-12T08:00:00Z");
+    assert_eq!(
+        policy.decide(ACME_ID, OVEN, &request, &saturday),
+        denied(DenyReason::ConditionFailed {
+            condition: Condition::Schedule
+        })
+    );
+    let evening = clock.context("10.50.1.7", "2026-12-14T16:00:00Z");
+    assert_eq!(
+        policy.decide(ACME_ID, OVEN, &request, &evening),
+        denied(DenyReason::ConditionFailed {
+            condition: Condition::Schedule
+        })
+    );
+    let other_subnet = clock.context("10.50.2.7", MONDAY_MORNING);
+    assert_eq!(
+        policy.decide(ACME_ID, OVEN, &request, &other_subnet),
+        denied(DenyReason::ConditionFailed {
+            condition: Condition::Source {
+                source: "10.50.2.7".parse().unwrap()
+            }
+        })
+    );
+}
+
+#[test]
+fn schedule_follows_daylight_saving_time() {
+    let (policy, clock) = (policy(), Clock::new());
+    let request = read(3, 0, 10);
+    // Monday 2026-03-30 is in CEST, UTC+2: 07:00 local is 05:00 UTC.
+    let before = clock.context("10.50.1.7", "2026-03-30T04:59:59Z");
+    let at_start = clock.context("10.50.1.7", "2026-03-30T05:00:00Z");
+    assert!(matches!(
+        policy.decide(ACME_ID, OVEN, &request, &before),
+        Decision::Deny { .. }
+    ));
+    assert_eq!(
+        policy.decide(ACME_ID, OVEN, &request, &at_start),
+        allowed(0, 4)
+    );
+    // Monday 2026-10-26 is in CET, UTC+1: 17:00 local is 16:00 UTC.
+    let last = clock.context("10.50.1.7", "2026-10-26T15:59:59Z");
+    let at_end = clock.context("10.50.1.7", "2026-10-26T16:00:00Z");
+    assert_eq!(policy.decide(ACME_ID, OVEN, &request, &last), allowed(0, 4));
+    assert!(matches!(
+        policy.decide(ACME_ID, OVEN, &request, &at_end),
+        Decision::Deny { .. }
+    ));
+}
+
+#[test]
+fn dated_window_condition_applies() {
+    let (policy, clock) = (policy(), Clock::new());
+    let request = write_register(10, 1);
+    let inside = clock.context("10.50.1.7", "2030-12-10T07:00:00Z");
+    assert_eq!(
+        policy.decide(ACME_ID, OVEN, &request, &inside),
+        allowed(0, 5)
+    );
+    let after = clock.context("10.50.1.7", "2030-12-10T11:00:00Z");
+    assert_eq!(
+        policy.decide(ACME_ID, OVEN, &request, &after),
+        denied(DenyReason::ConditionFailed {
+            condition: Condition::Window
+        })
+    );
+}
+
+#[test]
+fn exception_codes_and_texts_per_reason() {
+    let cases: Vec<(DenyReason, u8, &str)> = vec![
+        (DenyReason::NoRuleForDevice, 1, "no rule for this device"),
+        (
+            DenyReason::FunctionNotAllowed { function: 6 },
+            1,
+            "function 6 (write_single_register) not allowed",
+        ),
+        (
+            DenyReason::FunctionNotAllowed { function: 100 },
+            1,
+            "function 100 not allowed",
+        ),
+        (
+            DenyReason::SubFunctionNotAllowed { sub_function: 4 },
+            1,
+            "diagnostics sub-function 4 not allowed",
+        ),
+        (
+            DenyReason::MeiTypeNotAllowed { mei_type: 13 },
+            1,
+            "MEI type 13 not allowed",
+        ),
+        (
+            DenyReason::AddressNotAllowed { address: 1000 },
+            2,
+            "address 1000 outside allowed ranges",
+        ),
+        (
+            DenyReason::QuantityNotAllowed { quantity: 101 },
+            3,
+            "quantity 101 outside allowed range",
+        ),
+        (
+            DenyReason::ValueNotAllowed {
+                address: 105,
+                value: 6000,
+            },
+            3,
+            "value 6000 at address 105 outside allowed values",
+        ),
+        (
+            DenyReason::MaskNotAllowed {
+                and_mask: 0x0FFF,
+                or_mask: 0x1000,
+            },
+            3,
+            "mask write with AND 0x0fff OR 0x1000 can leave a value outside allowed values",
+        ),
+        (
+            state_mismatch("production"),
+            1,
+            "state press-1-mode is production, rule requires maintenance",
+        ),
+        (
+            DenyReason::StateUnknown {
+                state: Arc::from("press-1-mode"),
+            },
+            1,
+            "state press-1-mode unknown",
+        ),
+        (
+            DenyReason::ConditionFailed {
+                condition: Condition::Schedule,
+            },
+            1,
+            "outside the rule's schedule",
+        ),
+        (
+            DenyReason::ConditionFailed {
+                condition: Condition::Window,
+            },
+            1,
+            "outside the rule's dated windows",
+        ),
+        (
+            DenyReason::ConditionFailed {
+                condition: Condition::Source {
+                    source: "10.0.0.1".parse().unwrap(),
+                },
+            },
+            1,
+            "source 10.0.0.1 outside the rule's sources",
+        ),
+    ];
+    for (reason, code, text) in cases {
+        assert_eq!(reason.exception_code(), code, "{reason:?}");
+        assert_eq!(reason.to_string(), text);
+    }
+}
+
+#[test]
+fn identify_finds_vendor_by_source() {
+    let policy = policy();
+    let identify = |source: &str| policy.identify(source.parse().unwrap());
+    assert_eq!(identify("10.50.3.3"), Some(ACME_ID));
+    assert_eq!(identify("::1"), Some(HISTORIAN_ID));
+    assert_eq!(identify("192.168.7.9"), Some(HISTORIAN_ID));
+    assert_eq!(identify("::ffff:10.50.0.1"), Some(ACME_ID));
+    assert_eq!(identify("8.8.8.8"), None);
+}
+
+#[test]
+fn plans_carry_compiled_configuration() {
+    let policy = policy();
+    assert_eq!(&**policy.gateway_name(), "edge-01");
+    assert_eq!(policy.timezone().iana_name(), Some("Europe/Brussels"));
+
+    let scada = &policy.listeners()[0];
+    assert_eq!(scada.routes.device_for(1), Some(PRESS));
+    assert_eq!(scada.routes.device_for(2), Some(OVEN));
+    assert_eq!(scada.routes.device_for(3), None);
+    let direct = &policy.listeners()[1];
+    assert_eq!(direct.routes, Routes::Device(OVEN));
+    assert_eq!(direct.routes.device_for(200), Some(OVEN));
+    assert_eq!((direct.mode, direct.on_deny), (Mode::Monitor, OnDeny::Drop));
+
+    assert_eq!(policy.devices()[OVEN].unit, 2);
+    let mode = &policy.states()[MODE];
+    assert_eq!(mode.device, PRESS);
+    assert_eq!(mode.max_age, Duration::from_millis(1500));
+    let names: Vec<&str> = mode.value_names.iter().map(|name| &**name).collect();
+    assert_eq!(names, ["production", "maintenance"]);
+    assert_eq!(mode.value_of(0), Some(0));
+    assert_eq!(mode.value_of(5), Some(1));
+    assert_eq!(mode.value_of(10), None);
+
+    assert_eq!(&**policy.vendor_name(HISTORIAN_ID), "historian");
+    assert_eq!(&**policy.vendor_name(9), "unknown");
+    assert_eq!(policy.vendor_max_sessions(ACME_ID), Some(4));
+    assert_eq!(policy.vendor_max_sessions(HISTORIAN_ID), None);
+    assert_eq!(
+        policy.rule_label(RuleRef {
+            vendor: 1,
+            index: 1
+        }),
+        "historian.toml#2"
+    );
+    assert_eq!(
+        policy.rule_label(RuleRef {
+            vendor: 1,
+            index: 2
+        }),
+        "unknown"
+    );
+    assert_eq!(policy.files().len(), 3);
+    assert_eq!(policy.audit().sync, AuditSync::Batch);
+}
+
+#[test]
+fn load_returns_configuration_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("gateway.toml"), "[gateway]\nname = 5\n").unwrap();
+    let error = Policy::load(&dir.path().join("gateway.toml")).unwrap_err();
+    assert_eq!(error.errors.len(), 1);
+    assert_eq!((error.errors[0].line, error.errors[0].column), (2, 8));
+    assert_eq!(
+        error.errors[0].message,
+        "invalid type: integer `5`, expected a string"
+    );
+}
+
+fn built_config(vendors: Vec<VendorConfig>) -> Config {
+    let device = DeviceConfig::new("press-1", "127.0.0.1:5021".parse().unwrap());
+    Config {
+        gateway: GatewayConfig {
+            name: "built".into(),
+            timezone: jiff::tz::TimeZone::UTC,
+            rules_dir: "rules".into(),
+        },
+        listeners: vec![ListenerConfig {
+            name: "north".into(),
+            bind: "127.0.0.1:5020".parse().unwrap(),
+            mode: Mode::Enforce,
+            on_deny: OnDeny::Exception,
+            target: config::ListenerTarget::Device("press-1".into()),
+            limits: ListenerLimits::default(),
+            origin: Default::default(),
+        }],
+        devices: vec![device],
+        states: Vec::new(),
+        audit: AuditConfig {
+            path: "audit".into(),
+            sync: AuditSync::Batch,
+        },
+        vendors,
+        files: Vec::new(),
+    }
+}
+
+fn built_vendor(name: &str, source: &str, rules: Vec<RuleConfig>) -> VendorConfig {
+    VendorConfig {
+        name: name.into(),
+        file_name: format!("{name}.toml"),
+        sources: vec![source.parse().unwrap()],
+        max_sessions: None,
+        certificate_matchers: false,
+        rules,
+        origin: Default::default(),
+    }
+}
+
+#[test]
+fn compile_accepts_configuration_built_in_code() {
+    let mut rule = RuleConfig::new("press-1", &[3]);
+    rule.addresses = vec![Range16::new(0, 9)];
+    let config = built_config(vec![built_vendor("acme", "10.0.0.0/8", vec![rule])]);
+    let (policy, warnings) = Policy::compile(&config).unwrap();
+    assert_eq!(warnings, []);
+    let clock = Clock::new();
+    let context = clock.context("10.1.1.1", MONDAY_MORNING);
+    assert_eq!(
+        policy.decide(0, 0, &read(3, 0, 10), &context),
+        allowed(0, 0)
+    );
+    assert_eq!(
+        policy.decide(0, 0, &read(3, 0, 11), &context),
+        denied(DenyReason::AddressNotAllowed { address: 10 })
+    );
+}
+
+#[test]
+fn compile_rejects_dangling_names_and_overlaps() {
+    let rule = RuleConfig::new("press-9", &[3]);
+    let config = built_config(vec![
+        built_vendor("acme", "10.0.0.0/8", vec![rule]),
+        built_vendor("beta", "10.1.0.0/16", Vec::new()),
+    ]);
+    let error = Policy::compile(&config).unwrap_err();
+    let messages: Vec<&str> = error.errors.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(
+        messages,
+        [
+            "unknown device \"press-9\"",
+            "vendor \"beta\": source 10.1.0.0/16 overlaps 10.0.0.0/8 of vendor \"acme\"",
+        ]
+    );
+}
