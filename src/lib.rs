@@ -9,3 +9,5 @@ pub mod identity;
 pub mod modbus;
 pub mod policy;
 pub mod state;
+pub mod audit;
+pub mod metrics;
