@@ -1,6 +1,7 @@
 //! Criterion benchmarks of `Policy::decide` on synthetic configurations of
-//! 10, 1,000 and 10,000 rules, for allowed and denied requests, and for a
-//! rule with a state and a schedule condition.
+//! 10, 1,000 and 10,000 rules, for allowed and denied requests. Two more
+//! cases decide a rule with a state and a schedule condition, alone and with
+//! rate limits on the rule and its vendor among 10,000 rules.
 //!
 //! Every vendor and device pair has 10 read rules of 100 addresses each, so
 //! each decision searches 10 candidate rules. More rules means more vendors
@@ -8,13 +9,13 @@
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use sluice::config::{
     AuditConfig, AuditSync, Config, DeviceConfig, GatewayConfig, ListenerConfig, ListenerLimits,
-    ListenerTarget, Mode, OnDeny, Origin, Range16, RuleConfig, StateConfig, StateKind,
-    StateValueConfig, VendorConfig, WeeklyWindow,
+    ListenerTarget, Mode, OnDeny, Origin, Range16, Rate, RateConfig, RuleConfig, StateConfig,
+    StateKind, StateValueConfig, VendorConfig, WeeklyWindow,
 };
 use sluice::policy::{Context, Decision, ModbusAccess, Policy, StateTable, WrittenValues};
 
@@ -82,6 +83,7 @@ fn config_with_rules(rules: usize) -> Config {
             sources: vec![vendor_source(vendor)],
             max_sessions: None,
             certificate_matchers: false,
+            rate: None,
             rules: vendor_rules,
             origin: Origin::unknown(),
         });
@@ -89,17 +91,16 @@ fn config_with_rules(rules: usize) -> Config {
     config
 }
 
-/// Builds a configuration whose one rule needs a state value and a
-/// schedule.
-fn config_with_conditions() -> Config {
-    let mut config = base_config(1);
-    config.states.push(StateConfig {
+/// Returns the press mode state, read from holding register 900 of `device-0`. Its
+/// readings stay fresh for a day, so that benchmarks may move the clock.
+fn mode_state() -> StateConfig {
+    StateConfig {
         name: "mode".into(),
         device: "device-0".into(),
         kind: StateKind::HoldingRegister,
         address: 900,
-        poll: std::time::Duration::from_millis(500),
-        max_age: std::time::Duration::from_millis(1500),
+        poll: Duration::from_millis(500),
+        max_age: Duration::from_secs(86_400),
         values: vec![
             StateValueConfig {
                 raw: Range16::new(0, 0),
@@ -111,25 +112,61 @@ fn config_with_conditions() -> Config {
             },
         ],
         origin: Origin::unknown(),
-    });
-    let mut rule = RuleConfig::new("device-0", &[WRITE_SINGLE_REGISTER]);
+    }
+}
+
+/// Returns a write rule for `device` that needs the mode to be maintenance and a
+/// weekday morning.
+fn conditional_write(device: usize) -> RuleConfig {
+    let mut rule = RuleConfig::new(&format!("device-{device}"), &[WRITE_SINGLE_REGISTER]);
     rule.addresses = vec![Range16::new(100, 119)];
     rule.values = Some(vec![Range16::new(0, 5000)]);
     rule.when.state = vec![("mode".into(), "maintenance".into())];
-    rule.when.schedule = vec![WeeklyWindow {
+    rule.when.schedule = Some(vec![WeeklyWindow {
         days: 0b001_1111,
         start: 7 * 60,
         end: 17 * 60,
-    }];
+    }]);
+    rule
+}
+
+/// Builds a configuration whose one rule needs a state value and a
+/// schedule.
+fn config_with_conditions() -> Config {
+    let mut config = base_config(1);
+    config.states.push(mode_state());
     config.vendors.push(VendorConfig {
         name: "vendor-0".into(),
         file_name: "vendor-0.toml".into(),
         sources: vec![vendor_source(0)],
         max_sessions: None,
         certificate_matchers: false,
-        rules: vec![rule],
+        rate: None,
+        rules: vec![conditional_write(0)],
         origin: Origin::unknown(),
     });
+    config
+}
+
+/// The rate every bucket of the rate-limited case allows: the benchmark
+/// moves the clock one refill interval per decision, so no bucket runs dry.
+const BENCH_RATE: u64 = 100_000;
+
+/// Builds 10,000 rules plus, for one vendor and device, the conditional
+/// write rule with a rate limit, and a rate limit on that vendor.
+fn config_with_rates(vendor: usize, device: usize) -> Config {
+    let mut config = config_with_rules(10_000);
+    config.states.push(mode_state());
+    let limit = RateConfig {
+        requests_per_second: Some(Rate::per_second(BENCH_RATE)),
+        writes_per_second: Some(Rate::per_second(BENCH_RATE)),
+        burst: Some(10),
+    };
+    let mut rule = conditional_write(device);
+    rule.rate = Some(limit);
+    let chosen = &mut config.vendors[vendor];
+    chosen.rate = Some(limit);
+    chosen.rules.push(rule);
     config
 }
 
@@ -226,5 +263,50 @@ fn bench_conditions(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_rule_counts, bench_conditions);
+fn bench_rates(c: &mut Criterion) {
+    let (vendor, device) = (50, 5);
+    let (policy, _) = Policy::compile(&config_with_rates(vendor, device)).unwrap();
+    let states = StateTable::new(1);
+    let start = Instant::now();
+    states.set(0, Some(1), start);
+    let write = ModbusAccess {
+        unit: 1,
+        function: WRITE_SINGLE_REGISTER,
+        read: None,
+        write: Some((105, 1)),
+        values: WrittenValues::Register(4000),
+        quantity: None,
+        sub_function: None,
+        mei_type: None,
+    };
+    let step = Duration::from_nanos(1_000_000_000 / BENCH_RATE);
+    let now: jiff::Timestamp = MONDAY_MORNING.parse().unwrap();
+    let context_at = |instant| Context {
+        source: IpAddr::V4(Ipv4Addr::new(10, 0, vendor as u8, 1)),
+        now,
+        instant,
+        states: &states,
+    };
+    assert!(matches!(
+        policy.decide(vendor, device, &write, &context_at(start)),
+        Decision::Allow { .. }
+    ));
+
+    let mut instant = start;
+    c.bench_function("decide/allow_with_rate_state_and_schedule/10000", |b| {
+        b.iter(|| {
+            instant += step;
+            let decision = policy.decide(
+                black_box(vendor),
+                black_box(device),
+                black_box(&write),
+                &context_at(instant),
+            );
+            debug_assert!(matches!(decision, Decision::Allow { .. }));
+            decision
+        })
+    });
+}
+
+criterion_group!(benches, bench_rule_counts, bench_conditions, bench_rates);
 criterion_main!(benches);

@@ -1,13 +1,13 @@
 //! sluice: a protocol-aware OT security gateway. The binary in `main.rs` is a
 //! thin command line over these parts; `DESIGN.md` describes how they fit.
 
+pub mod audit;
 pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod events;
 pub mod identity;
+pub mod metrics;
 pub mod modbus;
 pub mod policy;
 pub mod state;
-pub mod audit;
-pub mod metrics;

@@ -39,6 +39,11 @@ enum Command {
     Check {
         #[arg(long, default_value = "/etc/sluice/gateway.toml")]
         config: PathBuf,
+        /// Explain the decision on one request of a valid configuration, given
+        /// as KEY=VALUE words: vendor, device, function, address, quantity,
+        /// value, unit, sub_function, mei_type, source, time, state.NAME.
+        #[arg(long, value_name = "QUERY")]
+        explain: Option<String>,
     },
     /// Run a simulated PLC and the gateway with the example configuration on loopback.
     Demo,
@@ -69,7 +74,7 @@ fn main() -> ExitCode {
     init_tracing();
 
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check { config, explain } => check(&config, explain.as_deref()),
         Command::Run { config } => run_async(run(config)),
         Command::Demo => run_async(sluice::demo::run()),
         Command::PlcSim { bind, log } => run_async(plc_sim(bind, log)),
@@ -97,8 +102,16 @@ fn run_async<F: std::future::Future<Output = ExitCode>>(future: F) -> ExitCode {
     }
 }
 
-fn check(config: &std::path::Path) -> ExitCode {
+fn check(config: &std::path::Path, explain: Option<&str>) -> ExitCode {
     match sluice::policy::Policy::load(config) {
+        // The decision comes first on standard output, so warnings go to
+        // standard error when explaining.
+        Ok((policy, warnings)) if explain.is_some() => {
+            for warning in &warnings {
+                eprintln!("{warning}");
+            }
+            explain_query(&policy, explain.unwrap_or_default())
+        }
         Ok((_, warnings)) => {
             for warning in &warnings {
                 println!("{warning}");
@@ -114,6 +127,21 @@ fn check(config: &std::path::Path) -> ExitCode {
                 println!("{warning}");
             }
             ExitCode::from(EXIT_INVALID)
+        }
+    }
+}
+
+/// Prints the decision on one request; the exit status stays that of
+/// `check`, except for a query that cannot be parsed.
+fn explain_query(policy: &sluice::policy::Policy, query: &str) -> ExitCode {
+    match sluice::policy::ExplainQuery::parse(policy, query) {
+        Ok(query) => {
+            print!("{}", policy.explain(&query));
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: --explain: {error}");
+            ExitCode::from(EXIT_USAGE)
         }
     }
 }

@@ -1,13 +1,77 @@
 //! Property tests of the policy's matching structures against plain
-//! reference implementations: address interval sets and source networks.
+//! reference implementations: address interval sets, source networks and
+//! rate limits.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use proptest::prelude::*;
-use sluice::config::Range16;
+use sluice::config::{
+    AuditConfig, AuditSync, Config, DeviceConfig, GatewayConfig, Origin, Range16, Rate, RateConfig,
+    RuleConfig, VendorConfig,
+};
 use sluice::identity::{SourceIndex, SourceSet};
-use sluice::policy::IntervalSet;
+use sluice::policy::{
+    Context, Decision, IntervalSet, ModbusAccess, Policy, StateTable, WrittenValues,
+};
+
+/// Compiles one vendor with a request rate limit and one read rule.
+fn rate_limited_policy(per_second: u64, burst: u32) -> Policy {
+    let mut rule = RuleConfig::new("press-1", &[3]);
+    rule.addresses = vec![Range16::new(0, 9)];
+    let config = Config {
+        gateway: GatewayConfig {
+            name: "props".into(),
+            timezone: jiff::tz::TimeZone::UTC,
+            rules_dir: "rules".into(),
+        },
+        listeners: Vec::new(),
+        devices: vec![DeviceConfig::new(
+            "press-1",
+            "127.0.0.1:5021".parse().unwrap(),
+        )],
+        states: Vec::new(),
+        audit: AuditConfig {
+            path: "audit".into(),
+            sync: AuditSync::Batch,
+        },
+        vendors: vec![VendorConfig {
+            name: "acme".into(),
+            file_name: "acme.toml".into(),
+            sources: vec!["10.0.0.0/8".parse().unwrap()],
+            max_sessions: None,
+            certificate_matchers: false,
+            rate: Some(RateConfig {
+                requests_per_second: Some(Rate::per_second(per_second)),
+                writes_per_second: None,
+                burst: Some(burst),
+            }),
+            rules: vec![rule],
+            origin: Origin::unknown(),
+        }],
+        files: Vec::new(),
+    };
+    Policy::compile(&config).unwrap().0
+}
+
+/// Returns which requests a token bucket allows, counted in nanoseconds of
+/// credit: a request costs one interval, and credit grows with time up to
+/// `burst` intervals.
+fn reference_allowed(interval: u64, burst: u64, gaps: &[u64]) -> Vec<bool> {
+    let capacity = interval * burst;
+    let mut credit = capacity;
+    gaps.iter()
+        .map(|gap| {
+            credit = (credit + gap).min(capacity);
+            let allowed = credit >= interval;
+            if allowed {
+                credit -= interval;
+            }
+            allowed
+        })
+        .collect()
+}
 
 /// Ranges over a small value space, so that random ranges overlap, touch and
 /// leave gaps often.
@@ -121,6 +185,40 @@ proptest! {
         for address in addresses {
             let expected = nets.iter().any(|net| net.contains(&address));
             prop_assert_eq!(set.contains(address), expected);
+        }
+    }
+
+    #[test]
+    fn vendor_rate_matches_reference_bucket(
+        per_second in prop::sample::select(vec![1u64, 2, 4, 5, 10, 20, 50, 100, 1000]),
+        burst in 1u32..20,
+        gaps in prop::collection::vec(0u64..50_000_000, 1..200),
+    ) {
+        let policy = rate_limited_policy(per_second, burst);
+        let states = StateTable::new(0);
+        let read = ModbusAccess {
+            unit: 1,
+            function: 3,
+            read: Some((0, 1)),
+            write: None,
+            values: WrittenValues::None,
+            quantity: Some(1),
+            sub_function: None,
+            mei_type: None,
+        };
+        let interval = 1_000_000_000 / per_second;
+        let expected = reference_allowed(interval, u64::from(burst), &gaps);
+        let mut instant = Instant::now() + Duration::from_secs(1);
+        for (gap, expected) in gaps.iter().zip(expected) {
+            instant += Duration::from_nanos(*gap);
+            let context = Context {
+                source: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+                now: jiff::Timestamp::UNIX_EPOCH,
+                instant,
+                states: &states,
+            };
+            let allowed = matches!(policy.decide(0, 0, &read, &context), Decision::Allow { .. });
+            prop_assert_eq!(allowed, expected);
         }
     }
 }

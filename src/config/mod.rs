@@ -196,8 +196,51 @@ pub struct VendorConfig {
     /// True when the vendor names certificate matchers. Such a vendor is
     /// identified only on TLS listeners, never by source address.
     pub certificate_matchers: bool,
+    /// Limits on every request of this vendor, decided or denied.
+    pub rate: Option<RateConfig>,
     pub rules: Vec<RuleConfig>,
     pub origin: Origin,
+}
+
+/// A request rate in thousandths of a request per second, so that limits
+/// below one request per second can be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Rate {
+    pub millis_per_second: u64,
+}
+
+impl Rate {
+    /// Returns a rate of `n` requests per second.
+    pub fn per_second(n: u64) -> Self {
+        Rate {
+            millis_per_second: n * 1000,
+        }
+    }
+}
+
+impl std::fmt::Display for Rate {
+    /// Writes the rate in requests per second, with up to three decimals.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let whole = self.millis_per_second / 1000;
+        let fraction = self.millis_per_second % 1000;
+        if fraction == 0 {
+            return write!(f, "{whole}");
+        }
+        let digits = format!("{fraction:03}");
+        write!(f, "{whole}.{}", digits.trim_end_matches('0'))
+    }
+}
+
+/// Token bucket limits of a vendor or a rule. Each present rate is its own
+/// bucket; writes count against both buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateConfig {
+    pub requests_per_second: Option<Rate>,
+    /// Limit on requests of the writing functions 5, 6, 15, 16, 21, 22, 23.
+    pub writes_per_second: Option<Rate>,
+    /// Requests a full bucket allows at once; `None` means one second's
+    /// worth of each bucket's rate, at least 1.
+    pub burst: Option<u32>,
 }
 
 /// An inclusive range of 16-bit values: addresses, register values,
@@ -247,10 +290,12 @@ pub struct DatedWindow {
 pub struct WhenConfig {
     /// State name and the value it must have.
     pub state: Vec<(String, String)>,
-    /// Any one of these must contain the current time, when not empty.
-    pub schedule: Vec<WeeklyWindow>,
-    /// Any one of these must contain the current time, when not empty.
-    pub window: Vec<DatedWindow>,
+    /// Any one of these must contain the current time, when set. An empty
+    /// list never matches.
+    pub schedule: Option<Vec<WeeklyWindow>>,
+    /// Any one of these must contain the current time, when set. An empty
+    /// list never matches.
+    pub window: Option<Vec<DatedWindow>>,
     /// The client's source address must be in one of these, when set.
     pub sources: Option<Vec<IpNet>>,
 }
@@ -274,6 +319,8 @@ pub struct RuleConfig {
     /// Allowed quantity of read or written items per request.
     pub quantity: Option<Range16>,
     pub when: WhenConfig,
+    /// Limits on the requests this rule allows.
+    pub rate: Option<RateConfig>,
     pub origin: Origin,
 }
 
@@ -289,6 +336,7 @@ impl RuleConfig {
             mei_types: None,
             quantity: None,
             when: WhenConfig::default(),
+            rate: None,
             origin: Origin::unknown(),
         }
     }

@@ -118,6 +118,15 @@ pub(super) struct VendorSection {
     pub modbus_role: Option<Vec<Spanned<String>>>,
     pub opcua_users: Option<Spanned<toml::Value>>,
     pub opcua_user_certificates: Option<Spanned<toml::Value>>,
+    pub rate: Option<Spanned<RateSection>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RateSection {
+    pub requests_per_second: Option<Spanned<f64>>,
+    pub writes_per_second: Option<Spanned<f64>>,
+    pub burst: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +140,7 @@ pub(super) struct AllowSection {
     pub mei_types: Option<Vec<Spanned<i64>>>,
     pub quantity: Option<Spanned<Scalar>>,
     pub when: Option<WhenSection>,
+    pub rate: Option<Spanned<RateSection>>,
     pub services: Option<Spanned<toml::Value>>,
     pub nodes: Option<Spanned<toml::Value>>,
 }

@@ -13,12 +13,19 @@ use super::diagnostic::{Origin, Report, SourceText};
 use super::gateway::{known_list, parse_toml, Checker, LoadedGateway};
 use super::raw::{self, Scalar, ScalarList};
 use super::syntax;
-use super::{Range16, RuleConfig, VendorConfig, WhenConfig};
+use super::{Range16, Rate, RateConfig, RuleConfig, VendorConfig, WhenConfig};
 
 /// Functions that read or write a Modbus table, and so need `addresses`.
 const ADDRESSED_FUNCTIONS: [u8; 11] = [1, 2, 3, 4, 5, 6, 15, 16, 22, 23, 24];
 /// Functions that write values a rule's `values` can limit.
 const VALUE_WRITING_FUNCTIONS: [u8; 6] = [5, 6, 15, 16, 22, 23];
+/// Functions that write, which `writes_per_second` limits.
+pub(crate) const WRITE_FUNCTIONS: [u8; 7] = [5, 6, 15, 16, 21, 22, 23];
+/// Largest rate a limit may set, in requests per second; a Modbus device
+/// handles far fewer.
+const MAX_RATE: f64 = 100_000.0;
+/// Largest burst a limit may set.
+const MAX_BURST: i64 = 1_000_000;
 /// Diagnostics (FC 8) and encapsulated interface transport (FC 43).
 const DIAGNOSTICS: u8 = 8;
 const ENCAPSULATED_INTERFACE: u8 = 43;
@@ -178,6 +185,13 @@ fn report_overlaps(sources: &mut [SourceEntry], vendors: &[VendorConfig], report
     }
 }
 
+/// Returns whether two networks share an address.
+fn nets_overlap(a: &IpNet, b: &IpNet) -> bool {
+    let (a_v6, a_start, a_end) = net_bounds(a);
+    let (b_v6, b_start, b_end) = net_bounds(b);
+    a_v6 == b_v6 && a_start <= b_end && b_start <= a_end
+}
+
 /// Parses a CIDR network, or a single address as a host network.
 fn parse_net(text: &str) -> Option<IpNet> {
     text.parse::<IpNet>()
@@ -237,6 +251,8 @@ impl RuleChecker<'_> {
             );
         }
 
+        let rate = self.rate("vendor.rate", section.rate.as_ref());
+
         let rules = file
             .allow
             .iter()
@@ -255,6 +271,7 @@ impl RuleChecker<'_> {
             sources,
             max_sessions,
             certificate_matchers,
+            rate,
             rules,
             origin: self.checker.at(&section.name),
         }
@@ -332,7 +349,8 @@ impl RuleChecker<'_> {
                 .map(Some),
             None => Some(None),
         };
-        let when = self.when(key, allow.when.as_ref(), vendor_sources);
+        let when = self.when(key, allow, vendor_sources);
+        let rate = self.rate(&format!("{key}.rate"), allow.rate.as_ref());
 
         let rule = RuleConfig {
             device: allow.device.get_ref().clone(),
@@ -343,6 +361,7 @@ impl RuleChecker<'_> {
             mei_types: mei_types?.map(|list| list.into_iter().map(|n| n as u8).collect()),
             quantity: quantity?,
             when: when?,
+            rate,
             origin: self.checker.at(&allow.device),
         };
         if !device_ok {
@@ -457,27 +476,45 @@ impl RuleChecker<'_> {
     fn when(
         &mut self,
         key: &str,
-        section: Option<&raw::WhenSection>,
+        allow: &raw::AllowSection,
         vendor_sources: &[IpNet],
     ) -> Option<WhenConfig> {
-        let Some(section) = section else {
+        let Some(section) = allow.when.as_ref() else {
             return Some(WhenConfig::default());
         };
         let key = format!("{key}.when");
         let state = self.when_state(&key, section.state.as_ref());
-        let schedule = self.when_schedule(&key, section.schedule.as_deref());
-        let window = self.when_window(&key, section.window.as_deref());
+        let schedule = section
+            .schedule
+            .as_deref()
+            .map(|written| self.when_schedule(&key, written, &allow.device));
+        let window = section
+            .window
+            .as_deref()
+            .map(|written| self.when_window(&key, written, &allow.device));
         let sources = section.sources.as_ref().map(|written| {
             let nets = self.networks(&format!("{key}.sources"), written);
+            if written.is_empty() {
+                self.warn_empty(&format!("{key}.sources"), "network", &allow.device);
+            }
             self.warn_outside_vendor(&key, written, &nets, vendor_sources);
             nets
         });
         Some(WhenConfig {
             state: state?,
-            schedule: schedule?,
-            window: window?,
+            schedule: schedule.map_or(Some(None), |parsed| parsed.map(Some))?,
+            window: window.map_or(Some(None), |parsed| parsed.map(Some))?,
             sources,
         })
+    }
+
+    /// Warns about a `when` list written empty: no time or source is in it,
+    /// so the rule never matches.
+    fn warn_empty(&mut self, key: &str, item: &str, rule_at: &Spanned<String>) {
+        self.checker.warning(
+            rule_at,
+            format!("{key}: empty, so the rule never matches; list at least one {item} or remove the key"),
+        );
     }
 
     fn when_state(
@@ -530,11 +567,15 @@ impl RuleChecker<'_> {
     fn when_schedule(
         &mut self,
         key: &str,
-        written: Option<&[Spanned<String>]>,
+        written: &[Spanned<String>],
+        rule_at: &Spanned<String>,
     ) -> Option<Vec<super::WeeklyWindow>> {
+        if written.is_empty() {
+            self.warn_empty(&format!("{key}.schedule"), "weekly window", rule_at);
+        }
         let mut windows = Vec::new();
         let mut ok = true;
-        for (index, text) in written.unwrap_or_default().iter().enumerate() {
+        for (index, text) in written.iter().enumerate() {
             match syntax::parse_weekly(text.get_ref()) {
                 Ok(window) => windows.push(window),
                 Err(problem) => {
@@ -547,27 +588,28 @@ impl RuleChecker<'_> {
         ok.then_some(windows)
     }
 
+    /// Parses dated windows. A window that has ended is reported; when every
+    /// window has ended, one warning reports that the rule never matches.
     fn when_window(
         &mut self,
         key: &str,
-        written: Option<&[Spanned<String>]>,
+        written: &[Spanned<String>],
+        rule_at: &Spanned<String>,
     ) -> Option<Vec<super::DatedWindow>> {
+        if written.is_empty() {
+            self.warn_empty(&format!("{key}.window"), "dated window", rule_at);
+        }
         let mut windows = Vec::new();
+        let mut past = Vec::new();
         let mut ok = true;
         let timezone = &self.gateway.gateway.timezone;
-        for (index, text) in written.unwrap_or_default().iter().enumerate() {
+        for (index, text) in written.iter().enumerate() {
             let entry_key = format!("{key}.window[{}]", index + 1);
             match syntax::parse_dated(text.get_ref()) {
                 Ok(window) => {
                     let end = timezone.to_ambiguous_timestamp(window.end).later();
                     if end.is_ok_and(|end| end <= self.now) {
-                        self.checker.warning(
-                            text,
-                            format!(
-                                "{entry_key}: \"{}\" is entirely in the past, so it never matches; remove it or correct the dates",
-                                text.get_ref()
-                            ),
-                        );
+                        past.push((entry_key, text));
                     }
                     windows.push(window);
                 }
@@ -577,11 +619,30 @@ impl RuleChecker<'_> {
                 }
             }
         }
+        if ok && !past.is_empty() && past.len() == written.len() {
+            self.checker.warning(
+                past[0].1,
+                format!(
+                    "{key}.window: every window is in the past, so the rule never matches; remove the rule or correct the dates"
+                ),
+            );
+        } else {
+            for (entry_key, text) in past {
+                self.checker.warning(
+                    text,
+                    format!(
+                        "{entry_key}: \"{}\" is entirely in the past, so it never matches; remove it or correct the dates",
+                        text.get_ref()
+                    ),
+                );
+            }
+        }
         ok.then_some(windows)
     }
 
     /// Warns about rule networks that share no address with the vendor's own
-    /// sources: a connection from there is never this vendor's.
+    /// sources: a connection from there is never this vendor's. When no
+    /// network overlaps, one warning reports that the rule never matches.
     fn warn_outside_vendor(
         &mut self,
         key: &str,
@@ -589,24 +650,94 @@ impl RuleChecker<'_> {
         nets: &[IpNet],
         vendor_sources: &[IpNet],
     ) {
-        if vendor_sources.is_empty() {
+        if vendor_sources.is_empty() || nets.is_empty() {
             return;
         }
-        for (net, text) in nets.iter().zip(written) {
-            let overlaps = vendor_sources.iter().any(|source| {
-                let (a_v6, a_start, a_end) = net_bounds(net);
-                let (b_v6, b_start, b_end) = net_bounds(source);
-                a_v6 == b_v6 && a_start <= b_end && b_start <= a_end
-            });
-            if !overlaps {
-                self.checker.warning(
-                    text,
-                    format!(
-                        "{key}.sources: {net} is outside every vendor source, so it never matches; list a network inside vendor.sources"
-                    ),
-                );
-            }
+        let outside: Vec<(&IpNet, &Spanned<String>)> = nets
+            .iter()
+            .zip(written)
+            .filter(|(net, _)| {
+                !vendor_sources
+                    .iter()
+                    .any(|source| nets_overlap(net, source))
+            })
+            .collect();
+        if outside.len() == nets.len() && nets.len() == written.len() {
+            self.checker.warning(
+                outside[0].1,
+                format!(
+                    "{key}.sources: no network overlaps vendor.sources, so the rule never matches; list a network inside vendor.sources"
+                ),
+            );
+            return;
         }
+        for (net, text) in outside {
+            self.checker.warning(
+                text,
+                format!(
+                    "{key}.sources: {net} is outside every vendor source, so it never matches; list a network inside vendor.sources"
+                ),
+            );
+        }
+    }
+
+    /// Checks a `rate` table; `None` when it has an invalid value.
+    fn rate(
+        &mut self,
+        key: &str,
+        written: Option<&Spanned<raw::RateSection>>,
+    ) -> Option<RateConfig> {
+        let written = written?;
+        let section = written.get_ref();
+        let requests = self.rate_value(
+            &format!("{key}.requests_per_second"),
+            section.requests_per_second.as_ref(),
+        );
+        let writes = self.rate_value(
+            &format!("{key}.writes_per_second"),
+            section.writes_per_second.as_ref(),
+        );
+        let burst = match &section.burst {
+            Some(value) => Some(self.checker.integer(
+                &format!("{key}.burst"),
+                Some(value),
+                1,
+                (1, MAX_BURST),
+            )? as u32),
+            None => None,
+        };
+        let (requests, writes) = (requests?, writes?);
+        if requests.is_none() && writes.is_none() {
+            self.checker.warning(
+                written,
+                format!("{key}: neither requests_per_second nor writes_per_second is set, so it limits nothing; set one or remove the key"),
+            );
+            return None;
+        }
+        Some(RateConfig {
+            requests_per_second: requests,
+            writes_per_second: writes,
+            burst,
+        })
+    }
+
+    /// Checks one rate; `Some(None)` when the key is missing.
+    fn rate_value(&mut self, key: &str, written: Option<&Spanned<f64>>) -> Option<Option<Rate>> {
+        let Some(written) = written else {
+            return Some(None);
+        };
+        let value = *written.get_ref();
+        let millis = (value * 1000.0).round();
+        if !(value.is_finite() && (1.0..=MAX_RATE * 1000.0).contains(&millis)) {
+            self.checker.error(
+                written,
+                format!("{key}: {value} outside 0.001..={MAX_RATE}; set a rate in requests per second, such as 50 or 0.5"),
+            );
+            return None;
+        }
+        Some(Some(Rate {
+            millis_per_second: millis as u64,
+        }))
     }
 
     fn warn_unmatchable(&mut self, key: &str, allow: &raw::AllowSection, rule: &RuleConfig) {
@@ -645,6 +776,25 @@ impl RuleChecker<'_> {
                     format!(
                         "{key}.addresses: missing, so {} never match; list the allowed addresses, as [\"0-999\"]",
                         addressed.join(", ")
+                    ),
+                );
+            }
+        }
+        let writes_limited = rule
+            .rate
+            .is_some_and(|rate| rate.writes_per_second.is_some());
+        if writes_limited
+            && !rule
+                .functions
+                .iter()
+                .any(|code| WRITE_FUNCTIONS.contains(code))
+        {
+            if let Some(rate) = &allow.rate {
+                self.checker.warning(
+                    rate,
+                    format!(
+                        "{key}.rate.writes_per_second: none of the functions ({}) writes, so the limit has no effect; remove it",
+                        names.join(", ")
                     ),
                 );
             }

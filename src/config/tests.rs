@@ -517,7 +517,7 @@ fn problems_of_every_file_are_reported_together() {
         [
             "gateway.toml:6:8: listener[1].bind: invalid socket address \"localhost\"; use IP:PORT, such as \"127.0.0.1:5020\"",
             "rules/beta.toml:3:26: unclosed array, expected `]`",
-            "rules/gamma.toml:3:1: unknown field `source`, expected one of `name`, `sources`, `max_sessions`, `certificate_cn`, `certificate_san`, `certificate_sha256`, `modbus_role`, `opcua_users`, `opcua_user_certificates`",
+            "rules/gamma.toml:3:1: unknown field `source`, expected one of `name`, `sources`, `max_sessions`, `certificate_cn`, `certificate_san`, `certificate_sha256`, `modbus_role`, `opcua_users`, `opcua_user_certificates`, `rate`",
         ]
     );
 }
@@ -593,8 +593,8 @@ mei_types = [14]
         [
             "rules/acme.toml:3:12: vendor.sources[1]: \"10.50.1.0/16\" has host bits set and means 10.50.0.0/16; write 10.50.0.0/16 to make that explicit",
             "rules/acme.toml:9:10: allow[1].values: none of the functions (read_holding_registers) writes values, so the key has no effect; remove it",
-            "rules/acme.toml:14:16: allow[2].when.window[1]: \"2001-01-01T08:00/2001-01-01T12:00\" is entirely in the past, so it never matches; remove it or correct the dates",
-            "rules/acme.toml:15:17: allow[2].when.sources: 192.168.0.0/24 is outside every vendor source, so it never matches; list a network inside vendor.sources",
+            "rules/acme.toml:14:16: allow[2].when.window: every window is in the past, so the rule never matches; remove the rule or correct the dates",
+            "rules/acme.toml:15:17: allow[2].when.sources: no network overlaps vendor.sources, so the rule never matches; list a network inside vendor.sources",
             "rules/acme.toml:12:10: allow[2].addresses: missing, so read_coils never match; list the allowed addresses, as [\"0-999\"]",
             "rules/acme.toml:21:18: allow[3].sub_functions: the rule does not allow diagnostics (8), so the key has no effect",
             "rules/acme.toml:22:14: allow[3].mei_types: the rule does not allow encapsulated_interface_transport (43), so the key has no effect",
@@ -639,8 +639,8 @@ when.window = ["2030-12-10T08:00/2030-12-10T12:00"]
     assert_eq!(rule.quantity, Some(Range16::new(1, 10)));
     assert_eq!(rule.sub_functions, Some(vec![0, 1]));
     assert_eq!(rule.mei_types, Some(vec![14]));
-    assert_eq!(rule.when.schedule.len(), 2);
-    assert_eq!(rule.when.window.len(), 1);
+    assert_eq!(rule.when.schedule.as_ref().map(Vec::len), Some(2));
+    assert_eq!(rule.when.window.as_ref().map(Vec::len), Some(1));
     assert_eq!(rule.origin.line, 6);
     assert_eq!(rule.origin.column, 10);
 }
@@ -685,6 +685,152 @@ fn unsupported_protocols_and_keys_are_named() {
             "gateway.toml:15:12: device[2].protocol: \"opcua\" is not supported by this build; use \"modbus\"",
             "rules/acme.toml:4:15: vendor.opcua_users: OPC UA is not supported by this build; remove the key",
             "rules/acme.toml:10:9: allow[1].nodes: OPC UA rules are not supported by this build; remove the key",
+        ]
+    );
+}
+
+#[test]
+fn partly_unmatchable_and_empty_conditions_give_warnings() {
+    let rules = r#"[vendor]
+name = "acme"
+sources = ["10.50.0.0/16"]
+
+[[allow]]
+device = "press-1"
+functions = ["read_holding_registers"]
+addresses = "0-9"
+when.window = ["2001-01-01T08:00/2001-01-01T12:00", "2030-01-01T08:00/2030-01-01T12:00"]
+when.sources = ["10.50.1.0/24", "192.168.0.0/24"]
+
+[[allow]]
+device = "press-1"
+functions = ["read_input_registers"]
+addresses = "0-9"
+when.schedule = []
+when.window = []
+when.sources = []
+
+[[allow]]
+device = "press-1"
+functions = ["read_coils"]
+addresses = "0-9"
+rate = { writes_per_second = 5 }
+
+[[allow]]
+device = "press-1"
+functions = ["write_single_coil"]
+addresses = "0-9"
+rate = { burst = 5 }
+"#;
+    let dir = write(GATEWAY, &[("acme.toml", rules)]);
+    let (config, warnings) = load_ok(dir.path());
+    assert_eq!(
+        warnings,
+        [
+            "rules/acme.toml:9:16: allow[1].when.window[1]: \"2001-01-01T08:00/2001-01-01T12:00\" is entirely in the past, so it never matches; remove it or correct the dates",
+            "rules/acme.toml:10:33: allow[1].when.sources: 192.168.0.0/24 is outside every vendor source, so it never matches; list a network inside vendor.sources",
+            "rules/acme.toml:13:10: allow[2].when.schedule: empty, so the rule never matches; list at least one weekly window or remove the key",
+            "rules/acme.toml:13:10: allow[2].when.window: empty, so the rule never matches; list at least one dated window or remove the key",
+            "rules/acme.toml:13:10: allow[2].when.sources: empty, so the rule never matches; list at least one network or remove the key",
+            "rules/acme.toml:24:8: allow[3].rate.writes_per_second: none of the functions (read_coils) writes, so the limit has no effect; remove it",
+            "rules/acme.toml:30:8: allow[4].rate: neither requests_per_second nor writes_per_second is set, so it limits nothing; set one or remove the key",
+        ]
+    );
+    assert_eq!(config.vendors[0].rules[1].when.schedule, Some(Vec::new()));
+    assert_eq!(config.vendors[0].rules[1].when.window, Some(Vec::new()));
+    assert_eq!(config.vendors[0].rules[1].when.sources, Some(Vec::new()));
+    assert_eq!(config.vendors[0].rules[3].rate, None);
+}
+
+#[test]
+fn rate_limits_are_read_for_vendor_and_rule() {
+    let rules = r#"[vendor]
+name = "acme"
+sources = ["10.50.0.0/16"]
+rate = { requests_per_second = 50, writes_per_second = 20, burst = 10 }
+
+[[allow]]
+device = "press-1"
+functions = ["write_single_register"]
+addresses = "0-9"
+rate = { writes_per_second = 0.5 }
+"#;
+    let dir = write(GATEWAY, &[("acme.toml", rules)]);
+    let (config, warnings) = load_ok(dir.path());
+    assert_eq!(warnings, Vec::<String>::new());
+    assert_eq!(
+        config.vendors[0].rate,
+        Some(RateConfig {
+            requests_per_second: Some(Rate::per_second(50)),
+            writes_per_second: Some(Rate::per_second(20)),
+            burst: Some(10),
+        })
+    );
+    let half = Rate {
+        millis_per_second: 500,
+    };
+    assert_eq!(
+        config.vendors[0].rules[0].rate,
+        Some(RateConfig {
+            requests_per_second: None,
+            writes_per_second: Some(half),
+            burst: None,
+        })
+    );
+    assert_eq!(half.to_string(), "0.5");
+    assert_eq!(Rate::per_second(50).to_string(), "50");
+}
+
+#[test]
+fn invalid_rate_limits_are_errors() {
+    let rules = r#"[vendor]
+name = "acme"
+sources = ["10.50.0.0/16"]
+rate = { requests_per_second = 0, writes_per_second = 200000, burst = 0 }
+
+[[allow]]
+device = "press-1"
+functions = ["write_single_register"]
+addresses = "0-9"
+rate = { requests_per_second = -1 }
+"#;
+    let unknown_key =
+        "[vendor]\nname = \"beta\"\nsources = [\"10.60.0.0/16\"]\nrate = { per_minute = 5 }\n";
+    let dir = write(GATEWAY, &[("acme.toml", rules), ("beta.toml", unknown_key)]);
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        [
+            "rules/acme.toml:4:32: vendor.rate.requests_per_second: 0 outside 0.001..=100000; set a rate in requests per second, such as 50 or 0.5",
+            "rules/acme.toml:4:55: vendor.rate.writes_per_second: 200000 outside 0.001..=100000; set a rate in requests per second, such as 50 or 0.5",
+            "rules/acme.toml:4:71: vendor.rate.burst: 0 outside 1..=1000000; set a value from 1 to 1000000",
+            "rules/acme.toml:10:32: allow[1].rate.requests_per_second: -1 outside 0.001..=100000; set a rate in requests per second, such as 50 or 0.5",
+            "rules/beta.toml:4:10: unknown field `per_minute`, expected one of `requests_per_second`, `writes_per_second`, `burst`",
+        ]
+    );
+}
+
+#[test]
+fn empty_and_inverted_ranges_are_errors() {
+    let rules = r#"[vendor]
+name = "acme"
+sources = ["10.50.0.0/16"]
+
+[[allow]]
+device = "press-1"
+functions = ["write_single_register"]
+addresses = []
+values = ""
+quantity = "5-1"
+"#;
+    let dir = write(GATEWAY, &[("acme.toml", rules)]);
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        [
+            "rules/acme.toml:8:13: allow[1].addresses: empty list, so the rule never matches; list at least one range or remove the key",
+            "rules/acme.toml:9:10: allow[1].values: invalid range \"\"; write a number or FIRST-LAST, such as \"5\" or \"0-999\"",
+            "rules/acme.toml:10:12: allow[1].quantity: inverted range \"5-1\"; write the smaller number first, as \"1-5\"",
         ]
     );
 }

@@ -65,10 +65,18 @@ impl Reloader {
                 let generation = build_generation(policy, Some(&previous), &shared.emitter);
                 shared.current.store(Arc::new(generation));
                 self.files = files;
-                tracing::info!(changed = changed.len(), "configuration reloaded");
+                let closed = close_orphaned_sessions(shared);
+                tracing::info!(
+                    changed = changed.len(),
+                    closed_sessions = closed.len(),
+                    "configuration reloaded"
+                );
                 let mut event = Event::new(EventType::Config);
                 event.action = Some("reload");
-                event.detail = Some(serde_json::json!({ "changed_files": changed }));
+                event.detail = Some(serde_json::json!({
+                    "changed_files": changed,
+                    "closed_sessions": closed,
+                }));
                 emit(shared, event).await;
                 true
             }
@@ -90,6 +98,29 @@ impl Reloader {
             }
         }
     }
+}
+
+/// Closes every session whose listener is gone or whose source address no
+/// longer maps to the same vendor under the new policy; returns their ids.
+fn close_orphaned_sessions(shared: &Shared) -> Vec<u64> {
+    let generation = shared.current.load();
+    let policy = &generation.policy;
+    let mut closed = Vec::new();
+    for session in shared.sessions.list() {
+        let listener_exists = policy
+            .listeners()
+            .iter()
+            .any(|plan| plan.name == session.listener);
+        let same_vendor = policy
+            .identify(session.peer.ip())
+            .is_some_and(|vendor| policy.vendor_name(vendor) == &session.vendor);
+        if !listener_exists || !same_vendor {
+            tracing::info!(session = session.id, vendor = %session.vendor, "closing session after reload");
+            session.close.cancel();
+            closed.push(session.id);
+        }
+    }
+    closed
 }
 
 /// Listener sockets are bound once at start, so added, removed or rebound

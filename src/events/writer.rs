@@ -6,6 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -86,24 +87,54 @@ impl WriterHandle {
     }
 }
 
+/// Longest time a written batch waits for its fsync in `SyncMode::Batch`.
+pub const GROUP_COMMIT_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Starts the writer thread draining `receiver` into `sink`.
 pub fn spawn_writer(
-    mut receiver: mpsc::Receiver<Event>,
-    mut sink: Box<dyn Sink>,
+    receiver: mpsc::Receiver<Event>,
+    sink: Box<dyn Sink>,
     mode: SyncMode,
 ) -> io::Result<WriterHandle> {
+    // A current-thread runtime lets the thread wait for events and for the
+    // group-commit timer without busy polling.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()?;
     let thread = std::thread::Builder::new()
         .name("sluice-events".into())
-        .spawn(move || {
-            let mut batch = Vec::with_capacity(MAX_BATCH);
-            let mut failing = false;
-            while receiver.blocking_recv_many(&mut batch, MAX_BATCH) > 0 {
-                let result = write_durably(sink.as_mut(), &batch, mode);
-                report_write_result(&result, &mut failing, batch.len());
-                batch.clear();
-            }
-        })?;
+        .spawn(move || runtime.block_on(drain(receiver, sink, mode)))?;
     Ok(WriterHandle { thread })
+}
+
+/// Writes batches until every sender is gone. In batch mode the thread
+/// sleeps out the rest of the group-commit interval after a sync instead of
+/// listening, so emitters do not wake it for each event; what arrived
+/// meanwhile is written and synced together.
+async fn drain(mut receiver: mpsc::Receiver<Event>, mut sink: Box<dyn Sink>, mode: SyncMode) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut failing = false;
+    let mut last_sync: Option<Instant> = None;
+    loop {
+        if mode == SyncMode::Batch {
+            if let Some(synced) = last_sync {
+                tokio::time::sleep_until((synced + GROUP_COMMIT_INTERVAL).into()).await;
+            }
+        }
+        if receiver.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return;
+        }
+        while batch.len() < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(event) => batch.push(event),
+                Err(_) => break,
+            }
+        }
+        let result = write_durably(sink.as_mut(), &batch, mode);
+        last_sync = Some(Instant::now());
+        report_write_result(&result, &mut failing, batch.len());
+        batch.clear();
+    }
 }
 
 fn write_durably(sink: &mut dyn Sink, batch: &[Event], mode: SyncMode) -> io::Result<()> {

@@ -4,12 +4,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::config::{
     Config, Diagnostic, Diagnostics, ListenerTarget, Origin, RuleConfig, StateConfig, VendorConfig,
 };
 use crate::identity::{SourceIndex, SourceSet};
 
+use super::rate::{RateLimiter, RateScope};
 use super::{
     AuditPlan, CompiledRule, CompiledWhen, DevicePlan, FunctionTable, IntervalSet, ListenerPlan,
     Policy, Routes, RuleRef, StatePlan, VendorPlan,
@@ -52,6 +54,9 @@ pub(super) fn compile(config: &Config) -> Result<(Policy, Vec<Diagnostic>), Diag
         .filter_map(|state| state_plan(state, &names, &mut problems))
         .collect::<Vec<_>>();
 
+    // Buckets count from here, so every reload starts with full buckets.
+    let epoch = Instant::now();
+    let vendors: Vec<VendorPlan> = config.vendors.iter().map(vendor_plan).collect();
     let mut rules = Vec::new();
     let mut placements = Vec::new();
     for (vendor, vendor_config) in config.vendors.iter().enumerate() {
@@ -60,10 +65,17 @@ pub(super) fn compile(config: &Config) -> Result<(Policy, Vec<Diagnostic>), Diag
                 vendor: vendor as u32,
                 index: index as u32,
             };
-            let Some(compiled) = compile_rule(rule, rule_ref, &names, &states, &mut problems)
+            let label = &vendors[vendor].rule_labels[index];
+            let Some(mut compiled) = compile_rule(rule, rule_ref, &names, &states, &mut problems)
             else {
                 continue;
             };
+            compiled.rate = rule.rate.as_ref().map(|rate| {
+                let scope = RateScope::Rule {
+                    label: label.clone(),
+                };
+                Box::new(RateLimiter::new(scope, rate, epoch))
+            });
             let device = names.devices[&rule.device];
             for &function in &rule.functions {
                 placements.push((
@@ -94,7 +106,19 @@ pub(super) fn compile(config: &Config) -> Result<(Policy, Vec<Diagnostic>), Diag
             path: config.audit.path.clone(),
             sync: config.audit.sync,
         },
-        vendors: config.vendors.iter().map(vendor_plan).collect(),
+        vendor_rates: config
+            .vendors
+            .iter()
+            .map(|vendor| {
+                vendor.rate.as_ref().map(|rate| {
+                    let scope = RateScope::Vendor {
+                        name: Arc::from(vendor.name.as_str()),
+                    };
+                    RateLimiter::new(scope, rate, epoch)
+                })
+            })
+            .collect(),
+        vendors,
         identity,
         rules,
         tables,
@@ -195,7 +219,7 @@ fn compile_rule(
     states: &[StatePlan],
     problems: &mut Problems,
 ) -> Option<CompiledRule> {
-    device_id(&rule.device, names, &rule.origin, problems)?;
+    let device = device_id(&rule.device, names, &rule.origin, problems)?;
     let values = rule
         .values
         .as_ref()
@@ -211,8 +235,13 @@ fn compile_rule(
     if let Some(list) = &mut mei_types {
         list.sort_unstable();
     }
+    let mut functions = rule.functions.clone();
+    functions.sort_unstable();
+    functions.dedup();
     Some(CompiledRule {
         rule: rule_ref,
+        device,
+        functions: functions.into_boxed_slice(),
         addresses: IntervalSet::new(rule.addresses.iter().copied()),
         values,
         coil_values,
@@ -220,6 +249,7 @@ fn compile_rule(
         sub_functions: sub_functions.map(Vec::into_boxed_slice),
         mei_types: mei_types.map(Vec::into_boxed_slice),
         when: compile_when(rule, names, states, problems)?,
+        rate: None,
     })
 }
 
@@ -255,8 +285,8 @@ fn compile_when(
 
     let empty = when.sources.is_none()
         && conditions.is_empty()
-        && when.schedule.is_empty()
-        && when.window.is_empty();
+        && when.schedule.is_none()
+        && when.window.is_none();
     if empty {
         return Some(None);
     }
@@ -265,9 +295,10 @@ fn compile_when(
             .sources
             .as_ref()
             .map(|nets| SourceSet::new(nets.iter().copied())),
+        source_nets: when.sources.clone().unwrap_or_default().into_boxed_slice(),
         states: conditions.into_boxed_slice(),
-        schedule: when.schedule.clone().into_boxed_slice(),
-        windows: when.window.clone().into_boxed_slice(),
+        schedule: when.schedule.clone().map(Vec::into_boxed_slice),
+        windows: when.window.clone().map(Vec::into_boxed_slice),
     })))
 }
 
@@ -332,7 +363,7 @@ fn vendor_plan(vendor: &VendorConfig) -> VendorPlan {
         sources: vendor.sources.clone(),
         max_sessions: vendor.max_sessions,
         rule_labels: (1..=vendor.rules.len())
-            .map(|n| format!("{}#{n}", vendor.file_name).into_boxed_str())
+            .map(|n| Arc::from(format!("{}#{n}", vendor.file_name)))
             .collect(),
     }
 }

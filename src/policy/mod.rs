@@ -17,7 +17,9 @@ use crate::config::{self, Config, DatedWindow, Diagnostic, Diagnostics, Range16,
 use crate::identity::{SourceIndex, SourceSet};
 
 mod compile;
+mod explain;
 pub mod interval;
+mod rate;
 mod reason;
 pub mod schedule;
 pub mod state;
@@ -25,7 +27,9 @@ pub mod state;
 mod tests;
 
 pub use crate::config::{AuditSync, ListenerLimits, Mode, OnDeny, StateKind};
+pub use explain::{ExplainQuery, Explanation, QueryError};
 pub use interval::IntervalSet;
+pub use rate::{RateKind, RateLimit, RateScope};
 pub use reason::{Condition, DenyReason};
 pub use state::{Reading, StateTable};
 
@@ -185,13 +189,16 @@ pub struct VendorPlan {
     pub sources: Vec<IpNet>,
     pub max_sessions: Option<usize>,
     /// Labels of the vendor's rules, `FILE#N` with N from 1.
-    rule_labels: Box<[Box<str>]>,
+    rule_labels: Box<[Arc<str>]>,
 }
 
 /// A rule compiled for matching.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct CompiledRule {
     rule: RuleRef,
+    device: DeviceId,
+    /// Function codes, sorted.
+    functions: Box<[u8]>,
     addresses: IntervalSet,
     values: Option<IntervalSet>,
     /// Bit 0 set when coil value 0 is allowed, bit 1 for value 1.
@@ -200,15 +207,21 @@ struct CompiledRule {
     sub_functions: Option<Box<[u16]>>,
     mei_types: Option<Box<[u8]>>,
     when: Option<Box<CompiledWhen>>,
+    /// Buckets taken from only when this rule allows a request.
+    rate: Option<Box<rate::RateLimiter>>,
 }
 
 #[derive(Debug, Clone)]
 struct CompiledWhen {
     sources: Option<SourceSet>,
+    /// The networks of `sources` as written, for explanations.
+    source_nets: Box<[IpNet]>,
     /// State index and the value index it must have.
     states: Box<[(usize, u16)]>,
-    schedule: Box<[WeeklyWindow]>,
-    windows: Box<[DatedWindow]>,
+    /// Weekly windows; an empty list never matches.
+    schedule: Option<Box<[WeeklyWindow]>>,
+    /// Dated windows; an empty list never matches.
+    windows: Option<Box<[DatedWindow]>>,
 }
 
 /// The rules of one vendor for one device, by function code.
@@ -230,6 +243,13 @@ impl FunctionTable {
     }
 }
 
+/// Functions that write, which `writes_per_second` limits count.
+const WRITE_FUNCTIONS: [u8; 7] = [5, 6, 15, 16, 21, 22, 23];
+
+fn is_write(function: u8) -> bool {
+    WRITE_FUNCTIONS.contains(&function)
+}
+
 /// Modbus function codes with a sub-code that rules can limit.
 const DIAGNOSTICS: u8 = 8;
 const ENCAPSULATED_INTERFACE: u8 = 43;
@@ -248,6 +268,8 @@ pub struct Policy {
     states: Vec<StatePlan>,
     audit: AuditPlan,
     vendors: Vec<VendorPlan>,
+    /// Each vendor's own rate limit, by vendor id.
+    vendor_rates: Vec<Option<rate::RateLimiter>>,
     identity: SourceIndex,
     rules: Vec<CompiledRule>,
     /// One table per vendor and device, at `vendor * devices.len() + device`.
@@ -364,6 +386,9 @@ impl Policy {
     /// Decides one request of `vendor` to `device`. Default deny: the request
     /// is allowed only when one rule covers all of it and all of that rule's
     /// conditions hold. Ids that are not in this policy are denied.
+    ///
+    /// Takes a token from the vendor's rate limit on every decision, and from
+    /// the rate limit of the rule that allows the request.
     pub fn decide(
         &self,
         vendor: VendorId,
@@ -371,6 +396,24 @@ impl Policy {
         access: &ModbusAccess<'_>,
         context: &Context<'_>,
     ) -> Decision {
+        self.evaluate(vendor, device, access, context, Tokens::Take)
+    }
+
+    /// Decides a request for both `decide` and `explain`. With
+    /// `Tokens::Peek`, rate limits are checked but no token is taken.
+    fn evaluate(
+        &self,
+        vendor: VendorId,
+        device: DeviceId,
+        access: &ModbusAccess<'_>,
+        context: &Context<'_>,
+        tokens: Tokens,
+    ) -> Decision {
+        if let Some(Some(limiter)) = self.vendor_rates.get(vendor) {
+            if let Err((scope, limit)) = tokens.apply(limiter, access.function, context.instant) {
+                return deny(DenyReason::RateLimited { scope, limit });
+            }
+        }
         let table = (vendor < self.vendors.len() && device < self.devices.len())
             .then(|| &self.tables[vendor * self.devices.len() + device]);
         let Some(table) = table.filter(|table| !table.entries.is_empty()) else {
@@ -386,7 +429,10 @@ impl Policy {
         let mut closest: Option<DenyReason> = None;
         for &index in &self.candidates[start as usize..end as usize] {
             let rule = &self.rules[index as usize];
-            match self.check_rule(rule, access, context, &mut local_time) {
+            let checked = self
+                .check_rule(rule, access, context, &mut local_time)
+                .and_then(|()| check_rule_rate(rule, access, context, tokens));
+            match checked {
                 Ok(()) => return Decision::Allow { rule: rule.rule },
                 Err(reason) => {
                     if closest
@@ -442,29 +488,29 @@ impl Policy {
             self.check_state(state, required, context)?;
         }
 
-        if when.schedule.is_empty() && when.windows.is_empty() {
+        if when.schedule.is_none() && when.windows.is_none() {
             return Ok(());
         }
         let local = *local_time.get_or_insert_with(|| self.timezone.to_datetime(context.now));
-        if !when.schedule.is_empty()
-            && !when
-                .schedule
+        if let Some(weekly) = &when.schedule {
+            if !weekly
                 .iter()
                 .any(|window| schedule::weekly_contains(window, &local))
-        {
-            return Err(DenyReason::ConditionFailed {
-                condition: Condition::Schedule,
-            });
+            {
+                return Err(DenyReason::ConditionFailed {
+                    condition: Condition::Schedule,
+                });
+            }
         }
-        if !when.windows.is_empty()
-            && !when
-                .windows
+        if let Some(dated) = &when.windows {
+            if !dated
                 .iter()
                 .any(|window| schedule::dated_contains(window, &local))
-        {
-            return Err(DenyReason::ConditionFailed {
-                condition: Condition::Window,
-            });
+            {
+                return Err(DenyReason::ConditionFailed {
+                    condition: Condition::Window,
+                });
+            }
         }
         Ok(())
     }
@@ -500,6 +546,43 @@ impl Policy {
 
 fn deny(reason: DenyReason) -> Decision {
     Decision::Deny { reason }
+}
+
+/// Whether a decision takes rate limit tokens or only looks at them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tokens {
+    Take,
+    Peek,
+}
+
+impl Tokens {
+    fn apply(
+        self,
+        limiter: &rate::RateLimiter,
+        function: u8,
+        now: Instant,
+    ) -> Result<(), rate::Refusal> {
+        match self {
+            Tokens::Take => limiter.take(is_write(function), now),
+            Tokens::Peek => limiter.peek(is_write(function), now),
+        }
+    }
+}
+
+/// Checks the rate limit of a rule that allows the request, as its last
+/// check.
+fn check_rule_rate(
+    rule: &CompiledRule,
+    access: &ModbusAccess<'_>,
+    context: &Context<'_>,
+    tokens: Tokens,
+) -> Result<(), DenyReason> {
+    let Some(limiter) = &rule.rate else {
+        return Ok(());
+    };
+    tokens
+        .apply(limiter, access.function, context.instant)
+        .map_err(|(scope, limit)| DenyReason::RateLimited { scope, limit })
 }
 
 /// Checks the FC 8 sub-function and the FC 43 MEI type.

@@ -6,12 +6,14 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use super::rate::{RateLimit, RateScope};
 use crate::config::function_name;
 
 /// Modbus exception codes a deny reason maps to.
 const ILLEGAL_FUNCTION: u8 = 0x01;
 const ILLEGAL_DATA_ADDRESS: u8 = 0x02;
 const ILLEGAL_DATA_VALUE: u8 = 0x03;
+const SERVER_DEVICE_BUSY: u8 = 0x06;
 
 /// A `when` condition of a rule that did not hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,9 +33,10 @@ pub enum Condition {
 }
 
 /// The reason a request was denied. When several rules were candidates, the reason
-/// comes from the rule that failed at the latest check: conditions after
-/// values, values and quantity after addresses, addresses after the
-/// function.
+/// comes from the rule that failed at the latest check: a rule's rate limit
+/// after its conditions, conditions after values, values and quantity after
+/// addresses, addresses after the function. Among rules that failed at the
+/// same check, the first in file order gives the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DenyReason {
     /// The vendor has no rule for the device.
@@ -59,6 +62,9 @@ pub enum DenyReason {
     /// A rule depends on a state whose value is unknown: never read, read
     /// too long ago, failed to read, or a raw value the state does not map.
     StateUnknown { state: Arc<str> },
+    /// A rate limit was reached: the vendor's, checked on every request, or
+    /// that of the rule that would allow the request.
+    RateLimited { scope: RateScope, limit: RateLimit },
 }
 
 impl DenyReason {
@@ -75,6 +81,7 @@ impl DenyReason {
             DenyReason::QuantityNotAllowed { .. }
             | DenyReason::ValueNotAllowed { .. }
             | DenyReason::MaskNotAllowed { .. } => ILLEGAL_DATA_VALUE,
+            DenyReason::RateLimited { .. } => SERVER_DEVICE_BUSY,
         }
     }
 
@@ -91,6 +98,7 @@ impl DenyReason {
             | DenyReason::ValueNotAllowed { .. }
             | DenyReason::MaskNotAllowed { .. } => 3,
             DenyReason::ConditionFailed { .. } | DenyReason::StateUnknown { .. } => 4,
+            DenyReason::RateLimited { .. } => 5,
         }
     }
 }
@@ -135,6 +143,9 @@ impl fmt::Display for DenyReason {
                 Condition::Window => f.write_str("outside the rule's dated windows"),
             },
             DenyReason::StateUnknown { state } => write!(f, "state {state} unknown"),
+            DenyReason::RateLimited { scope, limit } => {
+                write!(f, "rate limit of {scope} reached: {limit}")
+            }
         }
     }
 }

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::config::{
-    AuditConfig, Config, DeviceConfig, GatewayConfig, ListenerConfig, RuleConfig, VendorConfig,
+    AuditConfig, Config, DeviceConfig, GatewayConfig, ListenerConfig, Rate, RateConfig, RuleConfig,
+    VendorConfig,
 };
 
 const GATEWAY: &str = r#"[gateway]
@@ -829,6 +830,7 @@ fn built_vendor(name: &str, source: &str, rules: Vec<RuleConfig>) -> VendorConfi
         sources: vec![source.parse().unwrap()],
         max_sessions: None,
         certificate_matchers: false,
+        rate: None,
         rules,
         origin: Default::default(),
     }
@@ -869,4 +871,444 @@ fn compile_rejects_dangling_names_and_overlaps() {
             "vendor \"beta\": source 10.1.0.0/16 overlaps 10.0.0.0/8 of vendor \"acme\"",
         ]
     );
+}
+
+fn rate(requests: Option<u64>, writes: Option<u64>, burst: Option<u32>) -> Option<RateConfig> {
+    Some(RateConfig {
+        requests_per_second: requests.map(Rate::per_second),
+        writes_per_second: writes.map(Rate::per_second),
+        burst,
+    })
+}
+
+fn rate_limited(scope: RateScope, kind: RateKind, per_second: u64, burst: u32) -> Decision {
+    denied(DenyReason::RateLimited {
+        scope,
+        limit: RateLimit {
+            kind,
+            rate: Rate::per_second(per_second),
+            burst,
+        },
+    })
+}
+
+fn vendor_scope(name: &str) -> RateScope {
+    RateScope::Vendor {
+        name: Arc::from(name),
+    }
+}
+
+fn rule_scope(label: &str) -> RateScope {
+    RateScope::Rule {
+        label: Arc::from(label),
+    }
+}
+
+/// Returns a context at `instant`, which tests move forward instead of sleeping.
+fn context_at(states: &StateTable, instant: Instant) -> Context<'_> {
+    Context {
+        source: "10.1.1.1".parse().unwrap(),
+        now: MONDAY_MORNING.parse().unwrap(),
+        instant,
+        states,
+    }
+}
+
+#[test]
+fn vendor_rate_allows_burst_then_busy_until_refill() {
+    let mut rule = RuleConfig::new("press-1", &[3]);
+    rule.addresses = vec![Range16::new(0, 9)];
+    let mut vendor = built_vendor("acme", "10.0.0.0/8", vec![rule]);
+    vendor.rate = rate(Some(50), None, Some(10));
+    let (policy, _) = Policy::compile(&built_config(vec![vendor])).unwrap();
+    let states = StateTable::new(0);
+    let start = Instant::now();
+    let now = context_at(&states, start);
+
+    for _ in 0..10 {
+        assert_eq!(policy.decide(0, 0, &read(3, 0, 1), &now), allowed(0, 0));
+    }
+    let busy = policy.decide(0, 0, &read(3, 0, 1), &now);
+    let expected = rate_limited(vendor_scope("acme"), RateKind::Requests, 50, 10);
+    assert_eq!(busy, expected);
+    let Decision::Deny { reason } = busy else {
+        panic!("expected a denial");
+    };
+    assert_eq!(reason.exception_code(), 0x06);
+    assert_eq!(
+        reason.to_string(),
+        "rate limit of vendor acme reached: 50 requests per second, burst 10"
+    );
+
+    // 50 per second refills one token every 20 ms.
+    let early = context_at(&states, start + Duration::from_nanos(19_999_999));
+    assert_eq!(policy.decide(0, 0, &read(3, 0, 1), &early), expected);
+    let refilled = context_at(&states, start + Duration::from_millis(20));
+    assert_eq!(
+        policy.decide(0, 0, &read(3, 0, 1), &refilled),
+        allowed(0, 0)
+    );
+    assert_eq!(policy.decide(0, 0, &read(3, 0, 1), &refilled), expected);
+}
+
+#[test]
+fn vendor_rate_counts_denied_requests_and_writes() {
+    let mut reads = RuleConfig::new("press-1", &[3]);
+    reads.addresses = vec![Range16::new(0, 9)];
+    let mut writes = RuleConfig::new("press-1", &[6]);
+    writes.addresses = vec![Range16::new(0, 9)];
+    let mut vendor = built_vendor("acme", "10.0.0.0/8", vec![reads, writes]);
+    vendor.rate = rate(Some(100), Some(20), Some(3));
+    let (policy, _) = Policy::compile(&built_config(vec![vendor])).unwrap();
+    let states = StateTable::new(0);
+    let start = Instant::now();
+    let now = context_at(&states, start);
+
+    // A denied read takes a request token too.
+    assert_eq!(
+        policy.decide(0, 0, &read(3, 50, 1), &now),
+        denied(DenyReason::AddressNotAllowed { address: 50 })
+    );
+    assert_eq!(
+        policy.decide(0, 0, &write_register(1, 7), &now),
+        allowed(0, 1)
+    );
+    assert_eq!(
+        policy.decide(0, 0, &write_register(2, 7), &now),
+        allowed(0, 1)
+    );
+    assert_eq!(
+        policy.decide(0, 0, &write_register(3, 7), &now),
+        rate_limited(vendor_scope("acme"), RateKind::Requests, 100, 3)
+    );
+
+    // After 50 ms the request bucket (100 per second) is full again, with 3
+    // tokens, and the write bucket (20 per second) has 2: one left and one
+    // refilled.
+    let later = context_at(&states, start + Duration::from_millis(50));
+    assert_eq!(
+        policy.decide(0, 0, &write_register(3, 7), &later),
+        allowed(0, 1)
+    );
+    assert_eq!(
+        policy.decide(0, 0, &write_register(4, 7), &later),
+        allowed(0, 1)
+    );
+    assert_eq!(
+        policy.decide(0, 0, &write_register(5, 7), &later),
+        rate_limited(vendor_scope("acme"), RateKind::Writes, 20, 3)
+    );
+    // The refused write gave its request token back.
+    assert_eq!(policy.decide(0, 0, &read(3, 0, 1), &later), allowed(0, 0));
+    assert_eq!(
+        policy.decide(0, 0, &read(3, 0, 1), &later),
+        rate_limited(vendor_scope("acme"), RateKind::Requests, 100, 3)
+    );
+}
+
+#[test]
+fn rule_rate_counts_allowed_requests_only() {
+    let mut limited = RuleConfig::new("press-1", &[6]);
+    limited.addresses = vec![Range16::new(0, 9)];
+    limited.values = Some(vec![Range16::new(0, 100)]);
+    limited.rate = rate(None, Some(2), Some(2));
+    let mut reads = RuleConfig::new("press-1", &[3]);
+    reads.addresses = vec![Range16::new(0, 9)];
+    let vendor = built_vendor("acme", "10.0.0.0/8", vec![limited, reads]);
+    let (policy, _) = Policy::compile(&built_config(vec![vendor])).unwrap();
+    let states = StateTable::new(0);
+    let start = Instant::now();
+    let now = context_at(&states, start);
+
+    // A write the rule denies for its value takes no token.
+    assert_eq!(
+        policy.decide(0, 0, &write_register(1, 500), &now),
+        denied(DenyReason::ValueNotAllowed {
+            address: 1,
+            value: 500
+        })
+    );
+    for _ in 0..20 {
+        assert_eq!(policy.decide(0, 0, &read(3, 0, 1), &now), allowed(0, 1));
+    }
+    assert_eq!(
+        policy.decide(0, 0, &write_register(1, 5), &now),
+        allowed(0, 0)
+    );
+    assert_eq!(
+        policy.decide(0, 0, &write_register(1, 5), &now),
+        allowed(0, 0)
+    );
+    let busy = rate_limited(rule_scope("acme.toml#1"), RateKind::Writes, 2, 2);
+    assert_eq!(policy.decide(0, 0, &write_register(1, 5), &now), busy);
+    let Decision::Deny { reason } = busy else {
+        panic!("expected a denial");
+    };
+    assert_eq!(
+        reason.to_string(),
+        "rate limit of rule acme.toml#1 reached: 2 writes per second, burst 2"
+    );
+    let refilled = context_at(&states, start + Duration::from_millis(500));
+    assert_eq!(
+        policy.decide(0, 0, &write_register(1, 5), &refilled),
+        allowed(0, 0)
+    );
+}
+
+#[test]
+fn later_rule_allows_past_rule_limit() {
+    let mut limited = RuleConfig::new("press-1", &[3]);
+    limited.addresses = vec![Range16::new(0, 9)];
+    limited.rate = rate(Some(1), None, Some(1));
+    let mut open = RuleConfig::new("press-1", &[3]);
+    open.addresses = vec![Range16::new(0, 99)];
+    let vendor = built_vendor("acme", "10.0.0.0/8", vec![limited, open]);
+    let (policy, _) = Policy::compile(&built_config(vec![vendor])).unwrap();
+    let states = StateTable::new(0);
+    let now = context_at(&states, Instant::now());
+    assert_eq!(policy.decide(0, 0, &read(3, 0, 1), &now), allowed(0, 0));
+    assert_eq!(policy.decide(0, 0, &read(3, 0, 1), &now), allowed(0, 1));
+}
+
+#[test]
+fn empty_schedule_or_window_never_matches() {
+    let mut weekly = RuleConfig::new("press-1", &[3]);
+    weekly.addresses = vec![Range16::new(0, 9)];
+    weekly.when.schedule = Some(Vec::new());
+    let mut dated = RuleConfig::new("press-1", &[4]);
+    dated.addresses = vec![Range16::new(0, 9)];
+    dated.when.window = Some(Vec::new());
+    let vendor = built_vendor("acme", "10.0.0.0/8", vec![weekly, dated]);
+    let (policy, _) = Policy::compile(&built_config(vec![vendor])).unwrap();
+    let clock = Clock::new();
+    let context = clock.context("10.1.1.1", MONDAY_MORNING);
+    assert_eq!(
+        policy.decide(0, 0, &read(3, 0, 1), &context),
+        denied(DenyReason::ConditionFailed {
+            condition: Condition::Schedule
+        })
+    );
+    assert_eq!(
+        policy.decide(0, 0, &read(4, 0, 1), &context),
+        denied(DenyReason::ConditionFailed {
+            condition: Condition::Window
+        })
+    );
+}
+
+/// Parses a query at a fixed default time, Monday 09:00 in Brussels.
+fn query(policy: &Policy, text: &str) -> ExplainQuery {
+    match ExplainQuery::parse_at(policy, text, MONDAY_MORNING.parse().unwrap()) {
+        Ok(query) => query,
+        Err(error) => panic!("query {text:?} failed: {error}"),
+    }
+}
+
+#[test]
+fn explain_and_decide_agree() {
+    let policy = policy();
+    let cases = [
+        ("vendor=acme device=press-1 function=3 address=0 quantity=100", "allow acme.toml#1"),
+        ("vendor=acme device=press-1 function=read_holding_registers address=990 quantity=20", "deny (exception 02): address 1000 outside allowed ranges"),
+        ("vendor=acme device=press-1 function=read_input_registers address=0 quantity=101", "deny (exception 03): quantity 101 outside allowed range"),
+        ("vendor=acme device=press-1 function=read_coils address=0", "deny (exception 01): function 1 (read_coils) not allowed"),
+        ("vendor=acme device=dryer-3 function=3 address=0", "deny (exception 01): no rule for this device"),
+        ("vendor=acme device=press-1 function=write_single_register address=105 value=4000 state.press-1-mode=maintenance", "allow acme.toml#2"),
+        ("vendor=acme device=press-1 function=write_single_register address=105 value=4000 state.press-1-mode=production", "deny (exception 01): state press-1-mode is production, rule requires maintenance"),
+        ("vendor=acme device=press-1 function=write_single_register address=105 value=4000", "deny (exception 01): state press-1-mode unknown"),
+        ("vendor=acme device=press-1 function=write_single_register address=105 value=6000 state.press-1-mode=maintenance", "deny (exception 03): value 6000 at address 105 outside allowed values"),
+        ("vendor=acme device=press-1 function=write_single_register address=205 value=10", "allow acme.toml#8"),
+        ("vendor=acme device=press-1 function=write_multiple_registers address=100 value=1,2 value=3 state.press-1-mode=maintenance", "allow acme.toml#2"),
+        ("vendor=acme device=press-1 function=write_multiple_registers address=100 value=1,9000 state.press-1-mode=maintenance", "deny (exception 03): value 9000 at address 101 outside allowed values"),
+        ("vendor=acme device=press-1 function=write_multiple_coils address=0 value=0,0,0", "allow acme.toml#3"),
+        ("vendor=acme device=press-1 function=write_multiple_coils address=0 value=0,1", "deny (exception 03): value 1 at address 1 outside allowed values"),
+        ("vendor=acme device=press-1 function=mask_write_register address=100 value=0xff00,0x0012 state.press-1-mode=maintenance", "deny (exception 03): mask write with AND 0xff00 OR 0x0012 can leave a value outside allowed values"),
+        ("vendor=acme device=press-1 function=read_write_multiple_registers address=0 quantity=2 write_address=5 value=1", "allow acme.toml#7"),
+        ("vendor=acme device=press-1 function=diagnostics sub_function=0", "allow acme.toml#4"),
+        ("vendor=acme device=press-1 function=diagnostics sub_function=4", "deny (exception 01): diagnostics sub-function 4 not allowed"),
+        ("vendor=acme device=press-1 function=read_device_identification", "allow acme.toml#4"),
+        ("vendor=acme device=press-1 function=43 mei_type=13", "deny (exception 01): MEI type 13 not allowed"),
+        ("vendor=acme device=oven-2 function=3 address=0 source=10.50.1.7", "allow acme.toml#5"),
+        ("vendor=acme device=oven-2 function=3 address=0 source=10.50.2.7", "deny (exception 01): source 10.50.2.7 outside the rule's sources"),
+        ("vendor=acme device=oven-2 function=3 address=0 source=10.50.1.7 time=2026-12-13T09:00", "deny (exception 01): outside the rule's schedule"),
+        ("vendor=acme device=oven-2 function=6 address=10 value=1 time=2030-12-10T08:00", "allow acme.toml#6"),
+        ("vendor=acme device=oven-2 function=6 address=10 value=1 time=2030-12-10T06:59Z", "deny (exception 01): outside the rule's dated windows"),
+        ("vendor=historian device=press-1 function=diagnostics sub_function=4", "allow historian.toml#2"),
+    ];
+    for (text, first_line) in cases {
+        let query = query(&policy, text);
+        let explanation = policy.explain(&query);
+        assert_eq!(explanation.lines[0], first_line, "query {text}");
+
+        let instant = Instant::now();
+        let table = policy.query_states(&query, instant);
+        let context = Context {
+            source: query.source,
+            now: query.time.timestamp(),
+            instant,
+            states: &table,
+        };
+        let decision = policy.decide(query.vendor, query.device, &query.access(), &context);
+        assert_eq!(decision, explanation.decision, "query {text}");
+    }
+}
+
+#[test]
+fn explain_lists_failed_check_per_rule() {
+    let policy = policy();
+    let text = "vendor=acme device=press-1 function=write_single_register address=105 value=10 state.press-1-mode=production time=2026-12-10T09:30";
+    let explanation = policy.explain(&query(&policy, text));
+    assert_eq!(
+        explanation.lines,
+        [
+            "deny (exception 01): state press-1-mode is production, rule requires maintenance",
+            "  request: vendor=acme device=press-1 function=write_single_register address=105 value=10 unit=1 source=10.50.0.0 time=2026-12-10T09:30:00+01:00 state.press-1-mode=production",
+            "  acme.toml#1: function write_single_register (6) is not in the rule's functions: read_holding_registers (3), read_input_registers (4)",
+            "  acme.toml#2: when.state press-1-mode is production, rule needs maintenance",
+            "  acme.toml#3: function write_single_register (6) is not in the rule's functions: write_single_coil (5), write_multiple_coils (15)",
+            "  acme.toml#4: function write_single_register (6) is not in the rule's functions: diagnostics (8), encapsulated_interface_transport (43)",
+            "  acme.toml#7: function write_single_register (6) is not in the rule's functions: read_write_multiple_registers (23)",
+            "  acme.toml#8: address 105 is outside the rule's addresses 200-209",
+        ]
+    );
+}
+
+#[test]
+fn explain_describes_time_source_and_values() {
+    let policy = policy();
+    // Each case lists its lines after the request line; "" pads shorter lists.
+    let cases = [
+        (
+            "vendor=acme device=oven-2 function=3 address=0 source=10.60.0.1 time=2026-12-12T09:30",
+            [
+                "deny (exception 01): source 10.60.0.1 outside the rule's sources",
+                "  note: source 10.60.0.1 is outside the sources of vendor acme, so a plain listener would not identify the client as acme",
+                "  acme.toml#5: when.sources 10.60.0.1 is outside 10.50.1.0/24",
+                "  acme.toml#6: function read_holding_registers (3) is not in the rule's functions: write_single_register (6)",
+            ],
+        ),
+        (
+            "vendor=acme device=oven-2 function=3 address=0 source=10.50.1.2 time=2026-12-12T09:30",
+            [
+                "deny (exception 01): outside the rule's schedule",
+                "  acme.toml#5: when.schedule Sat 09:30 is outside Mon-Fri 07:00-17:00",
+                "  acme.toml#6: function read_holding_registers (3) is not in the rule's functions: write_single_register (6)",
+                "",
+            ],
+        ),
+        (
+            "vendor=acme device=oven-2 function=6 address=10 value=3 time=2030-12-10T12:00",
+            [
+                "deny (exception 01): outside the rule's dated windows",
+                "  acme.toml#5: function write_single_register (6) is not in the rule's functions: read_holding_registers (3)",
+                "  acme.toml#6: when.window 2030-12-10T12:00 is outside 2030-12-10T08:00/2030-12-10T12:00",
+                "",
+            ],
+        ),
+    ];
+    for (text, expected) in &cases {
+        let lines = policy.explain(&query(&policy, text)).lines;
+        let details: Vec<&str> = lines
+            .iter()
+            .map(String::as_str)
+            .filter(|line| !line.starts_with("  request: "))
+            .collect();
+        let expected: Vec<&str> = expected.iter().copied().filter(|l| !l.is_empty()).collect();
+        assert_eq!(details, expected, "query {text}");
+    }
+}
+
+#[test]
+fn explain_names_value_and_unknown_state() {
+    let policy = policy();
+    let text = "vendor=acme device=press-1 function=write_single_register address=205 value=60";
+    let lines = policy.explain(&query(&policy, text)).lines;
+    assert_eq!(
+        lines[0],
+        "deny (exception 03): value 60 at address 205 outside allowed values"
+    );
+    assert_eq!(
+        lines[3],
+        "  acme.toml#2: address 205 is outside the rule's addresses 100-119"
+    );
+    assert_eq!(
+        lines[7],
+        "  acme.toml#8: value 60 at address 205 is outside the rule's values 0-10"
+    );
+
+    let text = "vendor=acme device=press-1 function=write_single_register address=105 value=60";
+    let lines = policy.explain(&query(&policy, text)).lines;
+    assert_eq!(
+        lines[3],
+        "  acme.toml#2: when.state press-1-mode is unknown, rule needs maintenance"
+    );
+}
+
+#[test]
+fn explain_reports_allowing_rule_and_sub_functions() {
+    let policy = policy();
+    let text = "vendor=historian device=press-1 function=diagnostics sub_function=4 source=::1";
+    let lines = policy.explain(&query(&policy, text)).lines;
+    assert_eq!(
+        lines,
+        [
+            "allow historian.toml#2",
+            "  request: vendor=historian device=press-1 function=diagnostics unit=1 sub_function=4 source=::1 time=2026-12-14T09:00:00+01:00",
+            "  historian.toml#1: function diagnostics (8) is not in the rule's functions: read_input_registers (4)",
+            "  historian.toml#2: allows",
+        ]
+    );
+    let text = "vendor=acme device=press-1 function=diagnostics sub_function=4";
+    let lines = policy.explain(&query(&policy, text)).lines;
+    assert_eq!(
+        lines[5],
+        "  acme.toml#4: sub_function 4 (force listen only) must be named in the rule's sub_functions"
+    );
+}
+
+#[test]
+fn explain_rejects_invalid_queries_naming_the_key() {
+    let policy = policy();
+    let cases = [
+        ("vendor=acme device=press-1 function=3 address=0 colour=red", "colour: unknown key; use vendor, device, function, address, quantity, write_address, value, unit, sub_function, mei_type, source, time, state.NAME"),
+        ("vendor=beta device=press-1 function=3", "vendor: unknown vendor \"beta\"; known vendors: acme, historian"),
+        ("vendor=acme device=press-9 function=3", "device: unknown device \"press-9\"; known devices: press-1, oven-2, dryer-3"),
+        ("vendor=acme device=press-1 function=read_holding_register address=0", "function: unknown function \"read_holding_register\"; use a code from 1 to 127 or a function name, such as read_holding_registers"),
+        ("vendor=acme device=press-1 function=200", "function: function code 200 outside 1..=127"),
+        ("vendor=acme device=press-1 function=3 address=ten", "address: invalid number \"ten\"; write a number from 0 to 65535"),
+        ("vendor=acme device=press-1 function=3 address=70000", "address: 70000 exceeds 65535"),
+        ("vendor=acme device=press-1 function=3", "address: missing; the function addresses a table, give address=N"),
+        ("vendor=acme device=press-1 function=6 address=1", "value: missing; write_single_register (6) writes values, give the written value, as value=10"),
+        ("vendor=acme device=press-1 function=3 address=1 value=4", "value: a read_holding_registers (3) request has none; remove the key"),
+        ("vendor=acme device=press-1 function=5 address=1 value=2", "value: coil value 2 is neither 0 (off) nor 1 (on)"),
+        ("vendor=acme device=press-1 function=16 address=1 value=1,2 quantity=3", "quantity: 3 differs from the 2 values given"),
+        ("vendor=acme device=press-1 function=8", "sub_function: missing; diagnostics needs one, as sub_function=0"),
+        ("vendor=acme device=press-1 function=3 address=1 state.oven-mode=on", "state.oven-mode: unknown state \"oven-mode\"; known states: press-1-mode"),
+        ("vendor=acme device=press-1 function=3 address=1 state.press-1-mode=repair", "state.press-1-mode: state press-1-mode has no value \"repair\"; its values: production, maintenance"),
+        ("vendor=acme device=press-1 function=3 address=1 source=10.50.1", "source: invalid IP address \"10.50.1\"; write one such as 10.50.1.7 or ::1"),
+        ("vendor=acme device=press-1 function=3 address=1 time=tomorrow", "time: invalid time \"tomorrow\"; write a local time such as 2026-12-10T09:30, or add an offset such as 2026-12-10T08:30Z"),
+        ("vendor=acme device=press-1 function=3 function=4 address=1", "function: given twice; give it once"),
+        ("vendor=acme device=press-1 function", "function: expected KEY=VALUE, such as function=read_holding_registers"),
+    ];
+    for (text, message) in cases {
+        let error = ExplainQuery::parse(&policy, text).unwrap_err();
+        assert_eq!(error.to_string(), message, "query {text}");
+    }
+}
+
+#[test]
+fn explain_takes_no_rate_tokens() {
+    let mut rule = RuleConfig::new("press-1", &[3]);
+    rule.addresses = vec![Range16::new(0, 9)];
+    rule.rate = rate(Some(1), None, Some(1));
+    let mut vendor = built_vendor("acme", "10.0.0.0/8", vec![rule]);
+    vendor.rate = rate(Some(1), None, Some(1));
+    let (policy, _) = Policy::compile(&built_config(vec![vendor])).unwrap();
+    let text = "vendor=acme device=press-1 function=3 address=0";
+    for _ in 0..3 {
+        assert_eq!(
+            policy.explain(&query(&policy, text)).lines[0],
+            "allow acme.toml#1"
+        );
+    }
 }

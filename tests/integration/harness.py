@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import queue
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -341,3 +342,59 @@ class SilentPlc:
         for connection in self._connections:
             connection.close()
         self.server.close()
+
+
+def write_state_config(
+    workdir: Path,
+    listeners: list[dict],
+    devices: list[dict],
+    states: list[dict],
+    rules: dict[str, str],
+    name: str = "test-gw",
+) -> Path:
+    """Write the files of `write_config` with one `[[state]]` table per entry of `states`."""
+    config_path = write_config(workdir, listeners, devices, rules, name)
+    text = config_path.read_text()
+    for entry in states:
+        text += "\n" + toml_table("[[state]]", entry)
+    config_path.write_text(text)
+    return config_path
+
+
+class StateGateway(Gateway):
+    """`sluice run` on a configuration that also polls operational states."""
+
+    def __init__(
+        self,
+        sluice_bin: str,
+        workdir: Path,
+        listeners: list[dict],
+        devices: list[dict],
+        states: list[dict],
+        rules: dict[str, str],
+        name: str = "test-gw",
+    ):
+        self.workdir = workdir
+        self.name = name
+        self.config_path = write_state_config(workdir, listeners, devices, states, rules, name)
+        self.events_path = workdir / "audit" / "events.jsonl"
+        self.process = Process(
+            [sluice_bin, "run", "--config", str(self.config_path)],
+            stderr_path=workdir / "gateway.stderr",
+        )
+        self.ports = {}
+        try:
+            self._read_startup(len(listeners))
+        except BaseException:
+            self.process.stop()
+            raise
+
+
+def send_hangup(gateway: Gateway) -> None:
+    """Send SIGHUP to the gateway process, which asks it to reload its files."""
+    gateway.process.popen.send_signal(signal.SIGHUP)
+
+
+def connect_from(source_ip: str, port: int, timeout: float = 10.0) -> socket.socket:
+    """Open a TCP connection to 127.0.0.1:`port` from the loopback address `source_ip`."""
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source_ip, 0))
