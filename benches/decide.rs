@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use sluice::config::{
-    AuditConfig, AuditSync, Config, DeviceConfig, GatewayConfig, ListenerConfig, ListenerLimits,
+    AuditConfig, Config, DeviceConfig, GatewayConfig, ListenerConfig, ListenerLimits,
     ListenerTarget, Mode, OnDeny, Origin, Range16, Rate, RateConfig, RuleConfig, StateConfig,
     StateKind, StateValueConfig, VendorConfig, WeeklyWindow,
 };
@@ -51,10 +51,8 @@ fn base_config(devices: usize) -> Config {
             .map(|i| DeviceConfig::new(&format!("device-{i}"), "127.0.0.1:5021".parse().unwrap()))
             .collect(),
         states: Vec::new(),
-        audit: AuditConfig {
-            path: "audit".into(),
-            sync: AuditSync::Batch,
-        },
+        audit: AuditConfig::new("audit".into()),
+        metrics: None,
         vendors: Vec::new(),
         files: Vec::new(),
     }

@@ -46,7 +46,7 @@ impl Readiness for DemoReadiness {
         let (host, port) = (gateway.ip(), gateway.port());
         let (plc_host, plc_port) = (plc.ip(), plc.port());
         println!(
-            "\nsluice demo is running; events go to {}/audit/events.jsonl\n\
+            "\nsluice demo is running; events go to the audit log in {}/audit\n\
              \n\
              An allowed read of holding registers 0-9 (mbpoll counts references from 1):\n\
              \x20 mbpoll -m tcp -a 1 -t 4 -r 1 -c 10 -1 -p {port} {host}\n\

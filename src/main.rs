@@ -45,6 +45,11 @@ enum Command {
         #[arg(long, value_name = "QUERY")]
         explain: Option<String>,
     },
+    /// Create the audit sealing key or verify the audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Run a simulated PLC and the gateway with the example configuration on loopback.
     Demo,
     /// Run only the simulated PLC (a Modbus/TCP server with recognisable values).
@@ -55,6 +60,33 @@ enum Command {
         /// Append one JSON line per received request to this file.
         #[arg(long)]
         log: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Create the first sealing key and print the verification key once.
+    Init {
+        #[arg(long, default_value = "/etc/sluice/gateway.toml")]
+        config: PathBuf,
+        /// Replace an existing key; seals made with the old key then no
+        /// longer verify with the new verification key.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check the chain and the seals; names the first bad record.
+    Verify {
+        #[arg(long, default_value = "/etc/sluice/gateway.toml")]
+        config: PathBuf,
+        /// Verification key in hex, as printed by `audit init`.
+        #[arg(long, conflicts_with = "key_file")]
+        key: Option<String>,
+        /// File holding the verification key; `-` reads standard input.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// First sequence number to check.
+        #[arg(long)]
+        from: Option<u64>,
     },
 }
 
@@ -76,6 +108,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config, explain } => check(&config, explain.as_deref()),
         Command::Run { config } => run_async(run(config)),
+        Command::Audit { command } => audit(command),
         Command::Demo => run_async(sluice::demo::run()),
         Command::PlcSim { bind, log } => run_async(plc_sim(bind, log)),
     }
@@ -201,5 +234,89 @@ async fn plc_sim(bind: std::net::SocketAddr, log: Option<PathBuf>) -> ExitCode {
             }
         },
         _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
+    }
+}
+
+/// Finds the audit folder the way `run` does, from the configuration.
+fn audit_folder(config: &std::path::Path) -> Result<PathBuf, ExitCode> {
+    match sluice::policy::Policy::load(config) {
+        Ok((policy, _)) => Ok(policy.audit().path.clone()),
+        Err(diagnostics) => {
+            for error in &diagnostics.errors {
+                eprintln!("{error}");
+            }
+            eprintln!("error: {}: invalid configuration", config.display());
+            Err(ExitCode::from(EXIT_USAGE))
+        }
+    }
+}
+
+fn audit(command: AuditCommand) -> ExitCode {
+    match command {
+        AuditCommand::Init { config, force } => {
+            let folder = match audit_folder(&config) {
+                Ok(folder) => folder,
+                Err(code) => return code,
+            };
+            match sluice::audit::init_key(&folder, force) {
+                Ok(key) => {
+                    eprintln!("sealing key stored in {}; keep the verification key below off this machine:", folder.display());
+                    println!("{key}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+                    eprintln!(
+                        "error: {} already has a sealing key; pass --force to replace it",
+                        folder.display()
+                    );
+                    ExitCode::from(EXIT_USAGE)
+                }
+                Err(error) => {
+                    eprintln!(
+                        "error: cannot create the sealing key in {}: {error}",
+                        folder.display()
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        AuditCommand::Verify {
+            config,
+            key,
+            key_file,
+            from,
+        } => {
+            let folder = match audit_folder(&config) {
+                Ok(folder) => folder,
+                Err(code) => return code,
+            };
+            let key = match sluice::audit::cli::read_verification_key(
+                key.as_deref(),
+                key_file.as_deref(),
+            ) {
+                Ok(key) => key,
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            match sluice::audit::verify(&folder, &key, from) {
+                Ok(report) => {
+                    print!("{report}");
+                    if report.is_good() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(EXIT_INVALID)
+                    }
+                }
+                Err(error) => {
+                    eprintln!(
+                        "error: cannot read the audit log in {}: {error}",
+                        folder.display()
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }

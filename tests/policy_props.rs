@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use proptest::prelude::*;
 use sluice::config::{
-    AuditConfig, AuditSync, Config, DeviceConfig, GatewayConfig, Origin, Range16, Rate, RateConfig,
+    AuditConfig, Config, DeviceConfig, GatewayConfig, Origin, Range16, Rate, RateConfig,
     RuleConfig, VendorConfig,
 };
 use sluice::identity::{SourceIndex, SourceSet};
@@ -32,10 +32,8 @@ fn rate_limited_policy(per_second: u64, burst: u32) -> Policy {
             "127.0.0.1:5021".parse().unwrap(),
         )],
         states: Vec::new(),
-        audit: AuditConfig {
-            path: "audit".into(),
-            sync: AuditSync::Batch,
-        },
+        audit: AuditConfig::new("audit".into()),
+        metrics: None,
         vendors: vec![VendorConfig {
             name: "acme".into(),
             file_name: "acme.toml".into(),

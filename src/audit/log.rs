@@ -418,6 +418,14 @@ impl Sink for AuditLog {
         result
     }
 
+    fn tick(&mut self) -> io::Result<()> {
+        AuditLog::tick(self)
+    }
+
+    fn close(&mut self) -> io::Result<()> {
+        self.seal_now()
+    }
+
     fn sync(&mut self) -> io::Result<()> {
         let result = self.make_durable();
         self.note_result(&result);

@@ -13,7 +13,7 @@ use super::raw;
 use super::syntax::parse_range;
 use super::{
     AuditConfig, AuditSync, DeviceConfig, GatewayConfig, ListenerConfig, ListenerLimits,
-    ListenerTarget, Mode, OnDeny, StateConfig, StateKind, StateValueConfig,
+    ListenerTarget, MetricsConfig, Mode, OnDeny, StateConfig, StateKind, StateValueConfig,
 };
 
 /// The time zone of plants this gateway was first built for; any IANA name
@@ -31,6 +31,7 @@ pub(super) struct LoadedGateway {
     pub devices: Vec<DeviceConfig>,
     pub states: Vec<StateConfig>,
     pub audit: AuditConfig,
+    pub metrics: Option<MetricsConfig>,
     /// Every device name written, valid or not, so that a device with a bad
     /// setting does not also make every rule naming it fail.
     pub device_names: Vec<String>,
@@ -71,6 +72,10 @@ pub(super) fn load(path: &Path, report: &mut Report) -> Option<LoadedGateway> {
     let listeners = check.listeners(&file.listener, &device_names);
     let (states, state_values) = check.states(&file.state, &device_names);
     let audit = check.audit(file.audit.as_ref(), base);
+    let metrics = file
+        .metrics
+        .as_ref()
+        .and_then(|section| check.metrics(section));
     let rules_origin = match &file.gateway.rules {
         Some(rules) => check.at(rules),
         None => check.at(&file.gateway.name),
@@ -82,6 +87,7 @@ pub(super) fn load(path: &Path, report: &mut Report) -> Option<LoadedGateway> {
         devices,
         states,
         audit,
+        metrics,
         device_names,
         state_values,
         rules_origin,
@@ -210,7 +216,6 @@ impl Checker<'_> {
     fn unsupported_sections(&mut self, file: &raw::GatewayFile) {
         let sections = [
             ("[[collector]]", &file.collector),
-            ("[metrics]", &file.metrics),
             ("[admin]", &file.admin),
             ("[[tag]]", &file.tag),
         ];
@@ -841,9 +846,53 @@ impl Checker<'_> {
             &[("batch", AuditSync::Batch), ("always", AuditSync::Always)],
             AuditSync::Batch,
         );
+        let defaults = AuditConfig::new(base.join(path));
+        let seal_every = self.integer(
+            "audit.seal_every",
+            section.and_then(|s| s.seal_every.as_ref()),
+            defaults.seal_every as i64,
+            (1, 1_000_000),
+        );
+        let seal_interval = self.milliseconds(
+            "audit.seal_interval_ms",
+            section.and_then(|s| s.seal_interval_ms.as_ref()),
+            defaults.seal_interval.as_millis() as u64,
+        );
+        let segment_bytes = self.integer(
+            "audit.segment_bytes",
+            section.and_then(|s| s.segment_bytes.as_ref()),
+            defaults.segment_bytes as i64,
+            (64 * 1024, 1 << 40),
+        );
+        let retention_days = self.integer(
+            "audit.retention_days",
+            section.and_then(|s| s.retention_days.as_ref()),
+            i64::from(defaults.retention_days),
+            (0, 36_500),
+        );
         AuditConfig {
-            path: base.join(path),
             sync: sync.unwrap_or(AuditSync::Batch),
+            seal_every: seal_every.map_or(defaults.seal_every, |n| n as u64),
+            seal_interval,
+            segment_bytes: segment_bytes.map_or(defaults.segment_bytes, |n| n as u64),
+            retention_days: retention_days.map_or(defaults.retention_days, |n| n as u32),
+            ..defaults
+        }
+    }
+
+    fn metrics(&mut self, section: &raw::MetricsSection) -> Option<MetricsConfig> {
+        match section.bind.get_ref().parse::<SocketAddr>() {
+            Ok(bind) => Some(MetricsConfig { bind }),
+            Err(_) => {
+                self.error(
+                    &section.bind,
+                    format!(
+                        "metrics.bind: \"{}\" is not an IP address with a port; write it like \"127.0.0.1:9502\"",
+                        section.bind.get_ref()
+                    ),
+                );
+                None
+            }
         }
     }
 }

@@ -29,6 +29,7 @@ pub struct Config {
     pub devices: Vec<DeviceConfig>,
     pub states: Vec<StateConfig>,
     pub audit: AuditConfig,
+    pub metrics: Option<MetricsConfig>,
     /// Vendors in rule file name order.
     pub vendors: Vec<VendorConfig>,
     /// Every file read, the gateway file first.
@@ -183,6 +184,34 @@ pub struct AuditConfig {
     /// The audit folder, resolved against the gateway file's folder.
     pub path: PathBuf,
     pub sync: AuditSync,
+    /// Records between two seals.
+    pub seal_every: u64,
+    /// Longest time between two seals while records arrive.
+    pub seal_interval: Duration,
+    /// Size at which a segment is closed and a new one started, in bytes.
+    pub segment_bytes: u64,
+    /// Age past which whole old segments are removed; 0 keeps everything.
+    pub retention_days: u32,
+}
+
+impl AuditConfig {
+    /// Returns the settings for `path` with every other key at its default.
+    pub fn new(path: PathBuf) -> AuditConfig {
+        AuditConfig {
+            path,
+            sync: AuditSync::Batch,
+            seal_every: 1000,
+            seal_interval: Duration::from_secs(60),
+            segment_bytes: 64 * 1024 * 1024,
+            retention_days: 365,
+        }
+    }
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub bind: SocketAddr,
 }
 
 #[derive(Debug, Clone)]
@@ -363,6 +392,7 @@ pub fn load(gateway_file: &Path) -> Result<(Config, Vec<Diagnostic>), Diagnostic
         devices: gateway.devices,
         states: gateway.states,
         audit: gateway.audit,
+        metrics: gateway.metrics,
         vendors,
         files,
     };

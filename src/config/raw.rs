@@ -22,10 +22,10 @@ pub(super) struct GatewayFile {
     #[serde(default)]
     pub state: Vec<StateSection>,
     pub audit: Option<AuditSection>,
+    pub metrics: Option<MetricsSection>,
     /// Sections of the full design that this build does not implement; they
     /// are rejected with a message instead of an unknown-key error.
     pub collector: Option<Spanned<toml::Value>>,
-    pub metrics: Option<Spanned<toml::Value>>,
     pub admin: Option<Spanned<toml::Value>>,
     pub tag: Option<Spanned<toml::Value>>,
 }
@@ -96,6 +96,16 @@ pub(super) struct StateSection {
 pub(super) struct AuditSection {
     pub path: Option<Spanned<String>>,
     pub sync: Option<Spanned<String>>,
+    pub seal_every: Option<Spanned<i64>>,
+    pub seal_interval_ms: Option<Spanned<i64>>,
+    pub segment_bytes: Option<Spanned<i64>>,
+    pub retention_days: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct MetricsSection {
+    pub bind: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -168,13 +168,7 @@ fn defaults_fill_missing_settings() {
             },
         ]
     );
-    assert_eq!(
-        config.audit,
-        AuditConfig {
-            path: dir.path().join("audit"),
-            sync: AuditSync::Batch
-        }
-    );
+    assert_eq!(config.audit, AuditConfig::new(dir.path().join("audit")));
 }
 
 #[test]
@@ -341,7 +335,6 @@ when.schedule = ["Mon-Fri 07:00-17:00"]
         errors,
         [
             "gateway.toml:43:1: [[collector]] is not supported by this build; remove the section",
-            "gateway.toml:46:1: [metrics] is not supported by this build; remove the section",
             "gateway.toml:49:1: [admin] is not supported by this build; remove the section",
             "gateway.toml:34:12: listener[2].protocol: \"modbus-tls\" is not supported by this build; use \"modbus\"",
         ]

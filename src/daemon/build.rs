@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use crate::events::Emitter;
+use crate::metrics::{ConfiguredNames, Metrics};
 use crate::modbus::generation::Generation;
 use crate::modbus::upstream::{Pool, UpstreamSettings};
 use crate::policy::{DevicePlan, Policy, StateTable};
@@ -31,6 +32,7 @@ pub fn build_generation(
     policy: Policy,
     previous: Option<&Generation>,
     emitter: &Emitter,
+    metrics: &Metrics,
 ) -> Generation {
     let pools = policy
         .devices()
@@ -46,10 +48,38 @@ pub fn build_generation(
         Some(previous) if previous.policy.states() == policy.states() => previous.states.clone(),
         _ => Arc::new(StateTable::new(policy.states().len())),
     };
+    let instruments = metrics.configure(configured_names(&policy));
     Generation {
         policy,
         pools,
         states,
+        instruments,
+    }
+}
+
+fn configured_names(policy: &Policy) -> ConfiguredNames {
+    ConfiguredNames {
+        listeners: policy
+            .listeners()
+            .iter()
+            .map(|plan| plan.name.clone())
+            .collect(),
+        vendors: policy
+            .vendors()
+            .iter()
+            .map(|plan| plan.name.clone())
+            .collect(),
+        devices: policy
+            .devices()
+            .iter()
+            .map(|plan| plan.name.clone())
+            .collect(),
+        states: policy
+            .states()
+            .iter()
+            .map(|plan| plan.name.clone())
+            .collect(),
+        collectors: Vec::new(),
     }
 }
 

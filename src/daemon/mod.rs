@@ -9,12 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Diagnostics;
-use crate::events::{spawn_writer, Emitter, Event, EventType, JsonLinesFile, SyncMode};
+use crate::audit::{AuditHealth, AuditLog, AuditSettings};
+use crate::config::{AuditSync, Diagnostics};
+use crate::events::{spawn_writer, Emitter, Event, EventType, Observer, SyncMode};
+use crate::metrics::{self, Metrics, Readiness as MetricsReadiness};
 use crate::modbus::generation::Shared;
 use crate::modbus::listener;
 use crate::policy::Policy;
@@ -68,51 +70,135 @@ pub async fn run(
         tracing::warn!("{warning}");
     }
 
-    let audit = policy.audit().clone();
+    let metrics = Metrics::new(env!("CARGO_PKG_VERSION"));
+    let health = Arc::new(AuditHealth::new());
     let (emitter, receiver) = Emitter::new(policy.gateway_name().clone());
-    let sink = JsonLinesFile::open(&audit.path).map_err(|error| {
-        io::Error::new(
-            error.kind(),
-            format!("cannot open event log in {}: {error}", audit.path.display()),
-        )
-    })?;
-    let sync = match audit.sync {
-        crate::policy::AuditSync::Batch => SyncMode::Batch,
-        crate::policy::AuditSync::Always => SyncMode::Always,
+    let log = open_audit_log(&policy, &health)?;
+    let sync = match policy.audit().sync {
+        AuditSync::Batch => SyncMode::Batch,
+        AuditSync::Always => SyncMode::Always,
     };
-    let writer = spawn_writer(receiver, Box::new(sink), sync)?;
+    let writer = spawn_writer(receiver, Box::new(log), sync, Some(count_events(&metrics)))?;
 
-    let result = serve(config_path, policy, emitter, readiness, stop).await;
+    let result = serve(
+        config_path,
+        policy,
+        emitter,
+        metrics,
+        health,
+        readiness,
+        stop,
+    )
+    .await;
     tokio::task::spawn_blocking(move || writer.join())
         .await
         .map_err(io::Error::other)?;
     result
 }
 
+fn open_audit_log(policy: &Policy, health: &Arc<AuditHealth>) -> io::Result<AuditLog> {
+    let plan = policy.audit();
+    let settings = AuditSettings {
+        path: plan.path.clone(),
+        gateway: policy.gateway_name().clone(),
+        seal_every: plan.seal_every,
+        seal_interval: plan.seal_interval,
+        segment_bytes: plan.segment_bytes,
+        retention_days: plan.retention_days,
+    };
+    let (log, report) = AuditLog::open(settings, health.clone()).map_err(|error| {
+        io::Error::new(
+            error.kind(),
+            format!(
+                "cannot open the audit log in {}: {error}",
+                plan.path.display()
+            ),
+        )
+    })?;
+    if !report.sealed {
+        tracing::warn!(
+            path = %plan.path.display(),
+            "audit log has no sealing key: records are chained but not sealed; run `sluice audit init`"
+        );
+    }
+    if report.torn_bytes > 0 {
+        tracing::warn!(
+            bytes = report.torn_bytes,
+            segment = ?report.torn_segment,
+            "removed an incomplete last audit record left by a crash"
+        );
+    }
+    for warning in &report.warnings {
+        tracing::warn!("{warning}");
+    }
+    for removed in &report.removed_segments {
+        tracing::info!(segment = %removed.display(), "removed audit segment past retention");
+    }
+    Ok(log)
+}
+
+/// Counts what the metrics take from the event stream: anomalies by kind,
+/// device reconnects and audit records.
+fn count_events(metrics: &Arc<Metrics>) -> Observer {
+    let metrics = metrics.clone();
+    Box::new(move |event: &Event| {
+        metrics.count_audit_record();
+        if event.event_type == EventType::Seal {
+            metrics.count_audit_seal();
+        }
+        if let Some(anomaly) = &event.anomaly {
+            metrics.count_anomaly(anomaly.kind);
+        }
+    })
+}
+
 async fn serve(
     config_path: &Path,
     policy: Policy,
     emitter: Emitter,
+    metrics: Arc<Metrics>,
+    health: Arc<AuditHealth>,
     readiness: &mut dyn Readiness,
     stop: CancellationToken,
 ) -> Result<(), RunError> {
-    let generation = build_generation(policy, None, &emitter);
+    let metrics_bind = policy.metrics_bind();
+    let generation = build_generation(policy, None, &emitter, &metrics);
     let shared = Arc::new(Shared {
         current: ArcSwap::from_pointee(generation),
         emitter: emitter.clone(),
         sessions: Default::default(),
+        metrics: metrics.clone(),
+        audit: health,
     });
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let probe = Arc::new(MetricsReadiness::default());
+    probe.set_policy_loaded(true);
+    if let Some(bind) = metrics_bind {
+        let socket = listener::bind("metrics", bind).await?;
+        tracing::info!(address = %socket.local_addr()?, "metrics endpoint listening");
+        readiness.listening("metrics", socket.local_addr()?);
+        tokio::spawn(metrics::serve(
+            socket,
+            metrics.clone(),
+            probe.clone(),
+            shutdown.clone(),
+        ));
+    }
     bind_listeners(&shared, &shutdown, &tracker, readiness).await?;
+    probe.set_listeners_bound(true);
     let mut pollers = Pollers::start(&shared);
+    let sampler = tokio::spawn(sample_metrics(shared.clone(), probe, shutdown.clone()));
+    // Handlers go in before `ready`, so a SIGHUP sent as soon as the gateway
+    // reports ready is a reload and not the default action, which is to exit.
+    let mut signals = Signals::install()?;
     record_system(&emitter, "start", config_path).await;
     readiness.ready();
     tracing::info!(config = %config_path.display(), "gateway ready");
 
     let mut reloader = reload::Reloader::new(config_path.to_path_buf(), &shared);
-    wait_for_signals(&shared, &mut reloader, &mut pollers, &stop).await?;
+    wait_for_signals(&shared, &mut signals, &mut reloader, &mut pollers, &stop).await;
 
     tracing::info!("draining sessions");
     shutdown.cancel();
@@ -131,11 +217,54 @@ async fn serve(
         tracker.wait().await;
     }
     pollers.stop().await;
+    let _ = sampler.await;
     for pool in &shared.current.load().pools {
         pool.shutdown();
     }
     record_system(&emitter, "stop", config_path).await;
     Ok(())
+}
+
+/// How often gauges that have no event of their own are refreshed.
+const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Copies values that are cheaper to sample than to count on the request
+/// path into the metrics: audit health, queue depth, device reachability and
+/// state readings.
+async fn sample_metrics(
+    shared: Arc<Shared>,
+    probe: Arc<MetricsReadiness>,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(SAMPLE_INTERVAL);
+    let mut write_errors = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let writable = shared.audit.is_writable();
+        shared.metrics.set_audit_writable(writable);
+        probe.set_audit_writable(writable);
+        let errors = shared.audit.write_errors();
+        for _ in write_errors..errors {
+            shared.metrics.count_audit_write_error();
+        }
+        write_errors = errors;
+        shared
+            .metrics
+            .set_events_queue_depth(shared.emitter.queue_depth());
+
+        let generation = shared.current.load();
+        for (device, pool) in generation.pools.iter().enumerate() {
+            generation.instruments.upstream(device).set_up(pool.is_up());
+        }
+        let now = std::time::Instant::now();
+        for (index, plan) in generation.policy.states().iter().enumerate() {
+            let raw = generation.states.fresh(index, now, plan.max_age);
+            generation.instruments.set_state(index, raw);
+        }
+    }
 }
 
 async fn bind_listeners(
@@ -165,21 +294,35 @@ async fn bind_listeners(
     Ok(())
 }
 
+struct Signals {
+    hangup: Signal,
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl Signals {
+    fn install() -> io::Result<Signals> {
+        Ok(Signals {
+            hangup: signal(SignalKind::hangup())?,
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
 async fn wait_for_signals(
     shared: &Arc<Shared>,
+    signals: &mut Signals,
     reloader: &mut reload::Reloader,
     pollers: &mut Pollers,
     stop: &CancellationToken,
-) -> io::Result<()> {
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
+) {
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            _ = terminate.recv() => return Ok(()),
-            _ = interrupt.recv() => return Ok(()),
-            _ = hangup.recv() => {
+            _ = stop.cancelled() => return,
+            _ = signals.terminate.recv() => return,
+            _ = signals.interrupt.recv() => return,
+            _ = signals.hangup.recv() => {
                 if reloader.reload(shared).await {
                     pollers.restart(shared).await;
                 }

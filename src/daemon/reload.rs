@@ -62,7 +62,9 @@ impl Reloader {
                 let changed = changed_files(&self.files, &files);
                 let previous = shared.current.load_full();
                 warn_about_restart_only_changes(&previous.policy, &policy);
-                let generation = build_generation(policy, Some(&previous), &shared.emitter);
+                let generation =
+                    build_generation(policy, Some(&previous), &shared.emitter, &shared.metrics);
+                shared.metrics.count_reload(true);
                 shared.current.store(Arc::new(generation));
                 self.files = files;
                 let closed = close_orphaned_sessions(shared);
@@ -81,6 +83,7 @@ impl Reloader {
                 true
             }
             Err(diagnostics) => {
+                shared.metrics.count_reload(false);
                 for error in &diagnostics.errors {
                     tracing::error!("{error}");
                 }

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 mod writer;
 
-pub use writer::{spawn_writer, JsonLinesFile, Sink, SyncMode, WriterHandle};
+pub use writer::{spawn_writer, JsonLinesFile, Observer, Sink, SyncMode, WriterHandle};
 
 /// Capacity of the queue between emitters and the writer thread, in events.
 pub const QUEUE_CAPACITY: usize = 65_536;
@@ -194,6 +194,11 @@ impl Emitter {
             inner: Arc::new(inner),
         };
         (emitter, receiver)
+    }
+
+    /// Returns how many events wait in the queue for the writer.
+    pub fn queue_depth(&self) -> usize {
+        QUEUE_CAPACITY - self.inner.queue.capacity()
     }
 
     pub fn gateway(&self) -> &Arc<str> {

@@ -31,7 +31,22 @@ pub trait Sink: Send {
     fn write_batch(&mut self, batch: &[Event]) -> io::Result<()>;
     /// Forces what was written to stable storage.
     fn sync(&mut self) -> io::Result<()>;
+    /// Does timed work, such as an interval seal, while no events arrive.
+    fn tick(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Finishes the sink after the last event, for example with a final seal.
+    fn close(&mut self) -> io::Result<()> {
+        self.sync()
+    }
 }
+
+/// Called on the writer thread with every event after it is written, for
+/// counting; it must not block.
+pub type Observer = Box<dyn FnMut(&Event) + Send>;
+
+/// How often the writer calls `Sink::tick` while the queue is empty.
+pub const TICK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Events as JSON lines appended to one file.
 pub struct JsonLinesFile {
@@ -95,6 +110,7 @@ pub fn spawn_writer(
     receiver: mpsc::Receiver<Event>,
     sink: Box<dyn Sink>,
     mode: SyncMode,
+    observer: Option<Observer>,
 ) -> io::Result<WriterHandle> {
     // A current-thread runtime lets the thread wait for events and for the
     // group-commit timer without busy polling.
@@ -103,7 +119,7 @@ pub fn spawn_writer(
         .build()?;
     let thread = std::thread::Builder::new()
         .name("sluice-events".into())
-        .spawn(move || runtime.block_on(drain(receiver, sink, mode)))?;
+        .spawn(move || runtime.block_on(drain(receiver, sink, mode, observer)))?;
     Ok(WriterHandle { thread })
 }
 
@@ -111,7 +127,12 @@ pub fn spawn_writer(
 /// sleeps out the rest of the group-commit interval after a sync instead of
 /// listening, so emitters do not wake it for each event; what arrived
 /// meanwhile is written and synced together.
-async fn drain(mut receiver: mpsc::Receiver<Event>, mut sink: Box<dyn Sink>, mode: SyncMode) {
+async fn drain(
+    mut receiver: mpsc::Receiver<Event>,
+    mut sink: Box<dyn Sink>,
+    mode: SyncMode,
+    mut observer: Option<Observer>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut failing = false;
     let mut last_sync: Option<Instant> = None;
@@ -121,8 +142,16 @@ async fn drain(mut receiver: mpsc::Receiver<Event>, mut sink: Box<dyn Sink>, mod
                 tokio::time::sleep_until((synced + GROUP_COMMIT_INTERVAL).into()).await;
             }
         }
-        if receiver.recv_many(&mut batch, MAX_BATCH).await == 0 {
-            return;
+        let received =
+            tokio::time::timeout(TICK_INTERVAL, receiver.recv_many(&mut batch, MAX_BATCH)).await;
+        match received {
+            Err(_) => {
+                let result = sink.tick();
+                report_write_result(&result, &mut failing, 0);
+                continue;
+            }
+            Ok(0) => break,
+            Ok(_) => {}
         }
         while batch.len() < MAX_BATCH {
             match receiver.try_recv() {
@@ -133,7 +162,13 @@ async fn drain(mut receiver: mpsc::Receiver<Event>, mut sink: Box<dyn Sink>, mod
         let result = write_durably(sink.as_mut(), &batch, mode);
         last_sync = Some(Instant::now());
         report_write_result(&result, &mut failing, batch.len());
+        if let Some(observe) = observer.as_mut() {
+            batch.iter().for_each(observe);
+        }
         batch.clear();
+    }
+    if let Err(error) = sink.close() {
+        tracing::error!(%error, "closing the event log failed");
     }
 }
 
@@ -182,7 +217,7 @@ mod tests {
         let (emitter, receiver) = Emitter::new(Arc::from("edge-01"));
         let sink = JsonLinesFile::open(folder.path()).unwrap();
         let path = sink.path().to_path_buf();
-        let writer = spawn_writer(receiver, Box::new(sink), SyncMode::Batch).unwrap();
+        let writer = spawn_writer(receiver, Box::new(sink), SyncMode::Batch, None).unwrap();
         for _ in 0..100 {
             emitter.emit(Event::new(EventType::System)).await.unwrap();
         }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::audit::AuditHealth;
 use crate::events::Emitter;
+use crate::metrics::{Instruments, Metrics};
 use crate::policy::{DeviceId, Policy, StateTable};
 
 use super::upstream::Pool;
@@ -17,6 +19,9 @@ pub struct Generation {
     /// One pool per device, indexed by `DeviceId`.
     pub pools: Vec<Pool>,
     pub states: Arc<StateTable>,
+    /// Metric handles labelled with this generation's names, indexed like
+    /// the policy's listeners, vendors, devices and states.
+    pub instruments: Arc<Instruments>,
 }
 
 impl Generation {
@@ -34,4 +39,8 @@ pub struct Shared {
     pub current: ArcSwap<Generation>,
     pub emitter: Emitter,
     pub sessions: super::registry::Registry,
+    pub metrics: Arc<Metrics>,
+    /// While the audit log cannot be written, writes and state-gated
+    /// requests are denied.
+    pub audit: Arc<AuditHealth>,
 }

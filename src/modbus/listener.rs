@@ -12,9 +12,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::events::{Event, EventType, Severity};
+use crate::metrics::RejectReason;
 
 use super::generation::Shared;
-use super::registry::{AdmitLimits, SessionInfo};
+use super::registry::{AdmitError, AdmitLimits, SessionInfo};
 use super::session::{self, SessionParams};
 
 /// Pause after an accept error such as EMFILE, so a full descriptor table
@@ -57,11 +58,18 @@ async fn admit(
 ) {
     let generation = shared.current.load();
     let policy = &generation.policy;
-    let Some(plan) = policy.listeners().iter().find(|plan| &plan.name == name) else {
+    let Some(listener) = policy
+        .listeners()
+        .iter()
+        .position(|plan| &plan.name == name)
+    else {
         return;
     };
+    let plan = &policy.listeners()[listener];
+    let instruments = generation.instruments.clone();
 
     let Some(vendor) = policy.identify(peer.ip()) else {
+        instruments.count_session_rejected(listener, RejectReason::UnknownSource);
         tracing::debug!(listener = %name, %peer, "connection from unknown source closed");
         reject(shared, name, peer, None, "source address matches no vendor").await;
         let mut anomaly = Event::anomaly(
@@ -104,6 +112,12 @@ async fn admit(
     drop(generation);
 
     if let Err(error) = shared.sessions.admit(info, limits) {
+        let reason = match error {
+            AdmitError::ListenerFull { .. } => RejectReason::ListenerFull,
+            AdmitError::SourceFull { .. } => RejectReason::SourceFull,
+            AdmitError::VendorFull { .. } => RejectReason::VendorFull,
+        };
+        instruments.count_session_rejected(listener, reason);
         tracing::debug!(listener = %name, %peer, %error, "connection rejected");
         reject(shared, name, peer, Some(vendor_name), &error.to_string()).await;
         return;

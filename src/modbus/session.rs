@@ -18,6 +18,7 @@ use tokio::time::{sleep_until, Instant as TokioInstant};
 use tokio_util::sync::CancellationToken;
 
 use crate::events::{DecisionKind, Event, EventType, ModbusInfo, Severity};
+use crate::metrics::Instruments;
 use crate::policy::{Context, Decision, DeviceId, ListenerPlan, Mode, OnDeny, VendorId};
 
 use super::access::access_of;
@@ -87,6 +88,43 @@ struct Completed {
     function: u8,
     outcome: Result<Option<Bytes>, UpstreamError>,
     event: Event,
+    tally: Tally,
+}
+
+/// What the request metrics need to count one forwarded request.
+struct Tally {
+    instruments: Arc<Instruments>,
+    listener: usize,
+    vendor: usize,
+    device: DeviceId,
+    allowed: bool,
+    forwarded_at: Instant,
+}
+
+impl Tally {
+    fn record(&self, function: u8, outcome: &Result<Option<Bytes>, UpstreamError>) {
+        let duration = self.forwarded_at.elapsed();
+        self.instruments.record_request(
+            self.listener,
+            self.vendor,
+            self.device,
+            function,
+            self.allowed,
+            Some(duration),
+        );
+        let upstream = self.instruments.upstream(self.device);
+        match outcome {
+            Ok(Some(pdu)) if pdu.len() == 2 && pdu[0] & 0x80 != 0 => {
+                upstream.count_exception(pdu[1])
+            }
+            Ok(_) => {}
+            Err(UpstreamError::Timeout { .. }) => upstream.count_timeout(),
+            Err(UpstreamError::BadResponse { .. } | UpstreamError::WrongUnit { .. }) => {
+                upstream.count_bad_response()
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// An allowed (or monitored) request on its way to a device.
@@ -97,6 +135,7 @@ struct Job {
     request: Request,
     expects_response: bool,
     event: Event,
+    tally: Tally,
 }
 
 /// What the session does after handling one frame. A `Step` lives only until
@@ -123,6 +162,7 @@ pub async fn run(stream: TcpStream, params: SessionParams, shared: Arc<Shared>) 
     let Some(listener) = find_listener(&generation, &params.listener) else {
         return;
     };
+    let _open = generation.instruments.open_session(listener, params.vendor);
     let mut session = Session {
         params,
         shared,
@@ -349,9 +389,18 @@ impl Session {
             .generation
             .policy
             .decide(self.params.vendor, device, &access, &context);
+        let audit_failed =
+            !self.shared.audit.is_writable() && self.needs_working_audit(&request, &decision);
 
         let mut event = self.decision_event(header, &request, Some(device));
         let exception = match &decision {
+            _ if audit_failed => {
+                event.decision = Some(DecisionKind::Deny);
+                event.reason = Some(
+                    "audit log not writable; writes and state-gated requests are denied".to_owned(),
+                );
+                Some(ExceptionCode::IllegalFunction)
+            }
             Decision::Allow { rule } => {
                 event.decision = Some(DecisionKind::Allow);
                 event.rule = Some(self.generation.policy.rule_label(*rule).to_owned());
@@ -370,12 +419,22 @@ impl Session {
         };
 
         match (exception, mode) {
-            (None, _) => Step::Forward(self.job(header, request, device, event)),
-            (Some(_), Mode::Monitor) => {
+            (None, _) => Step::Forward(self.job(header, request, device, event, true)),
+            // Monitor mode never forwards around a broken audit log, because
+            // the forwarded request could not be recorded.
+            (Some(_), Mode::Monitor) if !audit_failed => {
                 event.enforced = Some(false);
-                Step::Forward(self.job(header, request, device, event))
+                Step::Forward(self.job(header, request, device, event, false))
             }
-            (Some(code), Mode::Enforce) => {
+            (Some(code), _) => {
+                self.generation.instruments.record_request(
+                    self.listener,
+                    self.params.vendor,
+                    device,
+                    function,
+                    false,
+                    None,
+                );
                 self.enforce_denial(header, function, code, on_deny, event)
                     .await
             }
@@ -406,7 +465,26 @@ impl Session {
         }
     }
 
-    fn job(&self, header: Header, request: Request, device: DeviceId, event: Event) -> Job {
+    /// Returns true when `request` may go through only while the audit log
+    /// can record it: writes, and requests a state-gated rule allowed.
+    fn needs_working_audit(&self, request: &Request, decision: &Decision) -> bool {
+        if is_write(request) {
+            return true;
+        }
+        match decision {
+            Decision::Allow { rule } => self.generation.policy.rule_depends_on_state(*rule),
+            Decision::Deny { .. } => false,
+        }
+    }
+
+    fn job(
+        &self,
+        header: Header,
+        request: Request,
+        device: DeviceId,
+        event: Event,
+        allowed: bool,
+    ) -> Job {
         let upstream_unit = self.generation.policy.devices()[device].unit;
         let expects_response = expects_response(upstream_unit, &request);
         Job {
@@ -416,6 +494,14 @@ impl Session {
             request,
             expects_response,
             event,
+            tally: Tally {
+                instruments: self.generation.instruments.clone(),
+                listener: self.listener,
+                vendor: self.params.vendor,
+                device,
+                allowed,
+                forwarded_at: Instant::now(),
+            },
         }
     }
 
@@ -466,7 +552,9 @@ impl Session {
             function,
             outcome,
             mut event,
+            tally,
         } = done;
+        tally.record(function, &outcome);
         match outcome {
             Ok(Some(pdu)) => frame::encode_response(header, &pdu, &mut self.output),
             Ok(None) => {}
@@ -551,6 +639,7 @@ async fn forward(job: Job) -> Completed {
         request,
         expects_response,
         event,
+        tally,
     } = job;
     let function = request.function_code();
     let outcome = if expects_response {
@@ -565,6 +654,7 @@ async fn forward(job: Job) -> Completed {
         function,
         outcome,
         event,
+        tally,
     }
 }
 

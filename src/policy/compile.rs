@@ -13,8 +13,8 @@ use crate::identity::{SourceIndex, SourceSet};
 
 use super::rate::{RateLimiter, RateScope};
 use super::{
-    AuditPlan, CompiledRule, CompiledWhen, DevicePlan, FunctionTable, IntervalSet, ListenerPlan,
-    Policy, Routes, RuleRef, StatePlan, VendorPlan,
+    CompiledRule, CompiledWhen, DevicePlan, FunctionTable, IntervalSet, ListenerPlan, Policy,
+    Routes, RuleRef, StatePlan, VendorPlan,
 };
 
 /// Collects problems of names that refer to nothing. `config::load` reports
@@ -102,10 +102,8 @@ pub(super) fn compile(config: &Config) -> Result<(Policy, Vec<Diagnostic>), Diag
         listeners,
         devices,
         states,
-        audit: AuditPlan {
-            path: config.audit.path.clone(),
-            sync: config.audit.sync,
-        },
+        audit: config.audit.clone(),
+        metrics_bind: config.metrics.as_ref().map(|metrics| metrics.bind),
         vendor_rates: config
             .vendors
             .iter()

@@ -174,12 +174,8 @@ impl StatePlan {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditPlan {
-    /// The audit folder: absolute, or relative to the working directory.
-    pub path: PathBuf,
-    pub sync: AuditSync,
-}
+/// The audit settings; `path` is absolute or relative to the working directory.
+pub type AuditPlan = crate::config::AuditConfig;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VendorPlan {
@@ -267,6 +263,7 @@ pub struct Policy {
     devices: Vec<DevicePlan>,
     states: Vec<StatePlan>,
     audit: AuditPlan,
+    metrics_bind: Option<std::net::SocketAddr>,
     vendors: Vec<VendorPlan>,
     /// Each vendor's own rate limit, by vendor id.
     vendor_rates: Vec<Option<rate::RateLimiter>>,
@@ -329,6 +326,11 @@ impl Policy {
         &self.audit
     }
 
+    /// Returns the address of the Prometheus endpoint, when one is configured.
+    pub fn metrics_bind(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_bind
+    }
+
     pub fn vendors(&self) -> &[VendorPlan] {
         &self.vendors
     }
@@ -362,6 +364,16 @@ impl Policy {
             .get(rule.vendor as usize)
             .and_then(|plan| plan.rule_labels.get(rule.index as usize))
             .map_or("unknown", |label| label)
+    }
+
+    /// Returns true when `rule` has a `when.state` condition. Such rules
+    /// stop allowing requests while the audit log cannot be written.
+    pub fn rule_depends_on_state(&self, rule: RuleRef) -> bool {
+        self.rules
+            .iter()
+            .find(|compiled| compiled.rule == rule)
+            .and_then(|compiled| compiled.when.as_ref())
+            .is_some_and(|when| !when.states.is_empty())
     }
 
     /// Returns the vendor a plain listener assigns to a connection from

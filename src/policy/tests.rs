@@ -814,10 +814,8 @@ fn built_config(vendors: Vec<VendorConfig>) -> Config {
         }],
         devices: vec![device],
         states: Vec::new(),
-        audit: AuditConfig {
-            path: "audit".into(),
-            sync: AuditSync::Batch,
-        },
+        audit: AuditConfig::new("audit".into()),
+        metrics: None,
         vendors,
         files: Vec::new(),
     }

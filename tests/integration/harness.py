@@ -263,7 +263,11 @@ class Gateway:
         return port
 
     def events(self) -> list[dict]:
-        return read_json_lines(self.events_path)
+        """Return every event of the audit log, across its segments, in order."""
+        records = []
+        for segment in sorted(self.events_path.parent.glob("audit-*.jsonl")):
+            records.extend(read_json_lines(segment))
+        return records
 
     def wait_for_events(self, predicate: Callable[[dict], bool], count: int = 1, what: str = "events") -> list[dict]:
         """Wait until at least `count` events match `predicate` and return the matches."""
@@ -391,10 +395,19 @@ class StateGateway(Gateway):
 
 
 def send_hangup(gateway: Gateway) -> None:
-    """Send SIGHUP to the gateway process, which asks it to reload its files."""
+    """Send SIGHUP to the gateway process, which makes it reload its files."""
     gateway.process.popen.send_signal(signal.SIGHUP)
 
 
 def connect_from(source_ip: str, port: int, timeout: float = 10.0) -> socket.socket:
     """Open a TCP connection to 127.0.0.1:`port` from the loopback address `source_ip`."""
     return socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source_ip, 0))
+
+
+def vendor_rule_file(vendor: dict, allows: list[dict]) -> str:
+    """Return a rule file whose `[vendor]` table contains every key of
+    `vendor`, such as `max_sessions` or `rate`."""
+    text = toml_table("[vendor]", vendor)
+    for allow in allows:
+        text += "\n" + toml_table("[[allow]]", allow)
+    return text

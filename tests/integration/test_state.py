@@ -8,8 +8,8 @@ from harness import acme_rules, device, listener, modbus_client, wait_for
 
 ILLEGAL_FUNCTION = 0x01
 
-# A state that changes on the PLC must reach the policy within this time;
-# the states below are polled every 100 ms.
+# A state that changes on the PLC must reach the policy within this time.
+# The states below are polled every 100 ms.
 STATE_TIMEOUT = 5.0
 
 
@@ -86,8 +86,14 @@ def state_changes(gateway) -> list[tuple[str, str, str, int | None]]:
 
 
 def wait_for_state(gateway, state: str, new: str) -> None:
+    """Wait until the latest change event of `state` names `new` as its value."""
+
+    def latest_is_new():
+        changes = [change for change in state_changes(gateway) if change[0] == state]
+        return bool(changes) and changes[-1][2] == new
+
     wait_for(
-        lambda: any(change[0] == state and change[2] == new for change in state_changes(gateway)),
+        latest_is_new,
         timeout=STATE_TIMEOUT,
         what=f"state {state} to change to {new}",
     )
@@ -103,17 +109,19 @@ def plc_register(plc_direct, address: int) -> int:
     return result.registers[0]
 
 
-def decision_reasons(gateway) -> list[str]:
-    return [
-        event.get("reason", "")
-        for event in gateway.events()
-        if event.get("event_type") == "decision" and event.get("decision") == "deny"
-    ]
+def decision_for(gateway, result) -> dict:
+    """Wait for the decision event of the request that got `result` and return it."""
+    (event,) = gateway.wait_for_events(
+        lambda event: event.get("event_type") == "decision"
+        and event["modbus"]["transaction_id"] == result.transaction_id,
+        what=f"decision event of transaction {result.transaction_id}",
+    )
+    return event
 
 
 def test_register_state_gates_write(start_state_gateway, plc_sim, plc_direct):
-    # Register 900 of the plc-sim holds 900 at start, a value the state does
-    # not name; 0 is production.
+    # Register 900 of the plc-sim contains 900 at start, a value that the state
+    # does not name. The value 0 is production.
     assert not plc_direct.write_register(900, 0, device_id=1).isError()
     gateway = start_state_gateway(
         plc_sim.address,
@@ -151,12 +159,13 @@ def test_register_state_gates_write(start_state_gateway, plc_sim, plc_direct):
         ("press-1-mode", "production", "maintenance", 1),
         ("press-1-mode", "maintenance", "production", 0),
     ]
-    (change,) = [event for event in gateway.events() if event.get("event_type") == "state"][1:2]
-    assert change["device"] == "press-1"
-    assert change["gateway"] == "test-gw"
-    reasons = decision_reasons(gateway)
-    assert reasons[0] == "state press-1-mode is production, rule requires maintenance"
-    assert reasons[-1] == "state press-1-mode is production, rule requires maintenance"
+    for event in gateway.events():
+        if event.get("event_type") == "state":
+            assert event["device"] == "press-1"
+            assert event["gateway"] == "test-gw"
+    for denied in (in_production, back_in_production):
+        reason = decision_for(gateway, denied)["reason"]
+        assert reason == "state press-1-mode is production, rule requires maintenance"
 
 
 def test_stopped_plc_makes_state_unknown(start_state_gateway, plc_sim, plc_direct):
@@ -191,7 +200,7 @@ def test_stopped_plc_makes_state_unknown(start_state_gateway, plc_sim, plc_direc
         ("press-1-mode", "unknown", "maintenance", 1),
         ("press-1-mode", "maintenance", "unknown", None),
     ]
-    assert decision_reasons(gateway)[-1] == "state press-1-mode unknown"
+    assert decision_for(gateway, denied)["reason"] == "state press-1-mode unknown"
 
 
 def test_coil_key_switch_gates_write(start_state_gateway, plc_sim, plc_direct):
@@ -231,4 +240,5 @@ def test_coil_key_switch_gates_write(start_state_gateway, plc_sim, plc_direct):
         ("key-switch", "locked", "unlocked", 1),
         ("key-switch", "unlocked", "locked", 0),
     ]
-    assert decision_reasons(gateway)[-1] == "state key-switch is locked, rule requires unlocked"
+    for denied in (locked, locked_again):
+        assert decision_for(gateway, denied)["reason"] == "state key-switch is locked, rule requires unlocked"
