@@ -89,10 +89,9 @@ impl Reloader {
                 }
                 let mut event = Event::new(EventType::Config);
                 event.action = Some("reload_failed");
-                event.reason = Some(format!(
-                    "{} errors; running configuration kept",
-                    diagnostics.errors.len()
-                ));
+                let count = diagnostics.errors.len();
+                let noun = if count == 1 { "error" } else { "errors" };
+                event.reason = Some(format!("{count} {noun}; running configuration kept"));
                 let errors: Vec<String> =
                     diagnostics.errors.iter().map(ToString::to_string).collect();
                 event.detail = Some(serde_json::json!({ "errors": errors }));
