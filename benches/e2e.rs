@@ -4,7 +4,10 @@
 //! latency percentiles for both and their ratios.
 //!
 //! Run: `cargo bench --bench e2e` (environment: SLUICE_BENCH_CONNECTIONS,
-//! default 16; SLUICE_BENCH_SECONDS per phase, default 5).
+//! default 16; SLUICE_BENCH_SECONDS per phase, default 5). To set another
+//! forwarder such as HAProxy beside sluice, fix the PLC's port with
+//! SLUICE_BENCH_PLC_PORT, point the forwarder at it and give its address in
+//! SLUICE_BENCH_COMPARE; it is then measured as a third phase.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -78,7 +81,7 @@ fn start(mut command: Command, prefix: &str) -> (Process, SocketAddr) {
 fn write_config(folder: &std::path::Path, plc: SocketAddr, connections: usize) {
     std::fs::create_dir_all(folder.join("rules")).unwrap();
     let gateway = format!(
-        "[gateway]\nname = \"bench\"\nrules = \"rules\"\n\n\
+        "[gateway]\nname = \"bench\"\nrules = \"rules\"\nallow_root = true\n\n\
          [[listener]]\nname = \"bench\"\nprotocol = \"modbus\"\nbind = \"127.0.0.1:0\"\ndevice = \"plc\"\n\
          limits = {{ max_connections = {limit}, max_connections_per_source = {limit} }}\n\n\
          [[device]]\nname = \"plc\"\naddress = \"{plc}\"\nunit = 1\ntimeout_ms = 2000\nmax_connections = {connections}\n\n\
@@ -174,7 +177,8 @@ fn main() {
 
     let folder = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
     let mut plc_command = sluice();
-    plc_command.args(["plc-sim", "--bind", "127.0.0.1:0"]);
+    let plc_port = std::env::var("SLUICE_BENCH_PLC_PORT").unwrap_or_else(|_| "0".to_owned());
+    plc_command.args(["plc-sim", "--bind", &format!("127.0.0.1:{plc_port}")]);
     let (_plc, plc_address) = start(plc_command, "listening ");
     write_config(&folder, plc_address, connections);
     let mut gateway_command = sluice();
@@ -201,6 +205,17 @@ fn main() {
         gateway.percentile(0.50).as_secs_f64() / direct.percentile(0.50).as_secs_f64(),
         gateway.percentile(0.99).as_secs_f64() / direct.percentile(0.99).as_secs_f64(),
     );
+    if let Some(address) = std::env::var("SLUICE_BENCH_COMPARE")
+        .ok()
+        .and_then(|a| a.parse().ok())
+    {
+        let other = measure(&runtime, address, connections, seconds);
+        report("compare", &other);
+        println!(
+            "ratio    compare throughput {:.2}× of direct",
+            other.throughput() / direct.throughput()
+        );
+    }
     drop(_gateway);
     let _ = std::fs::remove_dir_all(&folder);
 }

@@ -132,6 +132,7 @@ async fn run_in(folder: &Path) -> Result<(), String> {
             Err(format!("{} configuration errors", diagnostics.errors.len()))
         }
         Err(RunError::Io(error)) => Err(error.to_string()),
+        Err(RunError::Privileges(error)) => Err(error.to_string()),
     }
 }
 
@@ -141,6 +142,8 @@ fn write_examples(folder: &Path) -> std::io::Result<()> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
+        // The demo serves loopback only, so it may run as root for a first look.
+        let contents = contents.replacen("[gateway]\n", "[gateway]\nallow_root = true\n", 1);
         std::fs::write(path, contents)?;
     }
     Ok(())

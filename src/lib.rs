@@ -1,7 +1,9 @@
 //! sluice: a protocol-aware OT security gateway. The binary in `main.rs` is a
 //! thin command line over these parts; `DESIGN.md` describes how they fit.
 
+pub mod admin;
 pub mod audit;
+pub mod collect;
 pub mod config;
 pub mod daemon;
 pub mod demo;

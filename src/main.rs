@@ -1,6 +1,8 @@
 //! The `sluice` command line: parses arguments, sets up logging and hands
 //! over to the library. Exit status: 0 success, 1 when `check` finds the
-//! configuration invalid, 64 for an invalid configuration elsewhere or bad usage.
+//! configuration invalid, 64 for an invalid configuration elsewhere or bad usage;
+//! `ctl` also exits 1 when the gateway reports an error and 69 when it cannot
+//! be reached.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,6 +11,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+use sluice::admin::privileges::PrivilegeError;
 use sluice::daemon::{self, PrintReadiness, RunError};
 
 /// Exit status for bad usage and invalid configuration (EX_USAGE).
@@ -50,6 +53,20 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Talk to the running gateway over its control socket.
+    Ctl {
+        /// Gateway configuration file; the control socket is found from it.
+        #[arg(long, global = true, default_value = "/etc/sluice/gateway.toml")]
+        config: PathBuf,
+        /// Print the gateway's JSON result instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+    /// Write the man page and the bash, zsh and fish completions into DIR.
+    #[command(hide = true)]
+    GenerateAssets { dir: PathBuf },
     /// Run a simulated PLC and the gateway with the example configuration on loopback.
     Demo,
     /// Run only the simulated PLC (a Modbus/TCP server with recognisable values).
@@ -61,6 +78,70 @@ enum Command {
         #[arg(long)]
         log: Option<PathBuf>,
     },
+    /// Run an embedded event collector: an HTTPS server that stores the
+    /// events posted to /events as JSON lines, dropping repeated ids.
+    Collect {
+        /// Address to listen on; port 0 picks a free port.
+        #[arg(long)]
+        bind: std::net::SocketAddr,
+        /// Server certificate chain, PEM.
+        #[arg(long)]
+        tls_cert: PathBuf,
+        /// Server private key, PEM.
+        #[arg(long)]
+        tls_key: PathBuf,
+        /// CA bundle, PEM; when set, clients must present a certificate it signed.
+        #[arg(long)]
+        client_ca: Option<PathBuf>,
+        /// File the events are appended to, one JSON object per line.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Show the gateway, its listeners, devices, sessions and quarantines.
+    Status,
+    /// List open sessions.
+    Sessions,
+    /// Close one session.
+    Kill {
+        /// Session id, as listed by `sessions`.
+        id: u64,
+    },
+    /// Refuse a vendor's connections and requests and close its sessions.
+    Quarantine {
+        vendor: String,
+        /// End the quarantine after this long, such as 90s, 15m, 2h or 1d;
+        /// without it the quarantine lasts until `release`.
+        #[arg(long = "for", value_name = "DURATION", value_parser = sluice::admin::ctl::parse_duration)]
+        duration: Option<std::time::Duration>,
+    },
+    /// End a vendor's quarantine.
+    Release { vendor: String },
+    /// Reload the gateway file and the rule files, as SIGHUP does.
+    Reload,
+    /// Show the operational state values and the age of their readings.
+    State,
+}
+
+impl CtlCommand {
+    fn into_request(self) -> sluice::admin::protocol::Request {
+        use sluice::admin::protocol::Request;
+        match self {
+            CtlCommand::Status => Request::Status,
+            CtlCommand::Sessions => Request::Sessions,
+            CtlCommand::Kill { id } => Request::Kill { session: id },
+            CtlCommand::Quarantine { vendor, duration } => Request::Quarantine {
+                vendor,
+                duration_s: duration.map(|duration| duration.as_secs()),
+            },
+            CtlCommand::Release { vendor } => Request::Release { vendor },
+            CtlCommand::Reload => Request::Reload,
+            CtlCommand::State => Request::State,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -109,8 +190,31 @@ fn main() -> ExitCode {
         Command::Check { config, explain } => check(&config, explain.as_deref()),
         Command::Run { config } => run_async(run(config)),
         Command::Audit { command } => audit(command),
+        Command::Ctl {
+            config,
+            json,
+            command,
+        } => ExitCode::from(sluice::admin::ctl::run(
+            &config,
+            command.into_request(),
+            json,
+        )),
+        Command::GenerateAssets { dir } => generate_assets(&dir),
         Command::Demo => run_async(sluice::demo::run()),
         Command::PlcSim { bind, log } => run_async(plc_sim(bind, log)),
+        Command::Collect {
+            bind,
+            tls_cert,
+            tls_key,
+            client_ca,
+            out,
+        } => run_async(collect(sluice::collect::server::CollectSettings {
+            bind,
+            cert: tls_cert,
+            key: tls_key,
+            client_ca,
+            out,
+        })),
     }
 }
 
@@ -198,6 +302,43 @@ async fn run(config: PathBuf) -> ExitCode {
             eprintln!("error: {error}");
             ExitCode::FAILURE
         }
+        Err(RunError::Privileges(error)) => {
+            eprintln!("error: {error}");
+            match error {
+                PrivilegeError::Switch { .. } | PrivilegeError::NotDropped { .. } => {
+                    ExitCode::FAILURE
+                }
+                _ => ExitCode::from(EXIT_USAGE),
+            }
+        }
+    }
+}
+
+/// Writes a man page per visible command to `man/man1/` and the shell
+/// completions `completions/{sluice.bash,_sluice,sluice.fish}` under `dir`,
+/// generated from this command line, for the Debian package.
+fn generate_assets(dir: &std::path::Path) -> ExitCode {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+
+    let mut command = Cli::command();
+    let man = dir.join("man").join("man1");
+    let completions = dir.join("completions");
+    let result = (|| -> std::io::Result<()> {
+        std::fs::create_dir_all(&man)?;
+        std::fs::create_dir_all(&completions)?;
+        clap_mangen::generate_to(command.clone(), &man)?;
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            clap_complete::generate_to(shell, &mut command, "sluice", &completions)?;
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: cannot write assets to {}: {error}", dir.display());
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -235,6 +376,16 @@ async fn plc_sim(bind: std::net::SocketAddr, log: Option<PathBuf>) -> ExitCode {
             }
         },
         _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
+    }
+}
+
+async fn collect(settings: sluice::collect::server::CollectSettings) -> ExitCode {
+    match sluice::collect::server::run(settings).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(EXIT_USAGE)
+        }
     }
 }
 

@@ -10,6 +10,7 @@ use toml::Spanned;
 
 use super::diagnostic::{Origin, Report, SourceText};
 use super::raw;
+use super::service::ServiceConfig;
 use super::syntax::parse_range;
 use super::{
     AuditConfig, AuditSync, DeviceConfig, GatewayConfig, ListenerConfig, ListenerLimits,
@@ -40,6 +41,8 @@ pub(super) struct LoadedGateway {
     /// The position of `gateway.rules`, or of the gateway name when the key is
     /// missing.
     pub rules_origin: Origin,
+    /// Settings of the process itself: service user and control socket.
+    pub service: ServiceConfig,
 }
 
 /// Reads and checks the gateway file. Returns `None` when the file cannot be
@@ -71,11 +74,13 @@ pub(super) fn load(path: &Path, report: &mut Report) -> Option<LoadedGateway> {
     let devices = check.devices(&file.device);
     let listeners = check.listeners(&file.listener, &device_names);
     let (states, state_values) = check.states(&file.state, &device_names);
-    let audit = check.audit(file.audit.as_ref(), base);
+    let mut audit = check.audit(file.audit.as_ref(), base);
+    audit.collectors = check.collectors(&file.collector, base);
     let metrics = file
         .metrics
         .as_ref()
         .and_then(|section| check.metrics(section));
+    let service = check.service(&file.gateway, file.admin.as_ref(), base);
     let rules_origin = match &file.gateway.rules {
         Some(rules) => check.at(rules),
         None => check.at(&file.gateway.name),
@@ -91,6 +96,7 @@ pub(super) fn load(path: &Path, report: &mut Report) -> Option<LoadedGateway> {
         device_names,
         state_values,
         rules_origin,
+        service,
     })
 }
 
@@ -214,11 +220,7 @@ impl Checker<'_> {
     }
 
     fn unsupported_sections(&mut self, file: &raw::GatewayFile) {
-        let sections = [
-            ("[[collector]]", &file.collector),
-            ("[admin]", &file.admin),
-            ("[[tag]]", &file.tag),
-        ];
+        let sections = [("[[tag]]", &file.tag)];
         for (section, value) in sections {
             if let Some(value) = value {
                 self.error(

@@ -9,15 +9,18 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+mod collector;
 mod diagnostic;
 mod gateway;
 mod raw;
 mod rules;
+mod service;
 mod syntax;
 #[cfg(test)]
 mod tests;
 
 pub use diagnostic::{Diagnostic, Diagnostics, Origin};
+pub use service::{load_service, AdminConfig, ServiceConfig, MAX_SOCKET_PATH};
 pub use syntax::{function_code, function_name, MAX_FUNCTION_CODE};
 
 /// A validated configuration: `gateway.toml` plus every rule file. Names
@@ -192,6 +195,9 @@ pub struct AuditConfig {
     pub segment_bytes: u64,
     /// Age past which whole old segments are removed; 0 keeps everything.
     pub retention_days: u32,
+    /// The `[[collector]]` sections. Collectors receive copies of the audit
+    /// stream, so their settings travel with the audit settings.
+    pub collectors: Vec<CollectorConfig>,
 }
 
 impl AuditConfig {
@@ -204,6 +210,7 @@ impl AuditConfig {
             seal_interval: Duration::from_secs(60),
             segment_bytes: 64 * 1024 * 1024,
             retention_days: 365,
+            collectors: Vec::new(),
         }
     }
 }
@@ -212,6 +219,65 @@ impl AuditConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetricsConfig {
     pub bind: SocketAddr,
+}
+
+/// Where a collector's events go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CollectorTarget {
+    /// JSON array batches sent by HTTPS POST to `url`.
+    Https {
+        url: String,
+        /// Host name or IP address, without IPv6 brackets.
+        host: String,
+        port: u16,
+        path: String,
+    },
+    /// RFC 5425 syslog over TLS.
+    SyslogTls { host: String, port: u16 },
+}
+
+/// Which events a collector receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CollectorEvents {
+    /// Anomalies and audit seal records.
+    Anomalies,
+    All,
+}
+
+/// What a collector's full spool does with a new event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFull {
+    /// Drops the oldest unsent events to make room.
+    DropOldest,
+    /// Leaves the new event out of the spool; it stays in the audit log only.
+    KeepInAudit,
+}
+
+/// TLS files of a collector, resolved against the gateway file's folder.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CollectorTls {
+    /// CA bundle that verifies the collector; the system bundle when unset.
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain, presented when set together with `key`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectorConfig {
+    pub name: String,
+    pub target: CollectorTarget,
+    pub events: CollectorEvents,
+    /// The spool folder, resolved against the gateway file's folder.
+    pub spool: PathBuf,
+    pub spool_max_bytes: u64,
+    pub on_full: OnFull,
+    pub tls: CollectorTls,
+    /// Largest number of events in one delivery.
+    pub batch_max: usize,
+    /// Longest time a connection or one delivery may take.
+    pub timeout: Duration,
+    pub origin: Origin,
 }
 
 #[derive(Debug, Clone)]

@@ -23,10 +23,11 @@ pub(super) struct GatewayFile {
     pub state: Vec<StateSection>,
     pub audit: Option<AuditSection>,
     pub metrics: Option<MetricsSection>,
+    pub admin: Option<AdminSection>,
+    #[serde(default)]
+    pub collector: Vec<CollectorSection>,
     /// Sections of the full design that this build does not implement; they
     /// are rejected with a message instead of an unknown-key error.
-    pub collector: Option<Spanned<toml::Value>>,
-    pub admin: Option<Spanned<toml::Value>>,
     pub tag: Option<Spanned<toml::Value>>,
 }
 
@@ -36,6 +37,9 @@ pub(super) struct GatewaySection {
     pub name: Spanned<String>,
     pub timezone: Option<Spanned<String>>,
     pub rules: Option<Spanned<String>>,
+    pub user: Option<Spanned<String>>,
+    pub group: Option<Spanned<String>>,
+    pub allow_root: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,8 +108,39 @@ pub(super) struct AuditSection {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct AdminSection {
+    pub socket: Spanned<String>,
+    pub group: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct MetricsSection {
     pub bind: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CollectorSection {
+    pub name: Spanned<String>,
+    pub transport: Option<Spanned<String>>,
+    pub url: Option<Spanned<String>>,
+    pub address: Option<Spanned<String>>,
+    pub events: Option<Spanned<String>>,
+    pub spool: Option<Spanned<String>>,
+    pub spool_max_bytes: Option<Spanned<i64>>,
+    pub on_full: Option<Spanned<String>>,
+    pub tls: Option<Spanned<CollectorTlsSection>>,
+    pub batch_max: Option<Spanned<i64>>,
+    pub timeout_ms: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CollectorTlsSection {
+    pub ca: Option<Spanned<String>>,
+    pub cert: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

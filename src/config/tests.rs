@@ -304,6 +304,10 @@ sync = "batch"
 
 [[collector]]
 name = "soc"
+transport = "https"
+url = "https://collector.example:8443/events"
+events = "anomalies"
+spool = "/var/lib/sluice/spool/soc"
 
 [metrics]
 bind = "127.0.0.1:9502"
@@ -334,8 +338,6 @@ when.schedule = ["Mon-Fri 07:00-17:00"]
     assert_eq!(
         errors,
         [
-            "gateway.toml:43:1: [[collector]] is not supported by this build; remove the section",
-            "gateway.toml:49:1: [admin] is not supported by this build; remove the section",
             "gateway.toml:34:12: listener[2].protocol: \"modbus-tls\" is not supported by this build; use \"modbus\"",
         ]
     );
@@ -826,4 +828,85 @@ quantity = "5-1"
             "rules/acme.toml:10:12: allow[1].quantity: inverted range \"5-1\"; write the smaller number first, as \"1-5\"",
         ]
     );
+}
+
+#[test]
+fn collector_sections_report_every_problem() {
+    let gateway = format!(
+        r#"{GATEWAY}
+[[collector]]
+name = "soc"
+transport = "https"
+url = "http://collector.example/events"
+
+[[collector]]
+name = "siem"
+transport = "syslog-tls"
+url = "https://siem.example/"
+events = "some"
+on_full = "block"
+tls = {{ cert = "client.crt" }}
+
+[[collector]]
+name = "soc"
+transport = "kafka"
+spool_max_bytes = 10
+"#
+    );
+    let dir = write(&gateway, &[("acme.toml", ACME)]);
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        [
+            "gateway.toml:27:7: collector[1].url: the scheme is not https in \"http://collector.example/events\"; write it as \"https://HOST:PORT/PATH\"",
+            "gateway.toml:32:7: collector[2].url: not used by a syslog-tls collector; set address instead",
+            "gateway.toml:30:8: collector[2].address: missing; a syslog-tls collector needs address = \"HOST:PORT\", as \"siem.example:6514\"",
+            "gateway.toml:33:10: collector[2].events: invalid value \"some\"; use one of \"anomalies\", \"all\"",
+            "gateway.toml:34:11: collector[2].on_full: invalid value \"block\"; use one of \"drop_oldest\", \"keep_in_audit\"",
+            "gateway.toml:35:7: collector[2].tls: cert and key go together; set both for a client certificate, or neither",
+            "gateway.toml:38:8: collector[3].name: duplicate collector \"soc\", first defined at gateway.toml:25:8; collector names must be unique",
+            "gateway.toml:38:8: collector[3].spool: folder spool/soc is already the spool of collector \"soc\"; give each collector its own spool",
+            "gateway.toml:39:13: collector[3].transport: invalid value \"kafka\"; use one of \"https\", \"syslog-tls\"",
+            "gateway.toml:40:19: collector[3].spool_max_bytes: 10 outside 65536..=1099511627776; set a value from 65536 to 1099511627776",
+        ]
+    );
+}
+
+#[test]
+fn collector_settings_resolve_against_the_gateway_folder() {
+    let gateway = format!(
+        r#"{GATEWAY}
+[[collector]]
+name = "siem"
+transport = "syslog-tls"
+address = "127.0.0.1:6514"
+events = "all"
+on_full = "drop_oldest"
+tls = {{ ca = "tls/ca.crt" }}
+batch_max = 20
+timeout_ms = 2500
+"#
+    );
+    let dir = write(&gateway, &[("acme.toml", ACME)]);
+    let (config, warnings) = load(&dir.path().join("gateway.toml")).unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let collectors = &config.audit.collectors;
+    assert_eq!(collectors.len(), 1);
+    let collector = &collectors[0];
+    assert_eq!(collector.name, "siem");
+    assert_eq!(
+        collector.target,
+        CollectorTarget::SyslogTls {
+            host: "127.0.0.1".into(),
+            port: 6514
+        }
+    );
+    assert_eq!(collector.events, CollectorEvents::All);
+    assert_eq!(collector.on_full, OnFull::DropOldest);
+    assert_eq!(collector.spool, dir.path().join("spool/siem"));
+    assert_eq!(collector.spool_max_bytes, 256 * 1024 * 1024);
+    assert_eq!(collector.tls.ca, Some(dir.path().join("tls/ca.crt")));
+    assert_eq!(collector.tls.cert, None);
+    assert_eq!(collector.batch_max, 20);
+    assert_eq!(collector.timeout, std::time::Duration::from_millis(2500));
 }

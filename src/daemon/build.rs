@@ -79,7 +79,12 @@ fn configured_names(policy: &Policy) -> ConfiguredNames {
             .iter()
             .map(|plan| plan.name.clone())
             .collect(),
-        collectors: Vec::new(),
+        collectors: policy
+            .audit()
+            .collectors
+            .iter()
+            .map(|collector| Arc::from(collector.name.as_str()))
+            .collect(),
     }
 }
 

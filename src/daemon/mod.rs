@@ -13,8 +13,12 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::privileges::{self, PrivilegeError};
+use crate::admin::systemd::{self, Notifier};
+use crate::admin::{AdminContext, AdminSocket, Quarantine, ReloadRequest};
 use crate::audit::{AuditHealth, AuditLog, AuditSettings};
-use crate::config::{AuditSync, Diagnostics};
+use crate::collect::Collectors;
+use crate::config::{AdminConfig, AuditSync, Diagnostics};
 use crate::events::{spawn_writer, Emitter, Event, EventType, Observer, SyncMode};
 use crate::metrics::{self, Metrics, Readiness as MetricsReadiness};
 use crate::modbus::generation::Shared;
@@ -36,6 +40,10 @@ pub enum RunError {
     Config(Diagnostics),
     #[error("{0}")]
     Io(#[from] io::Error),
+    /// The account settings forbid running, or the switch to the
+    /// unprivileged account failed.
+    #[error("{0}")]
+    Privileges(#[from] PrivilegeError),
 }
 
 /// Where `run` reports the addresses it bound.
@@ -69,16 +77,29 @@ pub async fn run(
     for warning in &warnings {
         tracing::warn!("{warning}");
     }
+    let (service, _) = crate::config::load_service(config_path).map_err(RunError::Config)?;
+
+    // Sockets are bound while the process may still be root, so ports below
+    // 1024 work; every file is opened after the switch to the service account.
+    let privileges = privileges::plan(&service)?;
+    let bound = bind_sockets(&policy, service.admin.as_ref(), readiness).await?;
+    privileges.apply()?;
 
     let metrics = Metrics::new(env!("CARGO_PKG_VERSION"));
     let health = Arc::new(AuditHealth::new());
     let (emitter, receiver) = Emitter::new(policy.gateway_name().clone());
-    let log = open_audit_log(&policy, &health)?;
+    let mut log = open_audit_log(&policy, &health)?;
+    let collectors = Collectors::open(&policy.audit().collectors)?;
+    // Seal records are made inside the audit log, not queued, so they reach
+    // the collectors through their own observer.
+    let seal_collectors = collectors.clone();
+    log.set_seal_observer(Box::new(move |seal: &Event| seal_collectors.observe(seal)));
     let sync = match policy.audit().sync {
         AuditSync::Batch => SyncMode::Batch,
         AuditSync::Always => SyncMode::Always,
     };
-    let writer = spawn_writer(receiver, Box::new(log), sync, Some(count_events(&metrics)))?;
+    let observer = count_events(&metrics, collectors.clone());
+    let writer = spawn_writer(receiver, Box::new(log), sync, Some(observer))?;
 
     let result = serve(
         config_path,
@@ -86,6 +107,8 @@ pub async fn run(
         emitter,
         metrics,
         health,
+        collectors,
+        bound,
         readiness,
         stop,
     )
@@ -138,10 +161,12 @@ fn open_audit_log(policy: &Policy, health: &Arc<AuditHealth>) -> io::Result<Audi
 }
 
 /// Counts what the metrics take from the event stream: anomalies by kind,
-/// device reconnects and audit records.
-fn count_events(metrics: &Arc<Metrics>) -> Observer {
+/// device reconnects and audit records. Then appends the event to the
+/// spools of the collectors that receive it.
+fn count_events(metrics: &Arc<Metrics>, collectors: Collectors) -> Observer {
     let metrics = metrics.clone();
     Box::new(move |event: &Event| {
+        collectors.observe(event);
         metrics.count_audit_record();
         if event.event_type == EventType::Seal {
             metrics.count_audit_seal();
@@ -152,16 +177,23 @@ fn count_events(metrics: &Arc<Metrics>) -> Observer {
     })
 }
 
+// The parts that `run` opens before serving are handed over one by one.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     config_path: &Path,
     policy: Policy,
     emitter: Emitter,
     metrics: Arc<Metrics>,
     health: Arc<AuditHealth>,
+    collectors: Collectors,
+    bound: Bound,
     readiness: &mut dyn Readiness,
     stop: CancellationToken,
 ) -> Result<(), RunError> {
-    let metrics_bind = policy.metrics_bind();
+    let quarantine = Arc::new(Quarantine::load(&policy.audit().path)?);
+    for entry in quarantine.list() {
+        tracing::warn!(vendor = %entry.vendor, "vendor remains quarantined");
+    }
     let generation = build_generation(policy, None, &emitter, &metrics);
     let shared = Arc::new(Shared {
         current: ArcSwap::from_pointee(generation),
@@ -169,16 +201,22 @@ async fn serve(
         sessions: Default::default(),
         metrics: metrics.clone(),
         audit: health,
+        quarantine: quarantine.clone(),
     });
+    // Collectors stop last, so that events of the drain can still be
+    // delivered; whatever is left waits in the spools for the next start.
+    let collectors_stop = CancellationToken::new();
+    let collector_tasks = collectors.start(
+        &emitter,
+        &shared.current.load().instruments,
+        &collectors_stop,
+    )?;
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let probe = Arc::new(MetricsReadiness::default());
     probe.set_policy_loaded(true);
-    if let Some(bind) = metrics_bind {
-        let socket = listener::bind("metrics", bind).await?;
-        tracing::info!(address = %socket.local_addr()?, "metrics endpoint listening");
-        readiness.listening("metrics", socket.local_addr()?);
+    if let Some(socket) = bound.metrics {
         tokio::spawn(metrics::serve(
             socket,
             metrics.clone(),
@@ -186,21 +224,54 @@ async fn serve(
             shutdown.clone(),
         ));
     }
-    bind_listeners(&shared, &shutdown, &tracker, readiness).await?;
+    let listener_addresses = spawn_listeners(bound.listeners, &shared, &shutdown, &tracker)?;
     probe.set_listeners_bound(true);
     let mut pollers = Pollers::start(&shared);
     let sampler = tokio::spawn(sample_metrics(shared.clone(), probe, shutdown.clone()));
     // Handlers go in before `ready`, so a SIGHUP sent as soon as the gateway
     // reports ready is a reload and not the default action, which is to exit.
     let mut signals = Signals::install()?;
+    // The sender stays alive until the end, so the signal loop never sees a
+    // closed channel, with or without a control socket.
+    let (reload_sender, mut reload_requests) = tokio::sync::mpsc::channel(1);
+    let admin = bound.admin.map(|socket| {
+        let context = AdminContext {
+            shared: shared.clone(),
+            quarantine,
+            reload: reload_sender.clone(),
+            listeners: listener_addresses,
+            started: std::time::Instant::now(),
+            started_wall: jiff::Timestamp::now(),
+        };
+        tokio::spawn(crate::admin::serve(
+            socket,
+            Arc::new(context),
+            shutdown.clone(),
+        ))
+    });
     record_system(&emitter, "start", config_path).await;
     readiness.ready();
+    let notifier = notify_systemd_ready(&shutdown);
     tracing::info!(config = %config_path.display(), "gateway ready");
 
     let mut reloader = reload::Reloader::new(config_path.to_path_buf(), &shared);
-    wait_for_signals(&shared, &mut signals, &mut reloader, &mut pollers, &stop).await;
+    wait_for_signals(
+        &shared,
+        &mut signals,
+        &mut reloader,
+        &mut pollers,
+        &mut reload_requests,
+        &stop,
+    )
+    .await;
+    drop(reload_sender);
 
     tracing::info!("draining sessions");
+    if let Some(notifier) = &notifier {
+        if let Err(error) = notifier.notify("STOPPING=1") {
+            tracing::warn!(%error, "systemd stop notification not sent");
+        }
+    }
     shutdown.cancel();
     tracker.close();
     if tokio::time::timeout(DRAIN_DEADLINE, tracker.wait())
@@ -218,10 +289,15 @@ async fn serve(
     }
     pollers.stop().await;
     let _ = sampler.await;
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
     for pool in &shared.current.load().pools {
         pool.shutdown();
     }
     record_system(&emitter, "stop", config_path).await;
+    collectors_stop.cancel();
+    collector_tasks.join().await;
     Ok(())
 }
 
@@ -267,22 +343,52 @@ async fn sample_metrics(
     }
 }
 
-async fn bind_listeners(
-    shared: &Arc<Shared>,
-    shutdown: &CancellationToken,
-    tracker: &TaskTracker,
+/// Every socket the gateway serves on, bound before the switch to the
+/// service account.
+struct Bound {
+    metrics: Option<tokio::net::TcpListener>,
+    listeners: Vec<(Arc<str>, tokio::net::TcpListener)>,
+    admin: Option<AdminSocket>,
+}
+
+async fn bind_sockets(
+    policy: &Policy,
+    admin: Option<&AdminConfig>,
     readiness: &mut dyn Readiness,
-) -> Result<(), RunError> {
-    let generation = shared.current.load_full();
-    let mut sockets = Vec::new();
-    for plan in generation.policy.listeners() {
+) -> Result<Bound, RunError> {
+    let mut metrics = None;
+    if let Some(bind) = policy.metrics_bind() {
+        let socket = listener::bind("metrics", bind).await?;
+        tracing::info!(address = %socket.local_addr()?, "metrics endpoint listening");
+        readiness.listening("metrics", socket.local_addr()?);
+        metrics = Some(socket);
+    }
+    let mut listeners = Vec::new();
+    for plan in policy.listeners() {
         let socket = listener::bind(&plan.name, plan.bind).await?;
         let address = socket.local_addr()?;
         tracing::info!(listener = %plan.name, %address, "listening");
         readiness.listening(&plan.name, address);
-        sockets.push((plan.name.clone(), socket));
+        listeners.push((plan.name.clone(), socket));
     }
+    let admin = admin.map(crate::admin::bind).transpose()?;
+    Ok(Bound {
+        metrics,
+        listeners,
+        admin,
+    })
+}
+
+/// Starts serving the bound listeners; returns their names and addresses.
+fn spawn_listeners(
+    sockets: Vec<(Arc<str>, tokio::net::TcpListener)>,
+    shared: &Arc<Shared>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> io::Result<Vec<(Arc<str>, SocketAddr)>> {
+    let mut addresses = Vec::new();
     for (name, socket) in sockets {
+        addresses.push((name.clone(), socket.local_addr()?));
         tokio::spawn(listener::serve(
             name,
             socket,
@@ -291,7 +397,35 @@ async fn bind_listeners(
             tracker.clone(),
         ));
     }
-    Ok(())
+    Ok(addresses)
+}
+
+/// Tells systemd the gateway is ready and starts the watchdog keep-alives
+/// it asks for. Returns `None` outside systemd.
+fn notify_systemd_ready(shutdown: &CancellationToken) -> Option<Arc<Notifier>> {
+    let notifier = match Notifier::from_env() {
+        Ok(Some(notifier)) => Arc::new(notifier),
+        Ok(None) => return None,
+        Err(error) => {
+            tracing::warn!(%error, "cannot use NOTIFY_SOCKET");
+            return None;
+        }
+    };
+    if let Err(error) = notifier.notify("READY=1") {
+        tracing::warn!(%error, "systemd readiness notification not sent");
+    }
+    if let Some(interval) = systemd::watchdog_interval() {
+        tracing::info!(
+            interval_ms = interval.as_millis() as u64,
+            "sending systemd watchdog keep-alives"
+        );
+        tokio::spawn(systemd::keep_alive(
+            notifier.clone(),
+            interval,
+            shutdown.clone(),
+        ));
+    }
+    Some(notifier)
 }
 
 struct Signals {
@@ -315,6 +449,7 @@ async fn wait_for_signals(
     signals: &mut Signals,
     reloader: &mut reload::Reloader,
     pollers: &mut Pollers,
+    reload_requests: &mut tokio::sync::mpsc::Receiver<ReloadRequest>,
     stop: &CancellationToken,
 ) {
     loop {
@@ -326,6 +461,14 @@ async fn wait_for_signals(
                 if reloader.reload(shared).await {
                     pollers.restart(shared).await;
                 }
+            }
+            Some(request) = reload_requests.recv() => {
+                let applied = reloader.reload(shared).await;
+                if applied {
+                    pollers.restart(shared).await;
+                }
+                // The control client may have gone away; the reload stands.
+                let _ = request.reply.send(applied);
             }
         }
     }

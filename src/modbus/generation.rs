@@ -43,4 +43,6 @@ pub struct Shared {
     /// While the audit log cannot be written, writes and state-gated
     /// requests are denied.
     pub audit: Arc<AuditHealth>,
+    /// Vendors cut off by an operator; checked at accept and per request.
+    pub quarantine: Arc<crate::policy::quarantine::Quarantine>,
 }

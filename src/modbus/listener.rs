@@ -84,6 +84,11 @@ async fn admit(
         return;
     };
     let vendor_name = policy.vendor_name(vendor).clone();
+    if shared.quarantine.is_quarantined(&vendor_name) {
+        tracing::debug!(listener = %name, %peer, vendor = %vendor_name, "quarantined vendor refused");
+        reject(shared, name, peer, Some(vendor_name), "vendor quarantined").await;
+        return;
+    }
 
     let info = SessionInfo {
         id: shared.sessions.next_id(),

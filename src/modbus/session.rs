@@ -14,6 +14,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant as TokioInstant};
 use tokio_util::sync::CancellationToken;
 
@@ -57,6 +58,7 @@ enum CloseReason {
     VendorRemoved,
     ListenerRemoved,
     Closed,
+    Quarantined,
     Drained,
     WriteFailed,
     ReadFailed,
@@ -74,6 +76,7 @@ impl CloseReason {
             CloseReason::VendorRemoved => "vendor no longer matches after reload",
             CloseReason::ListenerRemoved => "listener removed by reload",
             CloseReason::Closed => "closed by the gateway",
+            CloseReason::Quarantined => "vendor quarantined",
             CloseReason::Drained => "gateway shutting down",
             CloseReason::WriteFailed => "write to client failed",
             CloseReason::ReadFailed => "read from client failed",
@@ -202,9 +205,10 @@ impl Session {
         let mut reading = true;
         let mut partial_since: Option<TokioInstant> = None;
         let mut last_activity = TokioInstant::now();
-        let close = self.params.close.clone();
-        let drain = self.params.drain.clone();
+        let mut control = watch_control(self.params.close.clone(), self.params.drain.clone());
         let mut draining = false;
+        let timer = sleep_until(last_activity + self.plan().limits.idle_timeout);
+        tokio::pin!(timer);
 
         loop {
             // Handle every complete frame already buffered.
@@ -249,14 +253,22 @@ impl Session {
                 None => last_activity + limits.idle_timeout,
             };
             let timer_armed = reading && (partial_since.is_some() || in_flight.is_empty());
+            // The timer is moved earlier for a started frame, and otherwise
+            // only when it fires: re-arming it after every request would take
+            // the timer driver's lock each time.
+            if deadline < timer.deadline() {
+                timer.as_mut().reset(deadline);
+            }
 
             tokio::select! {
                 biased;
-                _ = close.cancelled() => return CloseReason::Closed,
-                _ = drain.cancelled(), if reading => {
-                    reading = false;
-                    draining = true;
-                }
+                signal = control.recv() => match signal {
+                    Some(Control::Drain) => {
+                        reading = false;
+                        draining = true;
+                    }
+                    Some(Control::Close) | None => return CloseReason::Closed,
+                },
                 Some(done) = in_flight.next(), if !in_flight.is_empty() => {
                     self.complete(done).await;
                     // Collect every other answer that is already there, so
@@ -280,7 +292,11 @@ impl Session {
                     Ok(_) => {}
                     Err(_) => return CloseReason::ReadFailed,
                 },
-                _ = sleep_until(deadline), if timer_armed => {
+                _ = &mut timer, if timer_armed => {
+                    if TokioInstant::now() < deadline {
+                        timer.as_mut().reset(deadline);
+                        continue;
+                    }
                     if partial_since.is_some() {
                         self.record_protocol_anomaly(
                             "incomplete_frame",
@@ -328,6 +344,15 @@ impl Session {
     async fn handle(&mut self, decoded: Decoded, pending: usize) -> Step {
         if let Err(reason) = self.refresh() {
             return Step::Close(reason);
+        }
+        // An operator's quarantine also closes the session from outside;
+        // this check covers a request that arrives before that close.
+        if self
+            .shared
+            .quarantine
+            .is_quarantined(&self.params.vendor_name)
+        {
+            return Step::Close(CloseReason::Quarantined);
         }
         self.params.requests.fetch_add(1, Ordering::Relaxed);
         match decoded {
@@ -628,6 +653,42 @@ impl Session {
         event.src_port = Some(self.params.peer.port());
         self.emit(event).await;
     }
+}
+
+/// A request from outside the session to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Control {
+    /// Stop reading requests, answer those in flight, then close.
+    Drain,
+    /// Close at once.
+    Close,
+}
+
+/// Relays the session's cancellation tokens into a channel of its own. The
+/// drain token is shared by every session and checking a token locks its
+/// mutex, so the session loop polls this lock-free channel instead, and only
+/// this task waits on the tokens.
+fn watch_control(close: CancellationToken, drain: CancellationToken) -> mpsc::Receiver<Control> {
+    let (sender, receiver) = mpsc::channel(2);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sender.closed() => return,
+            _ = close.cancelled() => {
+                let _ = sender.send(Control::Close).await;
+                return;
+            }
+            _ = drain.cancelled() => {
+                let _ = sender.send(Control::Drain).await;
+            }
+        }
+        tokio::select! {
+            _ = sender.closed() => {}
+            _ = close.cancelled() => {
+                let _ = sender.send(Control::Close).await;
+            }
+        }
+    });
+    receiver
 }
 
 /// Sends one job to its device and waits for the answer.

@@ -17,8 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::WriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -230,12 +232,16 @@ fn backoff_delay(failures: u32, max: Duration) -> Duration {
 /// The receiving ends a slot's task takes when it starts.
 struct SlotReceivers {
     jobs: mpsc::Receiver<Job>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: mpsc::Receiver<()>,
 }
 
 struct Slot {
     state: Arc<SlotState>,
     sender: mpsc::Sender<Job>,
+    /// Tells the slot's task to stop. A channel per slot, because polling an
+    /// mpsc receiver takes no lock, where a shared watch or cancellation
+    /// token would lock a mutex on every turn of the task's loop.
+    stop: mpsc::Sender<()>,
     /// Taken when the slot's task is spawned, on the slot's first request.
     receivers: Mutex<Option<SlotReceivers>>,
     started: AtomicBool,
@@ -247,7 +253,6 @@ struct PoolInner {
     /// Requests admitted that have not completed yet, over all slots.
     pending: AtomicUsize,
     closed: AtomicBool,
-    shutdown: watch::Sender<bool>,
 }
 
 /// The connections to one device, shared by every session that routes to
@@ -268,15 +273,12 @@ impl Pool {
         settings.max_in_flight = settings.max_in_flight.clamp(1, MAX_IN_FLIGHT);
         settings.max_queue = settings.max_queue.max(1);
 
-        let (shutdown, _) = watch::channel(false);
         let epoch = Instant::now();
         let slots = (0..settings.max_connections)
             .map(|_| {
                 let (sender, jobs) = mpsc::channel(settings.max_queue);
-                let receivers = SlotReceivers {
-                    jobs,
-                    shutdown: shutdown.subscribe(),
-                };
+                let (stop, shutdown) = mpsc::channel(1);
+                let receivers = SlotReceivers { jobs, shutdown };
                 Slot {
                     state: Arc::new(SlotState {
                         load: AtomicUsize::new(0),
@@ -285,6 +287,7 @@ impl Pool {
                         epoch,
                     }),
                     sender,
+                    stop,
                     receivers: Mutex::new(Some(receivers)),
                     started: AtomicBool::new(false),
                 }
@@ -301,7 +304,6 @@ impl Pool {
             slots,
             pending: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
-            shutdown,
         };
         Pool {
             inner: Arc::new(inner),
@@ -345,7 +347,9 @@ impl Pool {
     /// `Closed` and reason `Shutdown`.
     pub fn shutdown(&self) {
         self.inner.closed.store(true, Ordering::Release);
-        self.inner.shutdown.send_replace(true);
+        for slot in self.inner.slots.iter() {
+            let _ = slot.stop.try_send(());
+        }
         // Dropping the receivers of slots that never started closes their
         // channels, so no request can wait in one forever.
         for slot in self.inner.slots.iter() {
@@ -567,7 +571,7 @@ enum End {
 
 /// One open connection and the requests written to it.
 struct Link<'a> {
-    stream: &'a TcpStream,
+    writer: WriteHalf<'a>,
     in_flight: VecDeque<InFlight>,
     /// Replies of requests without a response, sent once the write is tried.
     written: Vec<Reply>,
@@ -576,9 +580,9 @@ struct Link<'a> {
 }
 
 impl<'a> Link<'a> {
-    fn new(stream: &'a TcpStream, max_in_flight: usize) -> Link<'a> {
+    fn new(writer: WriteHalf<'a>, max_in_flight: usize) -> Link<'a> {
         Link {
-            stream,
+            writer,
             in_flight: VecDeque::with_capacity(max_in_flight),
             written: Vec::new(),
             write_buf: BytesMut::with_capacity(READ_CHUNK),
@@ -593,7 +597,7 @@ struct Worker {
     device: Arc<DeviceState>,
     slot: Arc<SlotState>,
     jobs: mpsc::Receiver<Job>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: mpsc::Receiver<()>,
     /// Received requests that are not yet written, oldest first.
     waiting: VecDeque<Job>,
     next_transaction_id: u16,
@@ -618,10 +622,10 @@ impl Worker {
                 break;
             };
             match result {
-                Ok(stream) => {
+                Ok(mut stream) => {
                     self.slot.record_success();
                     self.device.connection_opened().await;
-                    let end = self.serve(&stream).await;
+                    let end = self.serve(&mut stream).await;
                     self.device.connection_closed();
                     if let End::Stopped = end {
                         break;
@@ -656,7 +660,7 @@ impl Worker {
                 }
                 None => false,
             },
-            _ = self.shutdown.changed() => false,
+            _ = self.shutdown.recv() => false,
         }
     }
 
@@ -681,7 +685,7 @@ impl Worker {
                     None => return None,
                 },
                 _ = &mut timer, if deadline.is_some() => self.expire_waiting(Instant::now()),
-                _ = self.shutdown.changed() => return None,
+                _ = self.shutdown.recv() => return None,
             }
         }
     }
@@ -692,8 +696,12 @@ impl Worker {
 
     /// Exchanges requests and responses on one open connection until it is
     /// lost or the pool stops.
-    async fn serve(&mut self, stream: &TcpStream) -> End {
-        let mut link = Link::new(stream, self.device.settings.max_in_flight);
+    async fn serve(&mut self, stream: &mut TcpStream) -> End {
+        // Reads go through `AsyncRead`, which marks the socket drained after a
+        // short read; probing readiness and then `try_read` would cost one
+        // more system call per response, the read that returns WouldBlock.
+        let (mut reader, writer) = stream.split();
+        let mut link = Link::new(writer, self.device.settings.max_in_flight);
         let timer = tokio::time::sleep_until(Instant::now());
         tokio::pin!(timer);
 
@@ -702,28 +710,35 @@ impl Worker {
                 return end;
             }
 
+            // The timer moves only when it fired or a new deadline is earlier
+            // than the one it holds: re-arming it for every request would
+            // take the timer driver's lock each time. A timer left on the
+            // deadline of a request that already completed fires early, finds
+            // nothing due and is re-armed then.
             let deadline = earliest_deadline(&link.in_flight, &self.waiting);
             if let Some(deadline) = deadline {
-                if timer.deadline() != deadline {
+                if timer.is_elapsed() || deadline < timer.deadline() {
                     timer.as_mut().reset(deadline);
                 }
             }
             let room = self.has_room(link.in_flight.len());
             let must_write = !link.write_buf.is_empty();
+            link.read_buf.reserve(READ_CHUNK);
 
             tokio::select! {
                 biased;
-                _ = self.shutdown.changed() => return self.stop(&mut link),
-                ready = stream.readable() => {
-                    let received = match ready {
-                        Ok(()) => self.receive(&mut link).await,
+                _ = self.shutdown.recv() => return self.stop(&mut link),
+                read = reader.read_buf(&mut link.read_buf) => {
+                    let received = match read {
+                        Ok(0) => Err(self.lose(&mut link.in_flight, CloseReason::Eof)),
+                        Ok(_) => self.handle_responses(&mut link.read_buf, &mut link.in_flight).await,
                         Err(error) => Err(self.lose(&mut link.in_flight, io_reason(&error))),
                     };
                     if let Err(end) = received {
                         return end;
                     }
                 }
-                _ = stream.writable(), if must_write => {}
+                _ = link.writer.writable(), if must_write => {}
                 job = self.jobs.recv(), if room => match job {
                     Some(job) => self.waiting.push_back(job),
                     None => return self.stop(&mut link),
@@ -740,27 +755,13 @@ impl Worker {
     fn send(&mut self, link: &mut Link<'_>) -> Result<(), End> {
         self.pull_jobs(link.in_flight.len());
         self.dispatch(&mut link.in_flight, &mut link.written, &mut link.write_buf);
-        if let Err(error) = write_pending(link.stream, &mut link.write_buf) {
+        if let Err(error) = write_pending(&link.writer, &mut link.write_buf) {
             return Err(self.lose(&mut link.in_flight, io_reason(&error)));
         }
         for reply in link.written.drain(..) {
             let _ = reply.send(Ok(Bytes::new()));
         }
         Ok(())
-    }
-
-    /// Reads what the socket has and handles every complete response.
-    async fn receive(&mut self, link: &mut Link<'_>) -> Result<(), End> {
-        link.read_buf.reserve(READ_CHUNK);
-        match link.stream.try_read_buf(&mut link.read_buf) {
-            Ok(0) => Err(self.lose(&mut link.in_flight, CloseReason::Eof)),
-            Ok(_) => {
-                self.handle_responses(&mut link.read_buf, &mut link.in_flight)
-                    .await
-            }
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(()),
-            Err(error) => Err(self.lose(&mut link.in_flight, io_reason(&error))),
-        }
     }
 
     /// Fails the written requests because the pool shut down or was dropped.
@@ -1009,7 +1010,7 @@ fn io_reason(error: &io::Error) -> CloseReason {
 }
 
 /// Writes as much of `write_buf` as the socket takes without waiting.
-fn write_pending(stream: &TcpStream, write_buf: &mut BytesMut) -> io::Result<()> {
+fn write_pending(stream: &WriteHalf<'_>, write_buf: &mut BytesMut) -> io::Result<()> {
     if write_buf.is_empty() {
         return Ok(());
     }

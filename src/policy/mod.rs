@@ -19,6 +19,7 @@ use crate::identity::{SourceIndex, SourceSet};
 mod compile;
 mod explain;
 pub mod interval;
+pub mod quarantine;
 mod rate;
 mod reason;
 pub mod schedule;

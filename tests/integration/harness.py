@@ -291,7 +291,7 @@ def write_config(
 ) -> Path:
     """Write gateway.toml and rules/*.toml into `workdir` and return the gateway.toml path."""
     text = toml_table(
-        "[gateway]", {"name": name, "timezone": "UTC", "rules": "rules"}
+        "[gateway]", {"name": name, "timezone": "UTC", "rules": "rules", "allow_root": True}
     )
     for entry in listeners:
         text += "\n" + toml_table("[[listener]]", entry)
@@ -411,3 +411,159 @@ def vendor_rule_file(vendor: dict, allows: list[dict]) -> str:
     for allow in allows:
         text += "\n" + toml_table("[[allow]]", allow)
     return text
+
+
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """Create a test CA and a server certificate for 127.0.0.1 with the openssl
+    command line tool; return the paths of `ca`, `cert` and `key`."""
+    paths = {
+        "ca": folder / "ca.crt",
+        "ca_key": folder / "ca.key",
+        "cert": folder / "server.crt",
+        "key": folder / "server.key",
+        "csr": folder / "server.csr",
+        "ext": folder / "server.ext",
+    }
+    openssl = ["openssl"]
+    subprocess.run(
+        openssl + ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                   "-keyout", str(paths["ca_key"]), "-out", str(paths["ca"]), "-days", "2",
+                   "-subj", "/CN=sluice test CA"],
+        check=True, capture_output=True,
+    )
+    subprocess.run(
+        openssl + ["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                   "-keyout", str(paths["key"]), "-out", str(paths["csr"]), "-subj", "/CN=127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    paths["ext"].write_text(
+        "subjectAltName = IP:127.0.0.1, DNS:localhost\n"
+        "basicConstraints = CA:FALSE\n"
+        "keyUsage = digitalSignature\n"
+        "extendedKeyUsage = serverAuth, clientAuth\n"
+    )
+    subprocess.run(
+        openssl + ["x509", "-req", "-in", str(paths["csr"]), "-CA", str(paths["ca"]),
+                   "-CAkey", str(paths["ca_key"]), "-CAcreateserial", "-out", str(paths["cert"]),
+                   "-days", "2", "-extfile", str(paths["ext"])],
+        check=True, capture_output=True,
+    )
+    return {"ca": paths["ca"], "cert": paths["cert"], "key": paths["key"]}
+
+
+class CollectServer:
+    """`sluice collect` on 127.0.0.1, on a given port or one chosen by the
+    operating system."""
+
+    def __init__(self, sluice_bin: str, workdir: Path, certificates: dict[str, Path], port: int = 0):
+        self.out = workdir / "collected.jsonl"
+        self.process = Process(
+            [sluice_bin, "collect", "--bind", f"127.0.0.1:{port}",
+             "--tls-cert", str(certificates["cert"]), "--tls-key", str(certificates["key"]),
+             "--out", str(self.out)],
+            stderr_path=workdir / f"collect-{port}.stderr",
+        )
+        line = self.process.read_line()
+        match = PLC_LISTENING.match(line)
+        if match is None:
+            self.process.stop()
+            raise AssertionError(f"sluice collect printed {line!r}, expected 'listening 127.0.0.1:PORT'")
+        self.port = int(match.group(1))
+
+    def ids(self) -> list[str]:
+        return [event["id"] for event in read_json_lines(self.out)]
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+class CollectorGateway(Gateway):
+    """`sluice run` whose gateway.toml also has `extra` appended, such as
+    `[[collector]]` sections, and whose audit log is sealed every
+    `seal_every` records."""
+
+    def __init__(
+        self,
+        sluice_bin: str,
+        workdir: Path,
+        listeners: list[dict],
+        devices: list[dict],
+        rules: dict[str, str],
+        extra: str,
+        seal_every: int = 20,
+        name: str = "test-gw",
+    ):
+        self.workdir = workdir
+        self.name = name
+        self.config_path = write_config(workdir, listeners, devices, rules, name)
+        text = self.config_path.read_text()
+        text = text.replace('[audit]\npath = "audit"\n', f'[audit]\npath = "audit"\nseal_every = {seal_every}\n')
+        self.config_path.write_text(text + "\n" + extra)
+        subprocess.run(
+            [sluice_bin, "audit", "init", "--config", str(self.config_path)],
+            check=True, capture_output=True, timeout=STARTUP_TIMEOUT,
+        )
+        self.events_path = workdir / "audit" / "events.jsonl"
+        self.process = Process(
+            [sluice_bin, "run", "--config", str(self.config_path)],
+            stderr_path=workdir / "gateway.stderr",
+        )
+        self.ports: dict[str, int] = {}
+        try:
+            self._read_startup(len(listeners))
+        except BaseException:
+            self.process.stop()
+            raise
+
+
+class Rsyslog:
+    """Debian's rsyslogd in the foreground with a generated configuration: a
+    TLS syslog listener (imtcp, gtls driver, anonymous clients) on 127.0.0.1
+    that writes each message's MSG part as one line of `out`."""
+
+    def __init__(self, workdir: Path, certificates: dict[str, Path], port: int):
+        self.port = port
+        self.out = workdir / "rsyslog.out"
+        self.config = workdir / "rsyslog.conf"
+        self.pidfile = workdir / "rsyslog.pid"
+        spool = workdir / "rsyslog-spool"
+        spool.mkdir(exist_ok=True)
+        self.config.write_text(
+            f'global(workDirectory="{spool}"\n'
+            f'       defaultNetstreamDriver="gtls"\n'
+            f'       defaultNetstreamDriverCAFile="{certificates["ca"]}"\n'
+            f'       defaultNetstreamDriverCertFile="{certificates["cert"]}"\n'
+            f'       defaultNetstreamDriverKeyFile="{certificates["key"]}")\n'
+            'module(load="imtcp" StreamDriver.Name="gtls" StreamDriver.Mode="1"\n'
+            '       StreamDriver.AuthMode="anon")\n'
+            f'input(type="imtcp" address="127.0.0.1" port="{port}" ruleset="sluice"\n'
+            '      SupportOctetCountedFraming="on")\n'
+            'template(name="message" type="string" string="%msg%\\n")\n'
+            'ruleset(name="sluice") {\n'
+            f'    action(type="omfile" file="{self.out}" template="message")\n'
+            '}\n'
+        )
+        self.process = Process(
+            ["/usr/sbin/rsyslogd", "-n", "-f", str(self.config), "-i", str(self.pidfile)],
+            stderr_path=workdir / "rsyslog.stderr",
+        )
+
+    def wait_listening(self, timeout: float = STARTUP_TIMEOUT) -> None:
+        def accepts():
+            if self.process.popen.poll() is not None:
+                raise AssertionError(f"rsyslogd exited with {self.process.popen.returncode}: {self.process.stderr_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        wait_for(accepts, timeout=timeout, what=f"rsyslogd listening on 127.0.0.1:{self.port}")
+
+    def messages(self) -> list[str]:
+        if not self.out.exists():
+            return []
+        return [line for line in self.out.read_text().splitlines(keepends=True) if line.endswith("\n")]
+
+    def stop(self) -> None:
+        self.process.stop()
