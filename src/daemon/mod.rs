@@ -194,6 +194,7 @@ async fn serve(
     for entry in quarantine.list() {
         tracing::warn!(vendor = %entry.vendor, "vendor remains quarantined");
     }
+    let mut reloader = reload::Reloader::new(config_path.to_path_buf(), &policy);
     let generation = build_generation(policy, None, &emitter, &metrics);
     let shared = Arc::new(Shared {
         current: ArcSwap::from_pointee(generation),
@@ -254,7 +255,6 @@ async fn serve(
     let notifier = notify_systemd_ready(&shutdown);
     tracing::info!(config = %config_path.display(), "gateway ready");
 
-    let mut reloader = reload::Reloader::new(config_path.to_path_buf(), &shared);
     wait_for_signals(
         &shared,
         &mut signals,

@@ -45,8 +45,11 @@ fn changed_files(before: &FileContents, after: &FileContents) -> Vec<String> {
 }
 
 impl Reloader {
-    pub fn new(path: PathBuf, shared: &Shared) -> Reloader {
-        let files = read_files(shared.current.load().policy.files());
+    /// Creates the reloader for the policy just loaded from `path`. It
+    /// must run before the gateway reports ready, so that a file changed
+    /// after that counts as changed at the next reload.
+    pub fn new(path: PathBuf, policy: &Policy) -> Reloader {
+        let files = read_files(policy.files());
         Reloader { path, files }
     }
 
