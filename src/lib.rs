@@ -7,6 +7,7 @@ pub mod collect;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod detect;
 pub mod events;
 pub mod identity;
 pub mod metrics;

@@ -43,6 +43,7 @@ pub(super) struct LoadedGateway {
     pub rules_origin: Origin,
     /// Settings of the process itself: service user and control socket.
     pub service: ServiceConfig,
+    pub detect: super::detect::DetectConfig,
 }
 
 /// Reads and checks the gateway file. Returns `None` when the file cannot be
@@ -81,6 +82,7 @@ pub(super) fn load(path: &Path, report: &mut Report) -> Option<LoadedGateway> {
         .as_ref()
         .and_then(|section| check.metrics(section));
     let service = check.service(&file.gateway, file.admin.as_ref(), base);
+    let detect = check.detect(file.detect.as_ref());
     let rules_origin = match &file.gateway.rules {
         Some(rules) => check.at(rules),
         None => check.at(&file.gateway.name),
@@ -97,6 +99,7 @@ pub(super) fn load(path: &Path, report: &mut Report) -> Option<LoadedGateway> {
         state_values,
         rules_origin,
         service,
+        detect,
     })
 }
 

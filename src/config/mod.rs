@@ -10,6 +10,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 mod collector;
+mod detect;
 mod diagnostic;
 mod gateway;
 mod raw;
@@ -19,6 +20,9 @@ mod syntax;
 #[cfg(test)]
 mod tests;
 
+pub use detect::{
+    DetectConfig, Detection, OnAnomalyConfig, Threshold, CONTAINABLE_KINDS, DEFAULT_WINDOW,
+};
 pub use diagnostic::{Diagnostic, Diagnostics, Origin};
 pub use service::{load_service, AdminConfig, ServiceConfig, MAX_SOCKET_PATH};
 pub use syntax::{function_code, function_name, MAX_FUNCTION_CODE};
@@ -443,6 +447,13 @@ impl RuleConfig {
 /// every error and warning found in all files. A file with a syntax error
 /// gives that one error, and the other files are still checked.
 pub fn load(gateway_file: &Path) -> Result<(Config, Vec<Diagnostic>), Diagnostics> {
+    load_with_detection(gateway_file).map(|(config, _, warnings)| (config, warnings))
+}
+
+/// Loads as `load` does, and also returns the anomaly detection settings.
+pub fn load_with_detection(
+    gateway_file: &Path,
+) -> Result<(Config, Detection, Vec<Diagnostic>), Diagnostics> {
     let mut report = diagnostic::Report::default();
     let mut files = vec![gateway_file.to_path_buf()];
 
@@ -450,7 +461,12 @@ pub fn load(gateway_file: &Path) -> Result<(Config, Vec<Diagnostic>), Diagnostic
     let Some(gateway) = gateway::load(gateway_file, &mut report) else {
         return Err(report.into_diagnostics());
     };
-    let vendors = rules::load(&gateway, &mut files, &mut report);
+    let mut on_anomaly = Vec::new();
+    let vendors = rules::load(&gateway, &mut files, &mut report, &mut on_anomaly);
+    let detection = Detection {
+        detect: gateway.detect,
+        on_anomaly,
+    };
 
     let config = Config {
         gateway: gateway.gateway,
@@ -462,5 +478,7 @@ pub fn load(gateway_file: &Path) -> Result<(Config, Vec<Diagnostic>), Diagnostic
         vendors,
         files,
     };
-    report.finish(config)
+    report
+        .finish(config)
+        .map(|(config, warnings)| (config, detection, warnings))
 }

@@ -26,6 +26,7 @@ pub(super) struct GatewayFile {
     pub admin: Option<AdminSection>,
     #[serde(default)]
     pub collector: Vec<CollectorSection>,
+    pub detect: Option<DetectSection>,
     /// Sections of the full design that this build does not implement; they
     /// are rejected with a message instead of an unknown-key error.
     pub tag: Option<Spanned<toml::Value>>,
@@ -164,6 +165,28 @@ pub(super) struct VendorSection {
     pub opcua_users: Option<Spanned<toml::Value>>,
     pub opcua_user_certificates: Option<Spanned<toml::Value>>,
     pub rate: Option<Spanned<RateSection>>,
+    pub on_anomaly: Option<OnAnomalySection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DetectSection {
+    pub window_ms: Option<Spanned<i64>>,
+    pub function_scan: Option<Spanned<i64>>,
+    pub unit_scan: Option<Spanned<i64>>,
+    pub address_sweep: Option<Spanned<i64>>,
+    pub denial_burst: Option<Spanned<i64>>,
+    pub exception_storm: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct OnAnomalySection {
+    #[serde(default)]
+    pub kinds: Vec<Spanned<String>>,
+    pub count: Option<Spanned<i64>>,
+    pub window_ms: Option<Spanned<i64>>,
+    pub quarantine_ms: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

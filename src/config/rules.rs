@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use toml::Spanned;
 
+use super::detect::OnAnomalyConfig;
 use super::diagnostic::{Origin, Report, SourceText};
 use super::gateway::{known_list, parse_toml, Checker, LoadedGateway};
 use super::raw::{self, Scalar, ScalarList};
@@ -44,6 +45,7 @@ pub(super) fn load(
     gateway: &LoadedGateway,
     files: &mut Vec<PathBuf>,
     report: &mut Report,
+    on_anomaly: &mut Vec<(String, OnAnomalyConfig)>,
 ) -> Vec<VendorConfig> {
     let paths = match rule_files(&gateway.gateway.rules_dir) {
         Ok(paths) => paths,
@@ -101,6 +103,11 @@ pub(super) fn load(
             &mut vendor_names,
         );
         let vendor = check.vendor(&path, &file);
+        if let Some(section) = &file.vendor.on_anomaly {
+            if let Some(containment) = check.checker.on_anomaly(section) {
+                on_anomaly.push((vendor.name.clone(), containment));
+            }
+        }
         let written = file.vendor.sources.as_deref().unwrap_or_default();
         if !vendor.certificate_matchers {
             for (index, text) in written.iter().enumerate() {

@@ -512,7 +512,7 @@ fn problems_of_every_file_are_reported_together() {
         [
             "gateway.toml:6:8: listener[1].bind: invalid socket address \"localhost\"; use IP:PORT, such as \"127.0.0.1:5020\"",
             "rules/beta.toml:3:26: unclosed array, expected `]`",
-            "rules/gamma.toml:3:1: unknown field `source`, expected one of `name`, `sources`, `max_sessions`, `certificate_cn`, `certificate_san`, `certificate_sha256`, `modbus_role`, `opcua_users`, `opcua_user_certificates`, `rate`",
+            "rules/gamma.toml:3:1: unknown field `source`, expected one of `name`, `sources`, `max_sessions`, `certificate_cn`, `certificate_san`, `certificate_sha256`, `modbus_role`, `opcua_users`, `opcua_user_certificates`, `rate`, `on_anomaly`",
         ]
     );
 }
@@ -909,4 +909,64 @@ timeout_ms = 2500
     assert_eq!(collector.tls.cert, None);
     assert_eq!(collector.batch_max, 20);
     assert_eq!(collector.timeout, std::time::Duration::from_millis(2500));
+}
+
+#[test]
+fn detection_settings_default_when_absent() {
+    let dir = write(GATEWAY, &[("acme.toml", ACME)]);
+    let (_, detection, warnings) = load_with_detection(&dir.path().join("gateway.toml")).unwrap();
+    assert_eq!(detection, Detection::default());
+    assert_eq!(detection.detect.function_scan.limit, 8);
+    assert_eq!(detection.detect.address_sweep.limit, 20);
+    assert_eq!(detection.detect.denial_burst.window, DEFAULT_WINDOW);
+    assert!(warnings.is_empty());
+}
+
+#[test]
+fn detection_settings_are_read() {
+    let gateway =
+        format!("{GATEWAY}\n[detect]\nwindow_ms = 5000\nfunction_scan = 3\nexception_storm = 7\n");
+    let rules = format!(
+        "{ACME}\n[vendor.on_anomaly]\nkinds = [\"function_scan\", \"denial_burst\"]\ncount = 3\nwindow_ms = 60000\nquarantine_ms = 600000\n"
+    );
+    let dir = write(&gateway, &[("acme.toml", &rules)]);
+    let (_, detection, _) = load_with_detection(&dir.path().join("gateway.toml")).unwrap();
+    let window = Duration::from_millis(5000);
+    assert_eq!(
+        detection.detect.function_scan,
+        Threshold { limit: 3, window }
+    );
+    assert_eq!(
+        detection.detect.exception_storm,
+        Threshold { limit: 7, window }
+    );
+    assert_eq!(detection.detect.unit_scan, Threshold { limit: 8, window });
+    assert_eq!(detection.detect.repeat_window, window);
+    assert_eq!(
+        detection.on_anomaly,
+        vec![(
+            "acme".to_owned(),
+            OnAnomalyConfig {
+                kinds: vec!["function_scan", "denial_burst"],
+                count: 3,
+                window: Duration::from_secs(60),
+                quarantine: Some(Duration::from_secs(600)),
+            }
+        )]
+    );
+}
+
+#[test]
+fn invalid_detection_settings_are_errors() {
+    let gateway = format!("{GATEWAY}\n[detect]\nfunction_scan = 0\n");
+    let rules = format!("{ACME}\n[vendor.on_anomaly]\nkinds = [\"device_timeout\"]\n");
+    let dir = write(&gateway, &[("acme.toml", &rules)]);
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        [
+            "gateway.toml:25:17: detect.function_scan: 0 outside 1..=1000000; set a value from 1 to 1000000".to_owned(),
+            format!("rules/acme.toml:11:10: vendor.on_anomaly.kinds: unknown kind \"device_timeout\"; use one of {}", CONTAINABLE_KINDS.join(", ")),
+        ]
+    );
 }

@@ -46,7 +46,7 @@ pub enum RunError {
     Privileges(#[from] PrivilegeError),
 }
 
-/// Where `run` reports the addresses it bound.
+/// The receiver of the addresses `run` bound.
 pub trait Readiness: Send {
     fn listening(&mut self, name: &str, address: SocketAddr);
     fn ready(&mut self);
@@ -203,6 +203,7 @@ async fn serve(
         metrics: metrics.clone(),
         audit: health,
         quarantine: quarantine.clone(),
+        detect: crate::detect::Hub::new(),
     });
     // Collectors stop last, so that events of the drain can still be
     // delivered; whatever is left waits in the spools for the next start.

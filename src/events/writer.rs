@@ -25,7 +25,7 @@ pub enum SyncMode {
     Always,
 }
 
-/// Where events end up. The audit log and collectors implement it too.
+/// The destination of written events, such as the audit log.
 pub trait Sink: Send {
     /// Appends `batch` in order.
     fn write_batch(&mut self, batch: &[Event]) -> io::Result<()>;
@@ -102,7 +102,7 @@ impl WriterHandle {
     }
 }
 
-/// Longest time a written batch waits for its fsync in `SyncMode::Batch`.
+/// Maximum time a written batch waits for its fsync in `SyncMode::Batch`.
 pub const GROUP_COMMIT_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Starts the writer thread draining `receiver` into `sink`.
@@ -125,8 +125,8 @@ pub fn spawn_writer(
 
 /// Writes batches until every sender is gone. In batch mode the thread
 /// sleeps out the rest of the group-commit interval after a sync instead of
-/// listening, so emitters do not wake it for each event; what arrived
-/// meanwhile is written and synced together.
+/// listening, so emitters do not wake it for each event. What arrived
+/// meanwhile is then written and synced together.
 async fn drain(
     mut receiver: mpsc::Receiver<Event>,
     mut sink: Box<dyn Sink>,

@@ -85,7 +85,7 @@ pub fn exception_label(slot: usize) -> &'static str {
 
 /// The anomaly kinds that sluice raises, as listed in `docs/events.md`,
 /// followed by `other` for a kind added elsewhere but not yet listed here.
-pub const ANOMALY_KINDS: [&str; 10] = [
+pub const ANOMALY_KINDS: [&str; 22] = [
     "unknown_client",
     "bad_protocol_id",
     "bad_length",
@@ -95,6 +95,18 @@ pub const ANOMALY_KINDS: [&str; 10] = [
     "late_response",
     "unexpected_response",
     "bad_response",
+    "function_scan",
+    "unit_scan",
+    "address_sweep",
+    "denial_burst",
+    "rate_limited",
+    "dangerous_function",
+    "gated_write_denied",
+    "new_source",
+    "device_unreachable",
+    "device_timeout",
+    "exception_storm",
+    "vendor_quarantined",
     OTHER,
 ];
 

@@ -34,7 +34,7 @@ impl Generation {
     }
 }
 
-/// What every listener and session of the process shares.
+/// The state every listener and session of the process shares.
 pub struct Shared {
     pub current: ArcSwap<Generation>,
     pub emitter: Emitter,
@@ -45,4 +45,7 @@ pub struct Shared {
     pub audit: Arc<AuditHealth>,
     /// Vendors cut off by an operator; checked at accept and per request.
     pub quarantine: Arc<crate::policy::quarantine::Quarantine>,
+    /// Detector state that spans sessions: device failures, the source
+    /// addresses each vendor connected from, and containment counts.
+    pub detect: crate::detect::Hub,
 }

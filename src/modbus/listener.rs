@@ -5,11 +5,12 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::events::{Event, EventType, Severity};
 use crate::metrics::RejectReason;
@@ -89,6 +90,25 @@ async fn admit(
         reject(shared, name, peer, Some(vendor_name), "vendor quarantined").await;
         return;
     }
+    if let Some(finding) = shared.detect.connection(&vendor_name, peer.ip()) {
+        let mut anomaly = Event::anomaly(finding.kind, finding.severity, finding.detail);
+        anomaly.listener = Some(name.clone());
+        anomaly.vendor = Some(vendor_name.clone());
+        anomaly.src_ip = Some(peer.ip());
+        anomaly.src_port = Some(peer.port());
+        emit(shared, anomaly.clone()).await;
+        if let Some(containment) = policy.on_anomaly(vendor).cloned() {
+            if shared
+                .detect
+                .strike(&vendor_name, finding.kind, Instant::now(), &containment)
+            {
+                anomaly.anomaly = None;
+                session::contain(shared, &vendor_name, &containment, finding.kind, anomaly).await;
+                reject(shared, name, peer, Some(vendor_name), "vendor quarantined").await;
+                return;
+            }
+        }
+    }
 
     let info = SessionInfo {
         id: shared.sessions.next_id(),
@@ -132,11 +152,21 @@ async fn admit(
     }
 
     let shared = shared.clone();
-    tracker.spawn(async move {
-        let id = params.id;
-        session::run(stream, params, shared.clone()).await;
-        shared.sessions.remove(id);
-    });
+    let span = tracing::debug_span!(
+        "session",
+        id = params.id,
+        listener = %name,
+        %peer,
+        vendor = %params.vendor_name,
+    );
+    tracker.spawn(
+        async move {
+            let id = params.id;
+            session::run(stream, params, shared.clone()).await;
+            shared.sessions.remove(id);
+        }
+        .instrument(span),
+    );
 }
 
 async fn reject(

@@ -21,7 +21,7 @@ pub struct SessionInfo {
     pub close: CancellationToken,
 }
 
-/// Why a connection may not open a session.
+/// The reason a connection may not open a session.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AdmitError {
     #[error("listener {listener} already has {limit} connections")]

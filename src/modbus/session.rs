@@ -18,6 +18,8 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant as TokioInstant};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::OnAnomalyConfig;
+use crate::detect::{self, Failure, Finding, Observed, SessionDetector};
 use crate::events::{DecisionKind, Event, EventType, ModbusInfo, Severity};
 use crate::metrics::Instruments;
 use crate::policy::{Context, Decision, DeviceId, ListenerPlan, Mode, OnDeny, VendorId};
@@ -157,6 +159,10 @@ struct Session {
     generation: Arc<Generation>,
     listener: usize,
     output: BytesMut,
+    detector: SessionDetector,
+    /// Anomalies raised by the request being handled; kept to reuse its
+    /// allocation.
+    findings: Vec<Finding>,
 }
 
 /// Serves one admitted connection until it closes; records its end.
@@ -172,6 +178,8 @@ pub async fn run(stream: TcpStream, params: SessionParams, shared: Arc<Shared>) 
         generation,
         listener,
         output: BytesMut::with_capacity(BUFFER_CAPACITY),
+        detector: SessionDetector::new(),
+        findings: Vec::new(),
     };
     session.record_open().await;
 
@@ -362,12 +370,32 @@ impl Session {
                 exception,
                 error,
             } => {
+                self.detector.function(
+                    Instant::now(),
+                    function,
+                    self.generation.policy.detect(),
+                    &mut self.findings,
+                );
                 self.reject_invalid(header, function, exception, &error)
                     .await;
+                if self.raise_findings(None).await {
+                    return Step::Close(CloseReason::Quarantined);
+                }
                 Step::Continue
             }
             Decoded::Request { header, request } => {
-                self.handle_request(header, request, pending).await
+                let observed = observe(header.unit, &request);
+                self.detector.request(
+                    Instant::now(),
+                    &observed,
+                    self.generation.policy.detect(),
+                    &mut self.findings,
+                );
+                let step = self.handle_request(header, request, pending).await;
+                if self.raise_findings(None).await {
+                    return Step::Close(CloseReason::Quarantined);
+                }
+                step
             }
         }
     }
@@ -382,6 +410,13 @@ impl Session {
         let max_pending = plan.limits.max_pending;
 
         let Some(device) = plan.routes.device_for(header.unit) else {
+            self.detector.denial(
+                Instant::now(),
+                None,
+                is_write(&request),
+                self.generation.policy.detect(),
+                &mut self.findings,
+            );
             let mut event = self.decision_event(header, &request, None);
             event.decision = Some(DecisionKind::Deny);
             event.reason = Some(format!("no route for unit id {}", header.unit));
@@ -417,6 +452,23 @@ impl Session {
         let audit_failed =
             !self.shared.audit.is_writable() && self.needs_working_audit(&request, &decision);
 
+        if let Decision::Deny { reason } = &decision {
+            self.detector.denial(
+                context.instant,
+                Some(reason),
+                is_write(&request),
+                self.generation.policy.detect(),
+                &mut self.findings,
+            );
+        } else if audit_failed {
+            self.detector.denial(
+                context.instant,
+                None,
+                true,
+                self.generation.policy.detect(),
+                &mut self.findings,
+            );
+        }
         let mut event = self.decision_event(header, &request, Some(device));
         let exception = match &decision {
             _ if audit_failed => {
@@ -580,6 +632,22 @@ impl Session {
             tally,
         } = done;
         tally.record(function, &outcome);
+        let failure = match &outcome {
+            Ok(Some(pdu)) if pdu.len() == 2 && pdu[0] & 0x80 != 0 => {
+                Some(Failure::Exception(pdu[1]))
+            }
+            Ok(_) => None,
+            Err(error) => Some(Failure::Gateway(error.exception_code().code())),
+        };
+        if let (Some(failure), Some(device)) = (failure, event.device.clone()) {
+            self.shared.detect.failure(
+                &device,
+                Instant::now(),
+                failure,
+                self.generation.policy.detect(),
+                &mut self.findings,
+            );
+        }
         match outcome {
             Ok(Some(pdu)) => frame::encode_response(header, &pdu, &mut self.output),
             Ok(None) => {}
@@ -592,7 +660,66 @@ impl Session {
                 event.detail = Some(serde_json::json!({ "upstream": error.to_string() }));
             }
         }
+        let device = event.device.clone();
         self.emit(event).await;
+        // Device anomalies never count towards a vendor's containment.
+        self.raise_findings(device).await;
+    }
+
+    /// Records the anomalies the detectors raised and counts them against
+    /// the vendor's containment. Returns true when the vendor was
+    /// quarantined, so this session must close.
+    async fn raise_findings(&mut self, device: Option<Arc<str>>) -> bool {
+        if self.findings.is_empty() {
+            return false;
+        }
+        let mut findings = std::mem::take(&mut self.findings);
+        let containment = self
+            .generation
+            .policy
+            .on_anomaly(self.params.vendor)
+            .cloned();
+        let mut quarantined = false;
+        for finding in findings.drain(..) {
+            let kind = finding.kind;
+            let mut event = self.anomaly_event(finding);
+            event.device = device.clone();
+            self.emit(event).await;
+            if let Some(containment) = containment.as_deref() {
+                if !quarantined
+                    && self.shared.detect.strike(
+                        &self.params.vendor_name,
+                        kind,
+                        Instant::now(),
+                        containment,
+                    )
+                {
+                    let mut event = self.base_event(EventType::Anomaly);
+                    event.session_id = None;
+                    contain(
+                        &self.shared,
+                        &self.params.vendor_name,
+                        containment,
+                        kind,
+                        event,
+                    )
+                    .await;
+                    quarantined = true;
+                }
+            }
+        }
+        self.findings = findings;
+        quarantined
+    }
+
+    fn anomaly_event(&self, finding: Finding) -> Event {
+        let mut event = Event::anomaly(finding.kind, finding.severity, finding.detail);
+        event.listener = Some(self.params.listener.clone());
+        event.session_id = Some(self.params.id);
+        event.vendor = Some(self.params.vendor_name.clone());
+        event.src_ip = Some(self.params.peer.ip());
+        event.src_port = Some(self.params.peer.port());
+        event
     }
 
     fn base_event(&self, event_type: EventType) -> Event {
@@ -652,6 +779,77 @@ impl Session {
         event.src_ip = Some(self.params.peer.ip());
         event.src_port = Some(self.params.peer.port());
         self.emit(event).await;
+    }
+}
+
+/// Quarantines `vendor` after it raised `containment.count` anomalies of
+/// its kinds, closes all of its sessions and records `vendor_quarantined`.
+/// `event` carries the listener and source fields of the anomaly event.
+pub(super) async fn contain(
+    shared: &Shared,
+    vendor: &Arc<str>,
+    containment: &OnAnomalyConfig,
+    kind: &str,
+    mut event: Event,
+) {
+    let until = containment.quarantine.map(|length| Instant::now() + length);
+    if let Err(error) = shared.quarantine.quarantine(vendor, until) {
+        tracing::error!(%error, %vendor, "quarantine not stored");
+    }
+    for session in shared.sessions.list() {
+        if session.vendor == *vendor {
+            session.close.cancel();
+        }
+    }
+    let length = match containment.quarantine {
+        Some(length) => format!("for {} ms", length.as_millis()),
+        None => "until released".to_owned(),
+    };
+    event.anomaly = Event::anomaly(
+        "vendor_quarantined",
+        Severity::Critical,
+        format!(
+            "vendor {vendor} quarantined {length} after {} anomalies within {} ms; last: {kind}",
+            containment.count,
+            containment.window.as_millis()
+        ),
+    )
+    .anomaly;
+    event.vendor = Some(vendor.clone());
+    if let Err(error) = shared.emitter.emit(event).await {
+        tracing::error!(%error, "event not recorded");
+    }
+}
+
+/// What the detectors need to know of a request.
+fn observe(unit: u8, request: &Request) -> Observed {
+    let read = match *request {
+        Request::ReadCoils { address, quantity }
+        | Request::ReadDiscreteInputs { address, quantity }
+        | Request::ReadHoldingRegisters { address, quantity }
+        | Request::ReadInputRegisters { address, quantity } => {
+            Some(detect::Read { address, quantity })
+        }
+        Request::ReadWriteMultipleRegisters {
+            read_address,
+            read_quantity,
+            ..
+        } => Some(detect::Read {
+            address: read_address,
+            quantity: read_quantity,
+        }),
+        _ => None,
+    };
+    Observed {
+        unit,
+        function: request.function_code(),
+        sub_function: match request {
+            Request::Diagnostics { sub_function, .. } => Some(*sub_function),
+            _ => None,
+        },
+        undefined: matches!(request, Request::Raw { .. }),
+        write: is_write(request),
+        read,
     }
 }
 

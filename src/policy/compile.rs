@@ -116,6 +116,8 @@ pub(super) fn compile(config: &Config) -> Result<(Policy, Vec<Diagnostic>), Diag
                 })
             })
             .collect(),
+        detect: crate::config::DetectConfig::default(),
+        on_anomaly: vec![None; config.vendors.len()],
         vendors,
         identity,
         rules,

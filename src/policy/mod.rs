@@ -266,6 +266,10 @@ pub struct Policy {
     audit: AuditPlan,
     metrics_bind: Option<std::net::SocketAddr>,
     vendors: Vec<VendorPlan>,
+    /// Thresholds of the anomaly detectors.
+    detect: crate::config::DetectConfig,
+    /// Each vendor's containment on anomalies, by vendor id.
+    on_anomaly: Vec<Option<Arc<crate::config::OnAnomalyConfig>>>,
     /// Each vendor's own rate limit, by vendor id.
     vendor_rates: Vec<Option<rate::RateLimiter>>,
     identity: SourceIndex,
@@ -289,10 +293,11 @@ impl Policy {
 
     /// Loads and compiles `gateway_file` and its rule files.
     pub fn load(gateway_file: &Path) -> Result<(Policy, Vec<Diagnostic>), Diagnostics> {
-        let (config, mut warnings) = config::load(gateway_file)?;
+        let (config, detection, mut warnings) = config::load_with_detection(gateway_file)?;
         match Policy::compile(&config) {
-            Ok((policy, more)) => {
+            Ok((mut policy, more)) => {
                 warnings.extend(more);
+                policy.set_detection(detection);
                 Ok((policy, warnings))
             }
             Err(mut diagnostics) => {
@@ -301,6 +306,27 @@ impl Policy {
                 Err(diagnostics)
             }
         }
+    }
+
+    /// Applies the detection settings; containment of a vendor name that is
+    /// not in this policy is ignored.
+    pub fn set_detection(&mut self, detection: config::Detection) {
+        self.detect = detection.detect;
+        for (name, containment) in detection.on_anomaly {
+            if let Some(vendor) = self.vendor_id(&name) {
+                self.on_anomaly[vendor] = Some(Arc::new(containment));
+            }
+        }
+    }
+
+    /// Returns the thresholds of the anomaly detectors.
+    pub fn detect(&self) -> &config::DetectConfig {
+        &self.detect
+    }
+
+    /// Returns the vendor's containment on anomalies, if it sets one.
+    pub fn on_anomaly(&self, vendor: VendorId) -> Option<&Arc<config::OnAnomalyConfig>> {
+        self.on_anomaly.get(vendor).and_then(Option::as_ref)
     }
 
     pub fn gateway_name(&self) -> &Arc<str> {

@@ -53,7 +53,7 @@ impl Pollers {
     }
 }
 
-/// The request that reads one state.
+/// Builds the request that reads one state.
 fn read_request(plan: &StatePlan) -> Request {
     let address = plan.address;
     match plan.kind {
