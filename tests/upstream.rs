@@ -287,9 +287,11 @@ async fn wrong_function_in_response_resets_connection() {
     };
     assert_eq!(bad, Err(expected));
     assert_eq!(bad.unwrap_err().exception_code().code(), 0x0B);
+    assert_eq!(pool.reconnects(), 0);
 
     let good = within(pool.call(1, &read_holding(10, 1))).await;
     assert_eq!(good, Ok(Bytes::from(registers_pdu(&[10]))));
+    assert_eq!(pool.reconnects(), 1);
     let first_connection_rest = within(fake).await.unwrap();
     assert_eq!(first_connection_rest, Vec::<u8>::new());
 

@@ -315,6 +315,9 @@ async fn sample_metrics(
 ) {
     let mut ticker = tokio::time::interval(SAMPLE_INTERVAL);
     let mut write_errors = 0;
+    // Reconnects already counted, by device name, because pools and their
+    // indexes change with reloads.
+    let mut reconnects: std::collections::HashMap<Arc<str>, u64> = Default::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -334,7 +337,18 @@ async fn sample_metrics(
 
         let generation = shared.current.load();
         for (device, pool) in generation.pools.iter().enumerate() {
-            generation.instruments.upstream(device).set_up(pool.is_up());
+            let upstream = generation.instruments.upstream(device);
+            upstream.set_up(pool.is_up());
+            let total = pool.reconnects();
+            let counted = reconnects.entry(pool.device().clone()).or_insert(0);
+            // A pool built anew by a reload starts again from zero.
+            if total < *counted {
+                *counted = 0;
+            }
+            for _ in *counted..total {
+                upstream.count_reconnect();
+            }
+            *counted = total;
         }
         let now = std::time::Instant::now();
         for (index, plan) in generation.policy.states().iter().enumerate() {

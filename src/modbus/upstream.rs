@@ -182,6 +182,8 @@ struct DeviceState {
     status: AtomicU8,
     /// Number of connection tasks holding an open connection.
     connected: AtomicUsize,
+    /// Connections opened by a slot that had been connected before.
+    reconnects: AtomicU64,
 }
 
 /// State of one connection slot that callers and its task share.
@@ -298,6 +300,7 @@ impl Pool {
             emitter,
             status: AtomicU8::new(STATUS_UNKNOWN),
             connected: AtomicUsize::new(0),
+            reconnects: AtomicU64::new(0),
         };
         let inner = PoolInner {
             device: Arc::new(device),
@@ -339,6 +342,16 @@ impl Pool {
 
     /// Returns whether the last connect attempt succeeded. A pool that has
     /// not connected yet is not up.
+    /// Returns the name of the device this pool connects to.
+    pub fn device(&self) -> &Arc<str> {
+        &self.inner.device.settings.device
+    }
+
+    /// Returns how many connections were opened to replace an earlier one.
+    pub fn reconnects(&self) -> u64 {
+        self.inner.device.reconnects.load(Ordering::Relaxed)
+    }
+
     pub fn is_up(&self) -> bool {
         self.inner.device.status.load(Ordering::Acquire) == STATUS_UP
     }
@@ -453,6 +466,7 @@ impl PoolInner {
             waiting: VecDeque::new(),
             next_transaction_id: 1,
             retired: VecDeque::with_capacity(RETIRED_IDS),
+            connected_before: false,
         };
         tokio::spawn(worker.run().instrument(span));
     }
@@ -603,6 +617,9 @@ struct Worker {
     next_transaction_id: u16,
     /// Recently timed-out transaction ids, oldest first.
     retired: VecDeque<u16>,
+    /// Whether this slot has had a connection, so the next one counts as a
+    /// reconnect.
+    connected_before: bool,
 }
 
 impl Worker {
@@ -623,6 +640,10 @@ impl Worker {
             };
             match result {
                 Ok(mut stream) => {
+                    if self.connected_before {
+                        self.device.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.connected_before = true;
                     self.slot.record_success();
                     self.device.connection_opened().await;
                     let end = self.serve(&mut stream).await;
