@@ -93,7 +93,12 @@ pub async fn run(
     // Seal records are made inside the audit log, not queued, so they reach
     // the collectors through their own observer.
     let seal_collectors = collectors.clone();
-    log.set_seal_observer(Box::new(move |seal: &Event| seal_collectors.observe(seal)));
+    let seal_metrics = metrics.clone();
+    log.set_seal_observer(Box::new(move |seal: &Event| {
+        seal_metrics.count_audit_record();
+        seal_metrics.count_audit_seal();
+        seal_collectors.observe(seal);
+    }));
     let sync = match policy.audit().sync {
         AuditSync::Batch => SyncMode::Batch,
         AuditSync::Always => SyncMode::Always,
@@ -160,17 +165,15 @@ fn open_audit_log(policy: &Policy, health: &Arc<AuditHealth>) -> io::Result<Audi
     Ok(log)
 }
 
-/// Counts what the metrics take from the event stream: anomalies by kind,
-/// device reconnects and audit records. Then appends the event to the
-/// spools of the collectors that receive it.
+/// Counts what the metrics take from the event stream, audit records and
+/// anomalies by kind, then appends the event to the spools of the
+/// collectors that receive it. Seal records do not pass here: the audit
+/// log makes them itself and reports them through its seal observer.
 fn count_events(metrics: &Arc<Metrics>, collectors: Collectors) -> Observer {
     let metrics = metrics.clone();
     Box::new(move |event: &Event| {
         collectors.observe(event);
         metrics.count_audit_record();
-        if event.event_type == EventType::Seal {
-            metrics.count_audit_seal();
-        }
         if let Some(anomaly) = &event.anomaly {
             metrics.count_anomaly(anomaly.kind);
         }
