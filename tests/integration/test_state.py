@@ -145,6 +145,10 @@ def test_register_state_gates_write(start_state_gateway, plc_sim, plc_direct):
         )
         assert plc_register(plc_direct, 105) == 1234
 
+        # The policy can see maintenance before its change event reaches the
+        # audit log; waiting for the event first makes the next wait see the
+        # change back to production, not the one from the start.
+        wait_for_state(gateway, "press-1-mode", "maintenance")
         assert not plc_direct.write_register(900, 0, device_id=1).isError()
         wait_for_state(gateway, "press-1-mode", "production")
         back_in_production = write_through(client, 105, 2345)
@@ -226,6 +230,9 @@ def test_coil_key_switch_gates_write(start_state_gateway, plc_sim, plc_direct):
         )
         assert plc_register(plc_direct, 119) == 500
 
+        # As above: the unlocked event must be in the log before the wait for
+        # locked can tell the new change from the first one.
+        wait_for_state(gateway, "key-switch", "unlocked")
         assert not plc_direct.write_coil(5, False, device_id=1).isError()
         wait_for_state(gateway, "key-switch", "locked")
         locked_again = write_through(client, 119, 600)
