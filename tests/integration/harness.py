@@ -233,14 +233,19 @@ class Gateway:
         self.workdir = workdir
         self.name = name
         self.config_path = write_config(workdir, listeners, devices, rules, name)
-        self.events_path = workdir / "audit" / "events.jsonl"
+        self._launch(sluice_bin, len(listeners))
+
+    def _launch(self, sluice_bin: str, startup_lines: int) -> None:
+        """Start `sluice run` on `self.config_path` and read the `listening`
+        lines of `startup_lines` sockets, then `ready`."""
+        self.events_path = self.workdir / "audit" / "events.jsonl"
         self.process = Process(
             [sluice_bin, "run", "--config", str(self.config_path)],
-            stderr_path=workdir / "gateway.stderr",
+            stderr_path=self.workdir / "gateway.stderr",
         )
         self.ports: dict[str, int] = {}
         try:
-            self._read_startup(len(listeners))
+            self._read_startup(startup_lines)
         except BaseException:
             self.process.stop()
             raise
@@ -381,17 +386,7 @@ class StateGateway(Gateway):
         self.workdir = workdir
         self.name = name
         self.config_path = write_state_config(workdir, listeners, devices, states, rules, name)
-        self.events_path = workdir / "audit" / "events.jsonl"
-        self.process = Process(
-            [sluice_bin, "run", "--config", str(self.config_path)],
-            stderr_path=workdir / "gateway.stderr",
-        )
-        self.ports = {}
-        try:
-            self._read_startup(len(listeners))
-        except BaseException:
-            self.process.stop()
-            raise
+        self._launch(sluice_bin, len(listeners))
 
 
 def send_hangup(gateway: Gateway) -> None:
@@ -503,17 +498,7 @@ class CollectorGateway(Gateway):
             [sluice_bin, "audit", "init", "--config", str(self.config_path)],
             check=True, capture_output=True, timeout=STARTUP_TIMEOUT,
         )
-        self.events_path = workdir / "audit" / "events.jsonl"
-        self.process = Process(
-            [sluice_bin, "run", "--config", str(self.config_path)],
-            stderr_path=workdir / "gateway.stderr",
-        )
-        self.ports: dict[str, int] = {}
-        try:
-            self._read_startup(len(listeners))
-        except BaseException:
-            self.process.stop()
-            raise
+        self._launch(sluice_bin, len(listeners))
 
 
 class Rsyslog:

@@ -7,7 +7,6 @@ import subprocess
 
 from harness import (
     Gateway,
-    Process,
     acme_rules,
     device,
     listener,
@@ -39,17 +38,7 @@ class SealedGateway(Gateway):
             timeout=30,
         )
         self.verification_key = init.stdout.strip()
-        self.events_path = workdir / "audit" / "events.jsonl"
-        self.process = Process(
-            [sluice_bin, "run", "--config", str(self.config_path)],
-            stderr_path=workdir / "gateway.stderr",
-        )
-        self.ports = {}
-        try:
-            self._read_startup(len(listeners))
-        except BaseException:
-            self.process.stop()
-            raise
+        self._launch(sluice_bin, len(listeners))
 
 
 def read_frame(connection: socket.socket) -> bytes:

@@ -7,7 +7,6 @@ import urllib.request
 
 from harness import (
     Gateway,
-    Process,
     acme_rules,
     connect_from,
     device,
@@ -31,17 +30,7 @@ class MetricsGateway(Gateway):
         self.config_path = write_config(workdir, listeners, devices, rules)
         with self.config_path.open("a") as config:
             config.write('\n[metrics]\nbind = "127.0.0.1:0"\n')
-        self.events_path = workdir / "audit" / "events.jsonl"
-        self.process = Process(
-            [sluice_bin, "run", "--config", str(self.config_path)],
-            stderr_path=workdir / "gateway.stderr",
-        )
-        self.ports = {}
-        try:
-            self._read_startup(len(listeners) + 1)
-        except BaseException:
-            self.process.stop()
-            raise
+        self._launch(sluice_bin, len(listeners) + 1)
 
 
 def scrape(port: int) -> list[str]:
