@@ -85,7 +85,7 @@ pub fn exception_label(slot: usize) -> &'static str {
 
 /// The anomaly kinds that sluice raises, as listed in `docs/events.md`,
 /// followed by `other` for a kind added elsewhere but not yet listed here.
-pub const ANOMALY_KINDS: [&str; 22] = [
+pub const ANOMALY_KINDS: [&str; 25] = [
     "unknown_client",
     "bad_protocol_id",
     "bad_length",
@@ -107,6 +107,9 @@ pub const ANOMALY_KINDS: [&str; 22] = [
     "device_timeout",
     "exception_storm",
     "vendor_quarantined",
+    "outside_windows",
+    "state_unknown",
+    "collector_spool_full",
     OTHER,
 ];
 

@@ -110,6 +110,19 @@ async fn admit(
         }
     }
 
+    if policy.outside_all_windows(vendor, jiff::Timestamp::now()) {
+        let mut anomaly = Event::anomaly(
+            "outside_windows",
+            Severity::Medium,
+            format!("vendor {vendor_name} connected while none of its rules' time windows is open"),
+        );
+        anomaly.listener = Some(name.clone());
+        anomaly.vendor = Some(vendor_name.clone());
+        anomaly.src_ip = Some(peer.ip());
+        anomaly.src_port = Some(peer.port());
+        emit(shared, anomaly).await;
+    }
+
     let info = SessionInfo {
         id: shared.sessions.next_id(),
         listener: name.clone(),

@@ -393,6 +393,42 @@ impl Policy {
             .map_or("unknown", |label| label)
     }
 
+    /// Returns true when every rule of `vendor` is limited to a schedule or
+    /// dated window and none of them is open at `now`: the vendor could not
+    /// be allowed anything, so its connection is worth an anomaly. Returns
+    /// false for a vendor without rules. Not on the request path: it looks
+    /// at every rule.
+    pub fn outside_all_windows(&self, vendor: VendorId, now: jiff::Timestamp) -> bool {
+        let local = self.timezone.to_datetime(now);
+        let mut rules = self
+            .rules
+            .iter()
+            .filter(|compiled| compiled.rule.vendor as usize == vendor)
+            .peekable();
+        if rules.peek().is_none() {
+            return false;
+        }
+        rules.all(|compiled| {
+            let Some(when) = compiled.when.as_deref() else {
+                return false;
+            };
+            if when.schedule.is_none() && when.windows.is_none() {
+                return false;
+            }
+            let schedule_open = when.schedule.as_ref().is_none_or(|windows| {
+                windows
+                    .iter()
+                    .any(|window| schedule::weekly_contains(window, &local))
+            });
+            let window_open = when.windows.as_ref().is_none_or(|windows| {
+                windows
+                    .iter()
+                    .any(|window| schedule::dated_contains(window, &local))
+            });
+            !(schedule_open && window_open)
+        })
+    }
+
     /// Returns true when `rule` has a `when.state` condition. Such rules
     /// stop allowing requests while the audit log cannot be written.
     pub fn rule_depends_on_state(&self, rule: RuleRef) -> bool {

@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use crate::events::{Emitter, Event, EventType};
+use crate::events::{Emitter, Event, EventType, Severity};
 use crate::modbus::generation::{Generation, Shared};
 use crate::modbus::pdu::Request;
 use crate::policy::{StateKind, StatePlan};
@@ -150,8 +150,26 @@ async fn record_change(
     new: Option<&str>,
     raw: Option<u16>,
 ) {
+    let became_unknown = new.is_none();
     let (old, new) = (old.unwrap_or("unknown"), new.unwrap_or("unknown"));
     tracing::info!(state = %plan.name, old, new, "operational state changed");
+    if became_unknown {
+        // Rules gated on this state stop matching, which an operator must
+        // hear about: the PLC is down or reports a value nobody mapped.
+        let mut anomaly = Event::anomaly(
+            "state_unknown",
+            Severity::Medium,
+            format!(
+                "state {} is unknown: no reading within {} ms, or a value its map does not name",
+                plan.name,
+                plan.max_age.as_millis()
+            ),
+        );
+        anomaly.device = Some(device.clone());
+        if let Err(error) = emitter.emit(anomaly).await {
+            tracing::error!(%error, "event not recorded");
+        }
+    }
     let mut event = Event::new(EventType::State);
     event.action = Some("change");
     event.device = Some(device.clone());

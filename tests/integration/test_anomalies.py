@@ -27,6 +27,7 @@ DETECTOR_KINDS = {
     "device_timeout",
     "exception_storm",
     "vendor_quarantined",
+    "outside_windows",
 }
 
 READS_ONLY = {"device": "plc", "functions": ["read_holding_registers"], "addresses": ["0-9999"]}
@@ -238,3 +239,41 @@ def test_polling_capture_raises_no_anomaly(start_gateway, plc_sim):
     gateway.wait_for_events(sentinel_answered, streams, "sentinel decisions")
 
     assert anomalies(gateway) == []
+
+
+def test_connection_outside_every_window_raises_once(start_gateway, plc_sim):
+    # The only rule of the vendor is limited to a maintenance visit that is
+    # long over, so nothing it sends can be allowed.
+    past_visit = dict(READS_ONLY, when={"window": ["2020-01-06T08:00/2020-01-06T12:00"]})
+    gateway = start_gateway(
+        [listener(device="plc")], [device("plc", plc_sim.address)], acme_rules(past_visit)
+    )
+    client = modbus_client(gateway.port)
+    try:
+        denied = client.read_holding_registers(100, count=1, device_id=1)
+        assert denied.exception_code == 0x01
+    finally:
+        client.close()
+    wait_for_decisions(gateway, 1)
+
+    raised = kinds_of(gateway, "outside_windows")
+    assert len(raised) == 1
+    assert raised[0]["vendor"] == "acme"
+    assert raised[0]["anomaly"]["severity"] == "medium"
+    assert raised[0]["anomaly"]["detail"] == (
+        "vendor acme connected while none of its rules' time windows is open"
+    )
+
+
+def test_unconditional_rule_raises_no_window_anomaly(start_gateway, plc_sim):
+    gateway = start_gateway(
+        [listener(device="plc")], [device("plc", plc_sim.address)], acme_rules(READS_ONLY)
+    )
+    client = modbus_client(gateway.port)
+    try:
+        assert client.read_holding_registers(100, count=1, device_id=1).registers == [100]
+    finally:
+        client.close()
+    wait_for_decisions(gateway, 1)
+
+    assert kinds_of(gateway, "outside_windows") == []

@@ -205,6 +205,19 @@ def test_stopped_plc_makes_state_unknown(start_state_gateway, plc_sim, plc_direc
         ("press-1-mode", "maintenance", "unknown", None),
     ]
     assert decision_for(gateway, denied)["reason"] == "state press-1-mode unknown"
+    unknown = [
+        event["anomaly"]
+        for event in gateway.events()
+        if event["event_type"] == "anomaly" and event["anomaly"]["kind"] == "state_unknown"
+    ]
+    assert unknown == [
+        {
+            "kind": "state_unknown",
+            "severity": "medium",
+            "detail": "state press-1-mode is unknown: no reading within 300 ms, "
+            "or a value its map does not name",
+        }
+    ]
 
 
 def test_coil_key_switch_gates_write(start_state_gateway, plc_sim, plc_direct):
