@@ -154,8 +154,8 @@ async fn record_change(
     let (old, new) = (old.unwrap_or("unknown"), new.unwrap_or("unknown"));
     tracing::info!(state = %plan.name, old, new, "operational state changed");
     if became_unknown {
-        // Rules gated on this state stop matching, which an operator must
-        // hear about: the PLC is down or reports a value nobody mapped.
+        // Rules gated on this state stop matching, and an operator must
+        // know: the PLC is down or reports a value the state does not map.
         let mut anomaly = Event::anomaly(
             "state_unknown",
             Severity::Medium,

@@ -5,9 +5,19 @@ none, and a vendor that trips its containment is quarantined."""
 import socket
 from pathlib import Path
 
+import pytest
+
 import mbap
 import pcap_replay
-from harness import acme_rules, device, listener, modbus_client, rule_file, LOOPBACK_SOURCES
+from harness import (
+    LOOPBACK_SOURCES,
+    acme_rules,
+    device,
+    listener,
+    modbus_client,
+    rule_file,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO.parent / "shared" / "corpus" / "pcap"
@@ -277,3 +287,48 @@ def test_unconditional_rule_raises_no_window_anomaly(start_gateway, plc_sim):
     wait_for_decisions(gateway, 1)
 
     assert kinds_of(gateway, "outside_windows") == []
+
+
+# Every anomaly kind each capture of the corpus raises when replayed through
+# a rule that allows everything. Clean polling and write traffic raises
+# none; the diagnostics capture and the function-code scan raise what their
+# README entries describe.
+CAPTURE_KINDS = {
+    "ModbusTCP_pipelined.pcap": set(),
+    "bro_modbusBig.pcap": set(),
+    "bro_modbusSmall.pcap": set(),
+    "mb2_mixed_ics.pcap": set(),
+    "modbus_fc3_poll.pcap": set(),
+    "modbus_test_2.pcap": set(),
+    "modbus_test_multiclient_gw.pcap": set(),
+    "modbus_test_data_part1.pcap": {"bad_length", "dangerous_function", "malformed_request"},
+    "modbus_test_data_part2_fcscan.pcap": {
+        "dangerous_function",
+        "exception_storm",
+        "function_scan",
+        "malformed_request",
+    },
+}
+
+
+def anomaly_kinds(gateway) -> set[str]:
+    return {event["anomaly"]["kind"] for event in gateway.events() if event["event_type"] == "anomaly"}
+
+
+@pytest.mark.parametrize("name", sorted(CAPTURE_KINDS))
+def test_capture_raises_exact_kinds(start_gateway, plc_sim, name):
+    gateway = start_gateway(
+        [listener(device="plc", limits={"frame_timeout_ms": 5000})],
+        [device("plc", plc_sim.address, max_connections=1)],
+        acme_rules(ALLOW_EVERYTHING),
+    )
+    streams = replay_capture(gateway, name)
+    expected = CAPTURE_KINDS[name]
+
+    if expected:
+        # Kinds are only ever added, so waiting until the set matches and
+        # then comparing once more catches both a missing and an extra kind.
+        wait_for(lambda: anomaly_kinds(gateway) >= expected, what=f"anomaly kinds {sorted(expected)}")
+    else:
+        gateway.wait_for_events(sentinel_answered, streams, "sentinel decisions")
+    assert anomaly_kinds(gateway) == expected
