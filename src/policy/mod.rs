@@ -697,26 +697,40 @@ fn check_sub_codes(rule: &CompiledRule, access: &ModbusAccess<'_>) -> Result<(),
 /// Checks that the rule covers every address read and every address
 /// written. A count of 0 is checked as 1, so a malformed request still
 /// needs its first address allowed.
+// The read and write spans are checked one after the other rather than
+// through a small array of both: building that array on the stack made the
+// compiler reload it through a store-forwarding stall, which took about half
+// the time of a decision (measured with `cargo bench --bench decide`).
 fn check_addresses(rule: &CompiledRule, access: &ModbusAccess<'_>) -> Result<(), DenyReason> {
-    for (first, count) in [access.read, access.write].into_iter().flatten() {
-        let last = u32::from(first) + u32::from(count.max(1)) - 1;
-        if let Some(address) = rule.addresses.first_missing(u32::from(first), last) {
-            return Err(DenyReason::AddressNotAllowed { address });
-        }
+    if let Some((first, count)) = access.read {
+        check_span(rule, first, count)?;
+    }
+    if let Some((first, count)) = access.write {
+        check_span(rule, first, count)?;
     }
     Ok(())
+}
+
+fn check_span(rule: &CompiledRule, first: u16, count: u16) -> Result<(), DenyReason> {
+    let last = u32::from(first) + u32::from(count.max(1)) - 1;
+    match rule.addresses.first_missing(u32::from(first), last) {
+        Some(address) => Err(DenyReason::AddressNotAllowed { address }),
+        None => Ok(()),
+    }
 }
 
 fn check_quantity(rule: &CompiledRule, access: &ModbusAccess<'_>) -> Result<(), DenyReason> {
     let Some(allowed) = rule.quantity else {
         return Ok(());
     };
-    for (_, count) in [access.read, access.write].into_iter().flatten() {
-        if !allowed.contains(count) {
-            return Err(DenyReason::QuantityNotAllowed { quantity: count });
+    let check = |span: Option<(u16, u16)>| match span {
+        Some((_, count)) if !allowed.contains(count) => {
+            Err(DenyReason::QuantityNotAllowed { quantity: count })
         }
-    }
-    Ok(())
+        _ => Ok(()),
+    };
+    check(access.read)?;
+    check(access.write)
 }
 
 /// Checks every written value against the rule's `values`. Malformed value
