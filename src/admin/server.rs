@@ -371,7 +371,7 @@ async fn kill(context: &AdminContext, actor: &Actor, id: u64) -> Response {
             "no open session {id}; list them with `sluice ctl sessions`"
         ));
     };
-    session.close.cancel();
+    session.close_because("closed by an operator");
     tracing::info!(session = id, vendor = %session.vendor, uid = actor.uid, "session closed by control command");
 
     let mut event = Event::new(EventType::Admin);
@@ -481,7 +481,7 @@ fn close_vendor_sessions(context: &AdminContext, vendor: &str) -> Vec<u64> {
     let mut closed = Vec::new();
     for session in context.shared.sessions.list() {
         if &*session.vendor == vendor {
-            session.close.cancel();
+            session.close_because("vendor quarantined");
             closed.push(session.id);
         }
     }

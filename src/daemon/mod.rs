@@ -287,7 +287,7 @@ async fn serve(
             "drain deadline passed, closing remaining sessions"
         );
         for session in shared.sessions.list() {
-            session.close.cancel();
+            session.close_because("drain deadline passed");
         }
         tracker.wait().await;
     }

@@ -121,7 +121,11 @@ fn close_orphaned_sessions(shared: &Shared) -> Vec<u64> {
             .is_some_and(|vendor| policy.vendor_name(vendor) == &session.vendor);
         if !listener_exists || !same_vendor {
             tracing::info!(session = session.id, vendor = %session.vendor, "closing session after reload");
-            session.close.cancel();
+            session.close_because(if listener_exists {
+                "vendor no longer matches after reload"
+            } else {
+                "listener removed by reload"
+            });
             closed.push(session.id);
         }
     }

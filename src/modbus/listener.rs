@@ -131,6 +131,7 @@ async fn admit(
         started: jiff::Timestamp::now(),
         requests: Arc::default(),
         close: CancellationToken::new(),
+        close_reason: Arc::default(),
     };
     let limits = AdmitLimits {
         per_listener: plan.limits.max_connections,
@@ -145,6 +146,7 @@ async fn admit(
         vendor_name: vendor_name.clone(),
         requests: info.requests.clone(),
         close: info.close.clone(),
+        close_reason: info.close_reason.clone(),
         drain: shutdown.clone(),
     };
     drop(generation);

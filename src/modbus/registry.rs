@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +19,16 @@ pub struct SessionInfo {
     pub started: jiff::Timestamp,
     pub requests: Arc<AtomicU64>,
     pub close: CancellationToken,
+    /// Why the session was closed from outside, for its close event.
+    pub close_reason: Arc<OnceLock<&'static str>>,
+}
+
+impl SessionInfo {
+    /// Closes the session at once; its close event records `reason`.
+    pub fn close_because(&self, reason: &'static str) {
+        let _ = self.close_reason.set(reason);
+        self.close.cancel();
+    }
 }
 
 /// The reason a connection may not open a session.
@@ -155,6 +165,7 @@ mod tests {
             started: jiff::Timestamp::UNIX_EPOCH,
             requests: Arc::default(),
             close: CancellationToken::new(),
+            close_reason: Arc::default(),
         }
     }
 

@@ -43,6 +43,8 @@ pub struct SessionParams {
     pub requests: Arc<AtomicU64>,
     /// Cancelled to close the session at once.
     pub close: CancellationToken,
+    /// Set by whoever cancelled `close`, to say why.
+    pub close_reason: Arc<std::sync::OnceLock<&'static str>>,
     /// Cancelled to stop reading requests; the session closes once the
     /// requests already in flight are answered.
     pub drain: CancellationToken,
@@ -754,7 +756,11 @@ impl Session {
     async fn record_close(&self, reason: CloseReason) {
         let mut event = self.base_event(EventType::Session);
         event.action = Some("close");
-        event.reason = Some(reason.as_str().to_owned());
+        let text = match (reason, self.params.close_reason.get()) {
+            (CloseReason::Closed, Some(given)) => given,
+            _ => reason.as_str(),
+        };
+        event.reason = Some(text.to_owned());
         event.detail = Some(serde_json::json!({
             "requests": self.params.requests.load(Ordering::Relaxed),
         }));
@@ -798,7 +804,7 @@ pub(super) async fn contain(
     }
     for session in shared.sessions.list() {
         if session.vendor == *vendor {
-            session.close.cancel();
+            session.close_because("vendor quarantined");
         }
     }
     let length = match containment.quarantine {

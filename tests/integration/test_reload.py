@@ -234,6 +234,7 @@ def test_removed_vendor_session_closed(reload_gateway):
         what="close event of acme's session",
     )
     assert len(closes) == 1
+    assert closes[0]["reason"] == "vendor no longer matches after reload"
 
 
 def test_other_vendor_session_survives_reload(reload_gateway):
