@@ -39,7 +39,7 @@ struct Store {
     capacity: usize,
 }
 
-/// What one request stored.
+/// The result of storing one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stored {
     pub accepted: usize,

@@ -1,7 +1,7 @@
 //! A collector's on-disk spool: append-only segment files of JSON lines and
 //! an acknowledged-offset file. The event writer thread appends; the sender
 //! reads the oldest waiting events and acknowledges them once the collector
-//! has them. It does no network I/O and knows nothing of transports.
+//! has them. It does no network I/O and does not depend on transports.
 //!
 //! Offsets are logical byte positions across all segments. A segment file is
 //! named by the offset of its first byte, so a restart finds every event that
@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 
 use crate::config::OnFull;
 
-/// Name of the file that holds the acknowledged offset, in decimal.
+/// Name of the file that contains the acknowledged offset, in decimal.
 const ACK_FILE: &str = "acknowledged";
 const ACK_TEMP_FILE: &str = "acknowledged.tmp";
 const SEGMENT_SUFFIX: &str = ".jsonl";
@@ -36,7 +36,7 @@ pub struct SpoolSettings {
     pub on_full: OnFull,
 }
 
-/// What `Spool::append` did with an event.
+/// The outcome of `Spool::append` for an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
     Spooled,

@@ -26,7 +26,7 @@ pub struct SpooledEvent {
     pub value: serde_json::Value,
 }
 
-/// Why a batch was not delivered. Every case leaves the batch in the spool.
+/// The reason a batch was not delivered. Every case leaves the batch in the spool.
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
     #[error("{0}")]

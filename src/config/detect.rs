@@ -73,7 +73,7 @@ impl Default for DetectConfig {
     }
 }
 
-/// What to do when a vendor raises anomalies, from `[vendor.on_anomaly]`.
+/// The containment of a vendor that raises anomalies, from `[vendor.on_anomaly]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OnAnomalyConfig {
     /// Kinds that count, from `CONTAINABLE_KINDS`.

@@ -193,7 +193,7 @@ pub struct AuditConfig {
     pub sync: AuditSync,
     /// Records between two seals.
     pub seal_every: u64,
-    /// Longest time between two seals while records arrive.
+    /// Maximum time between two seals while records arrive.
     pub seal_interval: Duration,
     /// Size at which a segment is closed and a new one started, in bytes.
     pub segment_bytes: u64,
@@ -225,7 +225,7 @@ pub struct MetricsConfig {
     pub bind: SocketAddr,
 }
 
-/// Where a collector's events go.
+/// The destination of a collector's events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CollectorTarget {
     /// JSON array batches sent by HTTPS POST to `url`.
@@ -240,7 +240,7 @@ pub enum CollectorTarget {
     SyslogTls { host: String, port: u16 },
 }
 
-/// Which events a collector receives.
+/// The set of events a collector receives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CollectorEvents {
     /// Anomalies and audit seal records.
@@ -248,7 +248,7 @@ pub enum CollectorEvents {
     All,
 }
 
-/// What a collector's full spool does with a new event.
+/// The policy of a full spool for a new event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnFull {
     /// Drops the oldest unsent events to make room.
@@ -279,7 +279,7 @@ pub struct CollectorConfig {
     pub tls: CollectorTls,
     /// Largest number of events in one delivery.
     pub batch_max: usize,
-    /// Longest time a connection or one delivery may take.
+    /// Maximum time a connection or one delivery may take.
     pub timeout: Duration,
     pub origin: Origin,
 }

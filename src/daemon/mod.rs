@@ -80,7 +80,7 @@ pub async fn run(
     let (service, _) = crate::config::load_service(config_path).map_err(RunError::Config)?;
 
     // Sockets are bound while the process may still be root, so ports below
-    // 1024 work; every file is opened after the switch to the service account.
+    // 1024 work. Every file is opened after the switch to the service account.
     let privileges = privileges::plan(&service)?;
     let bound = bind_sockets(&policy, service.admin.as_ref(), readiness).await?;
     privileges.apply()?;
@@ -236,7 +236,7 @@ async fn serve(
     // Handlers go in before `ready`, so a SIGHUP sent as soon as the gateway
     // reports ready is a reload and not the default action, which is to exit.
     let mut signals = Signals::install()?;
-    // The sender stays alive until the end, so the signal loop never sees a
+    // The sender stays alive until the end, so the signal loop never gets a
     // closed channel, with or without a control socket.
     let (reload_sender, mut reload_requests) = tokio::sync::mpsc::channel(1);
     let admin = bound.admin.map(|socket| {
@@ -419,7 +419,7 @@ fn spawn_listeners(
 }
 
 /// Tells systemd the gateway is ready and starts the watchdog keep-alives
-/// it asks for. Returns `None` outside systemd.
+/// its unit requests. Returns `None` outside systemd.
 fn notify_systemd_ready(shutdown: &CancellationToken) -> Option<Arc<Notifier>> {
     let notifier = match Notifier::from_env() {
         Ok(Some(notifier)) => Arc::new(notifier),
@@ -485,7 +485,7 @@ async fn wait_for_signals(
                 if applied {
                     pollers.restart(shared).await;
                 }
-                // The control client may have gone away; the reload stands.
+                // The control client may have gone away; the reload still took effect.
                 let _ = request.reply.send(applied);
             }
         }

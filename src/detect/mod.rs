@@ -155,7 +155,7 @@ pub struct Read {
     pub quantity: u16,
 }
 
-/// What a request is, as the session detectors see it.
+/// A request as the session detectors observe it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Observed {
     pub unit: u8,
@@ -226,8 +226,8 @@ impl SessionDetector {
         }
     }
 
-    /// Observes the function code of a request, also of one that failed to
-    /// parse: a scanner's probes often do.
+    /// Observes the function code of a request, including one that failed
+    /// to parse, because a scanner's probes often fail.
     pub fn function(
         &mut self,
         now: Instant,

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 mod writer;
 
-pub use writer::{spawn_writer, JsonLinesFile, Observer, Sink, SyncMode, WriterHandle};
+pub use writer::{spawn_writer, Observer, Sink, SyncMode, WriterHandle};
 
 /// Capacity of the queue between emitters and the writer thread, in events.
 pub const QUEUE_CAPACITY: usize = 65_536;

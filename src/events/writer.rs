@@ -2,9 +2,7 @@
 //! a `Sink` and makes it durable. It runs on its own OS thread so that file
 //! I/O and fsync never stall the async runtime.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::io;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -47,46 +45,6 @@ pub type Observer = Box<dyn FnMut(&Event) + Send>;
 
 /// How often the writer calls `Sink::tick` while the queue is empty.
 pub const TICK_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Events as JSON lines appended to one file.
-pub struct JsonLinesFile {
-    path: PathBuf,
-    file: File,
-    buffer: Vec<u8>,
-}
-
-impl JsonLinesFile {
-    /// Opens `folder/events.jsonl` for appending, creating the folder.
-    pub fn open(folder: &Path) -> io::Result<JsonLinesFile> {
-        std::fs::create_dir_all(folder)?;
-        let path = folder.join("events.jsonl");
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        Ok(JsonLinesFile {
-            path,
-            file,
-            buffer: Vec::with_capacity(64 * 1024),
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Sink for JsonLinesFile {
-    fn write_batch(&mut self, batch: &[Event]) -> io::Result<()> {
-        self.buffer.clear();
-        for event in batch {
-            serde_json::to_writer(&mut self.buffer, event)?;
-            self.buffer.push(b'\n');
-        }
-        self.file.write_all(&self.buffer)
-    }
-
-    fn sync(&mut self) -> io::Result<()> {
-        self.file.sync_data()
-    }
-}
 
 /// The running writer thread. Joining it waits until every queued event is
 /// written, which happens once every `Emitter` clone is dropped.
@@ -208,8 +166,52 @@ fn report_write_result(result: &io::Result<()>, failing: &mut bool, count: usize
 mod tests {
     use std::sync::Arc;
 
+    use std::fs::{File, OpenOptions};
+    use std::io::Write;
+    use std::path::{Path, PathBuf};
+
     use super::*;
     use crate::events::{Emitter, EventType};
+
+    /// Events as JSON lines appended to one file, a sink for testing the writer.
+    pub struct JsonLinesFile {
+        path: PathBuf,
+        file: File,
+        buffer: Vec<u8>,
+    }
+
+    impl JsonLinesFile {
+        /// Opens `folder/events.jsonl` for appending, creating the folder.
+        fn open(folder: &Path) -> io::Result<JsonLinesFile> {
+            std::fs::create_dir_all(folder)?;
+            let path = folder.join("events.jsonl");
+            let file = OpenOptions::new().create(true).append(true).open(&path)?;
+            Ok(JsonLinesFile {
+                path,
+                file,
+                buffer: Vec::with_capacity(64 * 1024),
+            })
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.path
+        }
+    }
+
+    impl Sink for JsonLinesFile {
+        fn write_batch(&mut self, batch: &[Event]) -> io::Result<()> {
+            self.buffer.clear();
+            for event in batch {
+                serde_json::to_writer(&mut self.buffer, event)?;
+                self.buffer.push(b'\n');
+            }
+            self.file.write_all(&self.buffer)
+        }
+
+        fn sync(&mut self) -> io::Result<()> {
+            self.file.sync_data()
+        }
+    }
 
     #[tokio::test]
     async fn writer_appends_every_event_as_a_line() {

@@ -86,7 +86,7 @@ async fn admit(
     };
     let vendor_name = policy.vendor_name(vendor).clone();
     if shared.quarantine.is_quarantined(&vendor_name) {
-        tracing::debug!(listener = %name, %peer, vendor = %vendor_name, "quarantined vendor refused");
+        tracing::debug!(listener = %name, %peer, vendor = %vendor_name, "connection of quarantined vendor rejected");
         reject(shared, name, peer, Some(vendor_name), "vendor quarantined").await;
         return;
     }

@@ -19,7 +19,7 @@ pub enum Request {
     WriteSingleCoil { address: u16, value: bool },
     /// FC 6.
     WriteSingleRegister { address: u16, value: u16 },
-    /// FC 7 (serial line only, but some TCP devices answer it).
+    /// FC 7 (serial line only, but some TCP devices respond to it).
     ReadExceptionStatus,
     /// FC 8; `data` is everything after the sub-function, as sent.
     Diagnostics { sub_function: u16, data: Bytes },
@@ -27,13 +27,13 @@ pub enum Request {
     GetCommEventCounter,
     /// FC 12.
     GetCommEventLog,
-    /// FC 15; `values` holds the packed coil bytes, least significant bit first.
+    /// FC 15; `values` contains the packed coil bytes, least significant bit first.
     WriteMultipleCoils {
         address: u16,
         quantity: u16,
         values: Bytes,
     },
-    /// FC 16; `values` holds 2 × quantity big-endian bytes.
+    /// FC 16; `values` contains 2 × quantity big-endian bytes.
     WriteMultipleRegisters {
         address: u16,
         quantity: u16,
@@ -51,7 +51,7 @@ pub enum Request {
         and_mask: u16,
         or_mask: u16,
     },
-    /// FC 23; `values` holds 2 × write_quantity big-endian bytes.
+    /// FC 23; `values` contains 2 × write_quantity big-endian bytes.
     ReadWriteMultipleRegisters {
         read_address: u16,
         read_quantity: u16,

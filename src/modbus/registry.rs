@@ -19,7 +19,7 @@ pub struct SessionInfo {
     pub started: jiff::Timestamp,
     pub requests: Arc<AtomicU64>,
     pub close: CancellationToken,
-    /// Why the session was closed from outside, for its close event.
+    /// The reason recorded in the close event when the session is closed from outside.
     pub close_reason: Arc<OnceLock<&'static str>>,
 }
 

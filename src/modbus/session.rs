@@ -33,7 +33,7 @@ use super::upstream::{Pool, UpstreamError};
 /// Initial size of the read and write buffers of a session, in bytes.
 const BUFFER_CAPACITY: usize = 4096;
 
-/// Who a session is and how it can be told to stop.
+/// The identity of a session and the signals that stop it.
 pub struct SessionParams {
     pub id: u64,
     pub listener: Arc<str>,
@@ -43,14 +43,14 @@ pub struct SessionParams {
     pub requests: Arc<AtomicU64>,
     /// Cancelled to close the session at once.
     pub close: CancellationToken,
-    /// Set by whoever cancelled `close`, to say why.
+    /// The reason set by the code that cancelled `close`.
     pub close_reason: Arc<std::sync::OnceLock<&'static str>>,
     /// Cancelled to stop reading requests; the session closes once the
     /// requests already in flight are answered.
     pub drain: CancellationToken,
 }
 
-/// Why a session ended, as recorded in its close event.
+/// The reason a session ended, as recorded in its close event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CloseReason {
     ClientClosed,
@@ -98,7 +98,7 @@ struct Completed {
     tally: Tally,
 }
 
-/// What the request metrics need to count one forwarded request.
+/// The labels and start time that count one forwarded request.
 struct Tally {
     instruments: Arc<Instruments>,
     listener: usize,
@@ -145,7 +145,7 @@ struct Job {
     tally: Tally,
 }
 
-/// What the session does after handling one frame. A `Step` lives only until
+/// The next action of the session after handling one frame. A `Step` lives only until
 /// the caller moves the job into the in-flight set, so the large variant is
 /// cheaper than a boxed one, which would cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
@@ -827,7 +827,7 @@ pub(super) async fn contain(
     }
 }
 
-/// What the detectors need to know of a request.
+/// Builds the view of a request that the detectors use.
 fn observe(unit: u8, request: &Request) -> Observed {
     let read = match *request {
         Request::ReadCoils { address, quantity }
@@ -923,7 +923,7 @@ async fn forward(job: Job) -> Completed {
     }
 }
 
-/// Whether the specification has the device answer `request`: force listen
+/// Returns true when the specification has the device respond to `request`: force listen
 /// only (FC 8, sub-function 4) and broadcast writes to unit 0 get no response.
 fn expects_response(upstream_unit: u8, request: &Request) -> bool {
     match request {
@@ -966,7 +966,7 @@ fn modbus_info(header: Header, request: &Request) -> ModbusInfo {
     }
 }
 
-/// The first address and the count a request touches; FC 23 reports its
+/// Returns the first address and the count a request touches; FC 23 reports its
 /// write part, which is what a rule on writes is about.
 fn address_and_quantity(request: &Request) -> (Option<u16>, Option<u16>) {
     match *request {

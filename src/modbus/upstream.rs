@@ -719,8 +719,8 @@ impl Worker {
     /// lost or the pool stops.
     async fn serve(&mut self, stream: &mut TcpStream) -> End {
         // Reads go through `AsyncRead`, which marks the socket drained after a
-        // short read; probing readiness and then `try_read` would cost one
-        // more system call per response, the read that returns WouldBlock.
+        // short read. Probing readiness and then calling `try_read` would cost
+        // one more system call per response: the read that returns WouldBlock.
         let (mut reader, writer) = stream.split();
         let mut link = Link::new(writer, self.device.settings.max_in_flight);
         let timer = tokio::time::sleep_until(Instant::now());

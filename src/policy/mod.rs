@@ -697,10 +697,10 @@ fn check_sub_codes(rule: &CompiledRule, access: &ModbusAccess<'_>) -> Result<(),
 /// Checks that the rule covers every address read and every address
 /// written. A count of 0 is checked as 1, so a malformed request still
 /// needs its first address allowed.
-// The read and write spans are checked one after the other rather than
-// through a small array of both: building that array on the stack made the
-// compiler reload it through a store-forwarding stall, which took about half
-// the time of a decision (measured with `cargo bench --bench decide`).
+// The read and write spans are checked one after the other, not through a
+// small array of both. The compiler reloaded such an array through a
+// store-forwarding stall, which took about half the time of a decision
+// (measured with `cargo bench --bench decide`).
 fn check_addresses(rule: &CompiledRule, access: &ModbusAccess<'_>) -> Result<(), DenyReason> {
     if let Some((first, count)) = access.read {
         check_span(rule, first, count)?;

@@ -146,8 +146,8 @@ def test_register_state_gates_write(start_state_gateway, plc_sim, plc_direct):
         assert plc_register(plc_direct, 105) == 1234
 
         # The policy can see maintenance before its change event reaches the
-        # audit log; waiting for the event first makes the next wait see the
-        # change back to production, not the one from the start.
+        # audit log. Waiting for that event first makes the next wait find the
+        # change back to production, not the change from the start.
         wait_for_state(gateway, "press-1-mode", "maintenance")
         assert not plc_direct.write_register(900, 0, device_id=1).isError()
         wait_for_state(gateway, "press-1-mode", "production")
