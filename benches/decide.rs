@@ -45,6 +45,7 @@ fn base_config(devices: usize) -> Config {
             on_deny: OnDeny::Exception,
             target: ListenerTarget::Device("device-0".into()),
             limits: ListenerLimits::default(),
+            mirror_only: false,
             origin: Origin::unknown(),
         }],
         devices: (0..devices)

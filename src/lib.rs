@@ -11,6 +11,7 @@ pub mod detect;
 pub mod events;
 pub mod identity;
 pub mod metrics;
+pub mod mirror;
 pub mod modbus;
 pub mod policy;
 pub mod state;

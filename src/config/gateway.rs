@@ -74,6 +74,7 @@ pub(super) fn load(path: &Path, report: &mut Report) -> Option<LoadedGateway> {
         .collect();
     let devices = check.devices(&file.device);
     let listeners = check.listeners(&file.listener, &device_names);
+    check.mirror_only_targets(&file.listener, &file.device);
     let (states, state_values) = check.states(&file.state, &device_names);
     let mut audit = check.audit(file.audit.as_ref(), base);
     audit.collectors = check.collectors(&file.collector, base);
@@ -188,7 +189,12 @@ impl Checker<'_> {
         number.unwrap_or(default) as usize
     }
 
-    fn milliseconds(&mut self, key: &str, value: Option<&Spanned<i64>>, default: u64) -> Duration {
+    pub fn milliseconds(
+        &mut self,
+        key: &str,
+        value: Option<&Spanned<i64>>,
+        default: u64,
+    ) -> Duration {
         let number = self.integer(key, value, default as i64, (1, MAX_MILLISECONDS));
         Duration::from_millis(number.map_or(default, |n| n as u64))
     }
@@ -316,6 +322,7 @@ impl Checker<'_> {
                     on_deny,
                     target,
                     limits,
+                    mirror_only: section.mirror_only.as_ref().is_some_and(|v| *v.get_ref()),
                     origin: self.at(&section.name),
                 });
             }
@@ -626,8 +633,11 @@ impl Checker<'_> {
                 section.backoff_max_ms.as_ref(),
                 defaults.backoff_max.as_millis() as u64,
             ),
+            mirror: Vec::new(),
             origin: self.at(&section.name),
         };
+        let mirror = self.mirror_blocks(key, section.mirror.as_ref());
+        let device = DeviceConfig { mirror, ..device };
         (address.is_some() && unit.is_some()).then_some(device)
     }
 

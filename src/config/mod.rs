@@ -13,6 +13,7 @@ mod collector;
 mod detect;
 mod diagnostic;
 mod gateway;
+mod mirror;
 mod raw;
 mod rules;
 mod service;
@@ -24,6 +25,7 @@ pub use detect::{
     DetectConfig, Detection, OnAnomalyConfig, Threshold, CONTAINABLE_KINDS, DEFAULT_WINDOW,
 };
 pub use diagnostic::{Diagnostic, Diagnostics, Origin};
+pub use mirror::kind_name;
 pub use service::{load_service, AdminConfig, ServiceConfig, MAX_SOCKET_PATH};
 pub use syntax::{function_code, function_name, MAX_FUNCTION_CODE};
 
@@ -114,6 +116,9 @@ pub struct ListenerConfig {
     pub on_deny: OnDeny,
     pub target: ListenerTarget,
     pub limits: ListenerLimits,
+    /// Never forwards to a device: reads inside a fresh mirror block are
+    /// served from memory and every other request is denied.
+    pub mirror_only: bool,
     pub origin: Origin,
 }
 
@@ -127,6 +132,9 @@ pub struct DeviceConfig {
     pub max_in_flight: usize,
     pub connect_timeout: Duration,
     pub backoff_max: Duration,
+    /// Blocks polled into memory, sorted by table and first address; blocks
+    /// of one table never overlap.
+    pub mirror: Vec<MirrorBlockConfig>,
     pub origin: Origin,
 }
 
@@ -142,6 +150,7 @@ impl DeviceConfig {
             max_in_flight: 1,
             connect_timeout: Duration::from_millis(3_000),
             backoff_max: Duration::from_millis(30_000),
+            mirror: Vec::new(),
             origin: Origin::unknown(),
         }
     }
@@ -154,6 +163,36 @@ pub enum StateKind {
     InputRegister,
     Coil,
     DiscreteInput,
+}
+
+/// What a read of a mirror block gets while the block's data is stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStale {
+    /// The read goes to the device as if there were no mirror.
+    Forward,
+    /// The read gets exception 0x0B (gateway target device failed to respond).
+    Exception,
+}
+
+/// One `mirror` block of a device: a range of one table that sluice polls
+/// and serves reads from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MirrorBlockConfig {
+    pub kind: StateKind,
+    pub start: u16,
+    /// Addresses in the block, 1 to 65536 - `start`.
+    pub count: u32,
+    pub poll: Duration,
+    /// Data older than this is stale.
+    pub max_age: Duration,
+    pub stale: OnStale,
+}
+
+impl MirrorBlockConfig {
+    /// Returns the address after the block's last one.
+    pub fn end(&self) -> u32 {
+        u32::from(self.start) + self.count
+    }
 }
 
 /// A raw value range and the state value name it stands for.

@@ -56,6 +56,7 @@ pub(super) struct ListenerSection {
     pub limits: Option<LimitsSection>,
     pub tls: Option<Spanned<toml::Value>>,
     pub opcua: Option<Spanned<toml::Value>>,
+    pub mirror_only: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -80,6 +81,19 @@ pub(super) struct DeviceSection {
     pub max_in_flight: Option<Spanned<i64>>,
     pub connect_timeout_ms: Option<Spanned<i64>>,
     pub backoff_max_ms: Option<Spanned<i64>>,
+    pub mirror: Option<Vec<Spanned<MirrorSection>>>,
+}
+
+/// One block of a device's `mirror` list.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct MirrorSection {
+    pub kind: Option<Spanned<String>>,
+    pub start: Option<Spanned<i64>>,
+    pub count: Option<Spanned<i64>>,
+    pub poll_ms: Option<Spanned<i64>>,
+    pub max_age_ms: Option<Spanned<i64>>,
+    pub stale: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -970,3 +970,107 @@ fn invalid_detection_settings_are_errors() {
         ]
     );
 }
+
+#[test]
+fn mirror_blocks_are_read_with_defaults() {
+    let gateway = r#"[gateway]
+name = "edge-01"
+
+[[listener]]
+name = "historians"
+bind = "127.0.0.1:5030"
+device = "press-1"
+mirror_only = true
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:5021"
+mirror = [
+  { kind = "input_register", start = 300, count = 1000, poll_ms = 500, max_age_ms = 2000, stale = "exception" },
+  { kind = "holding_register", start = 0, count = 200 },
+  { kind = "coil", start = 0, count = 65536 },
+]
+"#;
+    let dir = write(gateway, &[("acme.toml", ACME)]);
+    let (config, warnings) = load_ok(dir.path());
+    assert_eq!(warnings, Vec::<String>::new());
+    assert!(config.listeners[0].mirror_only);
+    assert_eq!(
+        config.devices[0].mirror,
+        [
+            MirrorBlockConfig {
+                kind: StateKind::HoldingRegister,
+                start: 0,
+                count: 200,
+                poll: Duration::from_millis(1_000),
+                max_age: Duration::from_millis(3_000),
+                stale: OnStale::Forward,
+            },
+            MirrorBlockConfig {
+                kind: StateKind::InputRegister,
+                start: 300,
+                count: 1000,
+                poll: Duration::from_millis(500),
+                max_age: Duration::from_millis(2_000),
+                stale: OnStale::Exception,
+            },
+            MirrorBlockConfig {
+                kind: StateKind::Coil,
+                start: 0,
+                count: 65_536,
+                poll: Duration::from_millis(1_000),
+                max_age: Duration::from_millis(3_000),
+                stale: OnStale::Forward,
+            },
+        ]
+    );
+}
+
+#[test]
+fn mirror_problems_are_reported_with_positions() {
+    let gateway = r#"[gateway]
+name = "edge-01"
+
+[[listener]]
+name = "historians"
+bind = "127.0.0.1:5030"
+routes = { 1 = "press-1", 2 = "oven-2" }
+mirror_only = true
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:5021"
+mirror = [
+  { kind = "holding_register", start = 0, count = 200 },
+  { kind = "holding_register", start = 150, count = 10 },
+  { kind = "input_register", start = 150, count = 10 },
+  { kind = "register", start = 0, count = 1 },
+  { kind = "coil", start = 65535, count = 2 },
+  { kind = "coil", count = 2 },
+  { kind = "discrete_input", start = 0, count = 8, stale = "drop", poll_ms = 500, max_age_ms = 500 },
+]
+
+[[device]]
+name = "oven-2"
+address = "127.0.0.1:5022"
+"#;
+    let dir = write(gateway, &[("acme.toml", ACME)]);
+    let (errors, warnings) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        [
+            "gateway.toml:17:12: device[1].mirror[4].kind: invalid value \"register\"; use one of \"holding_register\", \"input_register\", \"coil\", \"discrete_input\"",
+            "gateway.toml:18:43: device[1].mirror[5].count: 2 outside 1..=1; set a value from 1 to 1",
+            "gateway.toml:19:3: device[1].mirror[6].start: missing; set the first 0-based address, as start = 0",
+            "gateway.toml:20:60: device[1].mirror[7].stale: invalid value \"drop\"; use one of \"forward\", \"exception\"",
+            "gateway.toml:15:40: device[1].mirror: holding_register block 150-159 overlaps block 0-199 at gateway.toml:14:40; a block of one table may not overlap another",
+        ]
+    );
+    assert_eq!(
+        warnings,
+        [
+            "gateway.toml:20:96: device[1].mirror[7].max_age_ms: 500 is not longer than poll_ms 500, so the block is stale between polls; set it to at least 2 × poll_ms",
+            "gateway.toml:8:15: listener[1].mirror_only: device \"oven-2\" has no mirror blocks, so every request to it is denied; add a mirror list to the device",
+        ]
+    );
+}

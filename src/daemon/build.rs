@@ -1,11 +1,12 @@
 //! Turns a compiled policy into a running generation: one upstream pool per
-//! device, reusing the pools of the previous generation whose settings did
+//! device and the mirror store, reusing the pools of the previous generation whose settings did
 //! not change so that a reload keeps their PLC connections.
 
 use std::sync::Arc;
 
 use crate::events::Emitter;
 use crate::metrics::{ConfiguredNames, Metrics};
+use crate::mirror::MirrorStore;
 use crate::modbus::generation::Generation;
 use crate::modbus::upstream::{Pool, UpstreamSettings};
 use crate::policy::{DevicePlan, Policy, StateTable};
@@ -48,11 +49,17 @@ pub fn build_generation(
         Some(previous) if previous.policy.states() == policy.states() => previous.states.clone(),
         _ => Arc::new(StateTable::new(policy.states().len())),
     };
+    let mirror = Arc::new(MirrorStore::build(
+        policy.devices(),
+        previous.map(|previous| &*previous.mirror),
+        metrics.mirror(),
+    ));
     let instruments = metrics.configure(configured_names(&policy));
     Generation {
         policy,
         pools,
         states,
+        mirror,
         instruments,
     }
 }
@@ -94,6 +101,16 @@ fn reuse_pool(device: &DevicePlan, previous: Option<&Generation>) -> Option<Pool
         .policy
         .devices()
         .iter()
-        .position(|old| old.name == device.name && old == device)?;
+        .position(|old| old.name == device.name && same_upstream(old, device))?;
     Some(previous.pools[index].clone())
+}
+
+/// Returns true when two plans of a device need the same pool: they differ
+/// at most in their mirror blocks, which the pool does not use.
+fn same_upstream(old: &DevicePlan, new: &DevicePlan) -> bool {
+    let without_mirror = |plan: &DevicePlan| DevicePlan {
+        mirror: Arc::from([]),
+        ..plan.clone()
+    };
+    without_mirror(old) == without_mirror(new)
 }

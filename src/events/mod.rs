@@ -99,6 +99,10 @@ pub struct Event {
     /// Present and false only for a denial that monitor mode forwarded.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enforced: Option<bool>,
+    /// `mirror` when the gateway answered a read from its mirror of the
+    /// device instead of forwarding it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub served_by: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -138,6 +142,7 @@ impl Event {
             modbus: None,
             decision: None,
             enforced: None,
+            served_by: None,
             rule: None,
             reason: None,
             anomaly: None,

@@ -11,6 +11,7 @@ mod histogram;
 mod http;
 mod instruments;
 mod labels;
+mod mirror;
 #[cfg(test)]
 mod tests;
 
@@ -29,6 +30,7 @@ pub use instruments::{
     CollectorMetrics, ConfiguredNames, Instruments, SessionGuard, UpstreamMetrics,
 };
 pub use labels::{RejectReason, TlsOutcome, ANOMALY_KINDS};
+pub use mirror::{MirrorBlockAge, MirrorFamilies, MirrorRead, MirrorReadCounters};
 
 use instruments::Families;
 use labels::{
@@ -56,6 +58,7 @@ pub struct Metrics {
     reloads: [Counter; RELOAD_OUTCOMES.len()],
     last_reload_success: FloatGauge,
     events_queue_depth: Gauge,
+    mirror: MirrorFamilies,
     /// The handles of the latest configuration; the lock serialises
     /// `configure` calls and is never taken on the request path.
     current: Mutex<Option<Arc<Instruments>>>,
@@ -134,6 +137,9 @@ impl Metrics {
             events_queue_depth.clone(),
         );
 
+        let mirror = MirrorFamilies::default();
+        mirror.register(&mut registry);
+
         Arc::new(Metrics {
             registry,
             families,
@@ -145,6 +151,7 @@ impl Metrics {
             reloads,
             last_reload_success,
             events_queue_depth,
+            mirror,
             current: Mutex::new(None),
         })
     }
@@ -165,6 +172,11 @@ impl Metrics {
         self.last_reload_success.set(now);
         *current = Some(instruments.clone());
         instruments
+    }
+
+    /// Returns the mirror's metric families.
+    pub fn mirror(&self) -> &MirrorFamilies {
+        &self.mirror
     }
 
     /// Returns the handles from the latest `configure`, if any.

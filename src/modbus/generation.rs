@@ -1,5 +1,5 @@
 //! One generation of the running gateway: a compiled policy and the upstream
-//! pools and state table that go with its devices. Sessions load the current
+//! pools, state table and mirror store that go with its devices. Sessions load the current
 //! generation once per request, so a reload swaps it atomically and requests
 //! in flight finish on the generation they started with.
 
@@ -10,6 +10,7 @@ use arc_swap::ArcSwap;
 use crate::audit::AuditHealth;
 use crate::events::Emitter;
 use crate::metrics::{Instruments, Metrics};
+use crate::mirror::MirrorStore;
 use crate::policy::{DeviceId, Policy, StateTable};
 
 use super::upstream::Pool;
@@ -19,6 +20,8 @@ pub struct Generation {
     /// One pool per device, indexed by `DeviceId`.
     pub pools: Vec<Pool>,
     pub states: Arc<StateTable>,
+    /// Blocks of device tables that pollers keep in memory.
+    pub mirror: Arc<MirrorStore>,
     /// Metric handles labelled with this generation's names, indexed like
     /// the policy's listeners, vendors, devices and states.
     pub instruments: Arc<Instruments>,

@@ -5,6 +5,7 @@ pub mod access;
 pub mod frame;
 pub mod generation;
 pub mod listener;
+pub mod mirror;
 pub mod pdu;
 pub mod registry;
 pub mod session;

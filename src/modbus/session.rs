@@ -27,6 +27,7 @@ use crate::policy::{Context, Decision, DeviceId, ListenerPlan, Mode, OnDeny, Ven
 use super::access::access_of;
 use super::frame::{self, Decoded, FrameError, Header};
 use super::generation::{Generation, Shared};
+use super::mirror::{self, Route};
 use super::pdu::{ExceptionCode, Request};
 use super::upstream::{Pool, UpstreamError};
 
@@ -498,12 +499,12 @@ impl Session {
         };
 
         match (exception, mode) {
-            (None, _) => Step::Forward(self.job(header, request, device, event, true)),
+            (None, _) => self.pass(header, request, device, event, true).await,
             // Monitor mode never forwards around a broken audit log, because
             // the forwarded request could not be recorded.
             (Some(_), Mode::Monitor) if !audit_failed => {
                 event.enforced = Some(false);
-                Step::Forward(self.job(header, request, device, event, false))
+                self.pass(header, request, device, event, false).await
             }
             (Some(code), _) => {
                 self.generation.instruments.record_request(
@@ -518,6 +519,84 @@ impl Session {
                     .await
             }
         }
+    }
+
+    /// Answers a request that may go on from the device's mirror, or
+    /// forwards it, as `mirror::route` decides.
+    async fn pass(
+        &mut self,
+        header: Header,
+        request: Request,
+        device: DeviceId,
+        mut event: Event,
+        allowed: bool,
+    ) -> Step {
+        let mut pdu = [0u8; frame::MAX_PDU_LEN];
+        let route = mirror::route(
+            &self.generation.mirror,
+            device,
+            &request,
+            self.plan().mirror_only,
+            Instant::now(),
+            &mut pdu,
+        );
+        let function = request.function_code();
+        let (code, reason) = match route {
+            Route::Forward => {
+                return Step::Forward(self.job(header, request, device, event, allowed))
+            }
+            Route::Served { len } => {
+                frame::encode_response(header, &pdu[..len], &mut self.output);
+                event.served_by = Some(mirror::SERVED_BY);
+                self.count_unforwarded(device, function, allowed);
+                self.emit(event).await;
+                return Step::Continue;
+            }
+            Route::Refused {
+                code,
+                deny: false,
+                reason,
+            } => {
+                event.served_by = Some(mirror::SERVED_BY);
+                event.detail = Some(serde_json::json!({ "mirror": reason }));
+                self.count_unforwarded(device, function, allowed);
+                self.answer_exception(header, function, code, event).await;
+                return Step::Continue;
+            }
+            Route::Refused { code, reason, .. } => (code, reason),
+        };
+
+        // A mirror_only listener denies what the mirror cannot serve, also
+        // in monitor mode, because nothing may reach the device.
+        self.detector.denial(
+            Instant::now(),
+            None,
+            is_write(&request),
+            self.generation.policy.detect(),
+            &mut self.findings,
+        );
+        event.decision = Some(DecisionKind::Deny);
+        event.enforced = None;
+        event.reason = Some(match event.reason.take() {
+            Some(rules) => format!("{reason}; rules: {rules}"),
+            None => reason,
+        });
+        self.count_unforwarded(device, function, false);
+        let on_deny = self.plan().on_deny;
+        self.enforce_denial(header, function, code, on_deny, event)
+            .await
+    }
+
+    /// Counts a request answered without the device.
+    fn count_unforwarded(&self, device: DeviceId, function: u8, allowed: bool) {
+        self.generation.instruments.record_request(
+            self.listener,
+            self.params.vendor,
+            device,
+            function,
+            allowed,
+            None,
+        );
     }
 
     async fn enforce_denial(

@@ -147,6 +147,7 @@ fn device_plan(device: &crate::config::DeviceConfig) -> DevicePlan {
         max_in_flight: device.max_in_flight,
         connect_timeout: device.connect_timeout,
         backoff_max: device.backoff_max,
+        mirror: Arc::from(device.mirror.as_slice()),
     }
 }
 
@@ -182,6 +183,7 @@ fn listener_plan(
         on_deny: listener.on_deny,
         routes,
         limits: listener.limits,
+        mirror_only: listener.mirror_only,
     })
 }
 

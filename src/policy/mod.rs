@@ -130,6 +130,8 @@ pub struct ListenerPlan {
     pub on_deny: OnDeny,
     pub routes: Routes,
     pub limits: ListenerLimits,
+    /// Serves reads from mirror blocks only and never forwards to a device.
+    pub mirror_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +145,8 @@ pub struct DevicePlan {
     pub max_in_flight: usize,
     pub connect_timeout: Duration,
     pub backoff_max: Duration,
+    /// Blocks polled into memory, sorted by table and first address.
+    pub mirror: Arc<[config::MirrorBlockConfig]>,
 }
 
 /// An operational state: where it is polled and what its raw values mean.

@@ -810,6 +810,7 @@ fn built_config(vendors: Vec<VendorConfig>) -> Config {
             on_deny: OnDeny::Exception,
             target: config::ListenerTarget::Device("press-1".into()),
             limits: ListenerLimits::default(),
+            mirror_only: false,
             origin: Default::default(),
         }],
         devices: vec![device],

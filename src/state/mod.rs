@@ -1,6 +1,9 @@
 //! Operational state pollers: one task per `[[state]]` reads its register or
 //! bit through the device's pool every `poll_ms`, writes the reading into the
 //! generation's state table and records every change of the named value.
+//! The mirror pollers in `mirror` run beside them, one task per block.
+
+mod mirror;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,11 +25,12 @@ pub struct Pollers {
 }
 
 impl Pollers {
-    /// Starts one poller per state of the current generation.
+    /// Starts one poller per state and one per mirror block of the current
+    /// generation.
     pub fn start(shared: &Arc<Shared>) -> Pollers {
         let generation = shared.current.load_full();
         let cancel = CancellationToken::new();
-        let tasks = (0..generation.policy.states().len())
+        let mut tasks: Vec<JoinHandle<()>> = (0..generation.policy.states().len())
             .map(|index| {
                 tokio::spawn(poll(
                     index,
@@ -36,6 +40,7 @@ impl Pollers {
                 ))
             })
             .collect();
+        tasks.extend(mirror::start(shared, &generation, &cancel));
         Pollers { cancel, tasks }
     }
 
@@ -53,26 +58,14 @@ impl Pollers {
     }
 }
 
-/// Builds the request that reads one state.
-fn read_request(plan: &StatePlan) -> Request {
-    let address = plan.address;
-    match plan.kind {
-        StateKind::HoldingRegister => Request::ReadHoldingRegisters {
-            address,
-            quantity: 1,
-        },
-        StateKind::InputRegister => Request::ReadInputRegisters {
-            address,
-            quantity: 1,
-        },
-        StateKind::Coil => Request::ReadCoils {
-            address,
-            quantity: 1,
-        },
-        StateKind::DiscreteInput => Request::ReadDiscreteInputs {
-            address,
-            quantity: 1,
-        },
+/// Builds the request that reads `quantity` addresses of `kind` from
+/// `address`; the mirror pollers use it too.
+pub(crate) fn read_request(kind: StateKind, address: u16, quantity: u16) -> Request {
+    match kind {
+        StateKind::HoldingRegister => Request::ReadHoldingRegisters { address, quantity },
+        StateKind::InputRegister => Request::ReadInputRegisters { address, quantity },
+        StateKind::Coil => Request::ReadCoils { address, quantity },
+        StateKind::DiscreteInput => Request::ReadDiscreteInputs { address, quantity },
     }
 }
 
@@ -100,7 +93,7 @@ async fn poll(
     let plan = &generation.policy.states()[index];
     let device = &generation.policy.devices()[plan.device];
     let pool = generation.pool(plan.device);
-    let request = read_request(plan);
+    let request = read_request(plan.kind, plan.address, 1);
     let mut last: Option<Arc<str>> = generation
         .policy
         .state_value(&generation.states, index, Instant::now())
