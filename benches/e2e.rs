@@ -7,7 +7,9 @@
 //! default 16; SLUICE_BENCH_SECONDS per phase, default 5). To set another
 //! forwarder such as HAProxy beside sluice, fix the PLC's port with
 //! SLUICE_BENCH_PLC_PORT, point the forwarder at it and give its address in
-//! SLUICE_BENCH_COMPARE; it is then measured as a third phase.
+//! SLUICE_BENCH_COMPARE; it is then measured as a third phase. With
+//! SLUICE_BENCH_MIRROR=1 the device mirrors holding registers 0-999, so
+//! sluice serves every read from memory.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -84,9 +86,14 @@ fn write_config(folder: &std::path::Path, plc: SocketAddr, connections: usize) {
         "[gateway]\nname = \"bench\"\nrules = \"rules\"\nallow_root = true\n\n\
          [[listener]]\nname = \"bench\"\nprotocol = \"modbus\"\nbind = \"127.0.0.1:0\"\ndevice = \"plc\"\n\
          limits = {{ max_connections = {limit}, max_connections_per_source = {limit} }}\n\n\
-         [[device]]\nname = \"plc\"\naddress = \"{plc}\"\nunit = 1\ntimeout_ms = 2000\nmax_connections = {connections}\n\n\
+         [[device]]\nname = \"plc\"\naddress = \"{plc}\"\nunit = 1\ntimeout_ms = 2000\nmax_connections = {connections}\n{mirror}\n\
          [audit]\npath = \"audit\"\n",
         limit = connections + 8,
+        mirror = if std::env::var("SLUICE_BENCH_MIRROR").is_ok_and(|v| v == "1") {
+            "mirror = [{ kind = \"holding_register\", start = 0, count = 1000, poll_ms = 100 }]\n"
+        } else {
+            ""
+        },
     );
     std::fs::write(folder.join("gateway.toml"), gateway).unwrap();
     let rules = "[vendor]\nname = \"bench\"\nsources = [\"127.0.0.0/8\"]\n\n\

@@ -101,6 +101,17 @@ fn shipped_example_files_load_cleanly() {
     );
     assert_eq!(config.devices[0].name, "press-1");
     assert_eq!(config.devices[0].address, "127.0.0.1:5021".parse().unwrap());
+    assert_eq!(
+        config.devices[0].mirror,
+        [MirrorBlockConfig {
+            kind: StateKind::InputRegister,
+            start: 0,
+            count: 1000,
+            poll: Duration::from_millis(1_000),
+            max_age: Duration::from_millis(3_000),
+            stale: OnStale::Forward,
+        }]
+    );
     assert_eq!(config.states[0].kind, StateKind::HoldingRegister);
     assert_eq!(config.states[0].address, 900);
     assert_eq!(config.audit.path, dir.path().join("audit"));

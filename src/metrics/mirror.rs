@@ -115,3 +115,34 @@ impl MirrorBlockAge {
         self.family.remove(&self.labels);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    #[test]
+    fn mirror_series_carry_device_and_block() {
+        let metrics = Metrics::new("test");
+        let device: Arc<str> = Arc::from("press-1");
+        let reads = metrics.mirror().reads(&device);
+        reads.count(MirrorRead::Hit);
+        reads.count(MirrorRead::Hit);
+        reads.count(MirrorRead::Outside);
+        let age = metrics.mirror().block_age(&device, "coil:0-7");
+        age.set(Duration::from_millis(250));
+
+        let text = metrics.encode();
+        for line in [
+            "sluice_mirror_reads_total{device=\"press-1\",result=\"hit\"} 2\n",
+            "sluice_mirror_reads_total{device=\"press-1\",result=\"stale\"} 0\n",
+            "sluice_mirror_reads_total{device=\"press-1\",result=\"outside\"} 1\n",
+            "sluice_mirror_block_age_seconds{device=\"press-1\",block=\"coil:0-7\"} 0.25\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+
+        age.remove();
+        assert!(!metrics.encode().contains("block=\"coil:0-7\""));
+    }
+}

@@ -1,7 +1,7 @@
 //! How a session uses a device's mirror once the rules allowed a request:
-//! answer a read inside a fresh block from memory, or say what to do
-//! instead. A `mirror_only` listener forwards nothing, so every request the
-//! mirror cannot answer is refused there.
+//! serve a read inside a fresh block from memory, or choose the other
+//! response. A `mirror_only` listener forwards nothing, so there every
+//! request the mirror cannot serve is denied.
 
 use std::time::Instant;
 
@@ -12,17 +12,17 @@ use crate::policy::DeviceId;
 
 use super::pdu::{ExceptionCode, Request};
 
-/// The `served_by` value of a decision event the mirror answered.
+/// The `served_by` value of a decision event whose response came from the mirror.
 pub const SERVED_BY: &str = "mirror";
 
-/// What the session does with an allowed request.
+/// The session's next action for an allowed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// Forward to the device as without a mirror.
     Forward,
-    /// Answer with the response PDU in the first `len` bytes of the buffer.
+    /// Respond with the response PDU in the first `len` bytes of the buffer.
     Served { len: usize },
-    /// Answer with exception `code`. `deny` is true when the request is
+    /// Respond with exception `code`. `deny` is true when the request is
     /// recorded as denied (on a `mirror_only` listener) rather than as an
     /// allowed request that the mirror could not serve.
     Refused {
@@ -97,25 +97,25 @@ pub fn route(
         }
         Lookup::Stale(block) => {
             mirror.count(MirrorRead::Stale);
-            let why = stale_reason(block, now);
+            let reason = stale_reason(block, now);
             match (mirror_only, block.config().stale) {
                 (false, OnStale::Forward) => Route::Forward,
                 (false, OnStale::Exception) => Route::Refused {
                     code: ExceptionCode::GatewayTargetFailedToRespond,
                     deny: false,
-                    reason: why,
+                    reason,
                 },
                 (true, _) => Route::Refused {
                     code: ExceptionCode::GatewayTargetFailedToRespond,
                     deny: true,
-                    reason: format!("mirror_only listener: {why}"),
+                    reason: format!("mirror_only listener: {reason}"),
                 },
             }
         }
     }
 }
 
-/// Refuses a read that no block holds: with nothing forwarded, there is no
+/// Denies a read that no block contains: with nothing forwarded, there is no
 /// path to the data, so the answer is 0x0A (gateway path unavailable).
 fn outside(kind: StateKind, address: u16, quantity: u16) -> Route {
     let last = u32::from(address) + u32::from(quantity.max(1)) - 1;
@@ -129,7 +129,7 @@ fn outside(kind: StateKind, address: u16, quantity: u16) -> Route {
     }
 }
 
-/// Says why a block's data cannot be served.
+/// Returns why a block's data cannot be served.
 fn stale_reason(block: &MirrorBlock, now: Instant) -> String {
     let label = block.label();
     let max_age = block.config().max_age;

@@ -521,8 +521,8 @@ impl Session {
         }
     }
 
-    /// Answers a request that may go on from the device's mirror, or
-    /// forwards it, as `mirror::route` decides.
+    /// Serves a request that may go on from the device's mirror, forwards
+    /// it, or denies it, as `mirror::route` decides.
     async fn pass(
         &mut self,
         header: Header,
@@ -587,7 +587,7 @@ impl Session {
             .await
     }
 
-    /// Counts a request answered without the device.
+    /// Counts a request whose response came without the device.
     fn count_unforwarded(&self, device: DeviceId, function: u8, allowed: bool) {
         self.generation.instruments.record_request(
             self.listener,
