@@ -123,6 +123,6 @@ fn invalid_configuration_keeps_check_exit_status() {
     let lines = stdout_lines(&output);
     assert_eq!(lines.len(), 2);
     assert!(lines[0].ends_with(
-        "gateway.toml:28:20: state[1].holding_register: 70000 outside 0..=65535; set a value from 0 to 65535"
+        "gateway.toml:31:20: state[1].holding_register: 70000 outside 0..=65535; set a value from 0 to 65535"
     ));
 }
