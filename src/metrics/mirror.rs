@@ -14,10 +14,10 @@ use super::FloatGauge;
 /// Label values of `sluice_mirror_reads`, in the order of `MirrorRead`.
 const READ_RESULTS: [&str; 3] = ["hit", "stale", "outside"];
 
-/// How the mirror handled one read of FC 1 to 4 to a device with blocks.
+/// The mirror's outcome for one read of FC 1 to 4 to a device with blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MirrorRead {
-    /// Answered from memory.
+    /// Served from memory.
     Hit,
     /// Inside a block whose data was stale.
     Stale,
@@ -72,7 +72,7 @@ impl MirrorFamilies {
         }
     }
 
-    /// Returns the age gauge of one block; the series appears once set.
+    /// Returns the age gauge of one block. The series appears once set.
     pub fn block_age(&self, device: &Arc<str>, block: &str) -> MirrorBlockAge {
         MirrorBlockAge {
             family: self.block_age.clone(),
