@@ -223,9 +223,10 @@ def test_stale_block_forwards_when_configured(start_gateway, plc_sim):
 
 
 def test_stale_block_answers_exception_when_configured(start_gateway, plc_sim):
+    # A long max_age_ms keeps the failed poll, not the age, as the reason.
     gateway = start_gateway(
         [listener(device="press-1")],
-        [mirrored_device(plc_sim, [{**HOLDING_BLOCK, "stale": "exception"}])],
+        [mirrored_device(plc_sim, [{**HOLDING_BLOCK, "stale": "exception", "max_age_ms": 60000}])],
         acme_rules(READ_RULE),
     )
     wait_for_block_state(gateway, "mirror_fresh", "holding_register:0-199")
@@ -298,7 +299,7 @@ def test_mirror_only_listener_sends_plc_only_polls(start_gateway, plc_sim):
 def test_mirror_only_listener_refuses_stale_reads(start_gateway, plc_sim):
     gateway = start_gateway(
         [listener(device="press-1", mirror_only=True)],
-        [mirrored_device(plc_sim, [{**HOLDING_BLOCK, "stale": "forward"}])],
+        [mirrored_device(plc_sim, [{**HOLDING_BLOCK, "stale": "forward", "max_age_ms": 60000}])],
         acme_rules(READ_RULE),
     )
     wait_for_block_state(gateway, "mirror_fresh", "holding_register:0-199")
