@@ -2,6 +2,7 @@
 reads inside a fresh block from memory, so those reads never reach the PLC."""
 
 import socket
+import subprocess
 import struct
 
 import pytest
@@ -380,3 +381,48 @@ def test_reload_replaces_mirror_pollers(start_gateway, plc_sim):
     assert decision_for(gateway, served)["served_by"] == "mirror"
     assert old_block.registers == [10]
     assert "served_by" not in decision_for(gateway, old_block)
+
+
+def check_config(sluice_bin, folder, listeners, devices) -> subprocess.CompletedProcess:
+    harness.write_config(folder, listeners, devices, acme_rules(READ_RULE))
+    return subprocess.run(
+        [sluice_bin, "check", "--config", "gateway.toml"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_check_reports_overlapping_blocks(sluice_bin, tmp_path):
+    blocks = [
+        {"kind": "holding_register", "start": 0, "count": 200},
+        {"kind": "holding_register", "start": 150, "count": 10},
+    ]
+    completed = check_config(
+        sluice_bin, tmp_path, [listener(device="press-1")], [device("press-1", "127.0.0.1:1502", mirror=blocks)]
+    )
+
+    assert completed.returncode == 1
+    # Line 18 holds the device's mirror list; column 103 is the second block's start.
+    assert completed.stdout.splitlines() == [
+        "gateway.toml:18:103: device[1].mirror: holding_register block 150-159 overlaps block 0-199"
+        " at gateway.toml:18:48; a block of one table may not overlap another"
+    ]
+
+
+def test_check_warns_mirror_only_without_blocks(sluice_bin, tmp_path):
+    completed = check_config(
+        sluice_bin,
+        tmp_path,
+        [listener(device="press-1", mirror_only=True)],
+        [device("press-1", "127.0.0.1:1502")],
+    )
+
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    # Line 12 is the listener's mirror_only key; column 15 is its value.
+    assert completed.stdout.splitlines() == [
+        "gateway.toml:12:15: listener[1].mirror_only: device \"press-1\" has no mirror blocks,"
+        " so every request to it is denied; add a mirror list to the device",
+        "gateway.toml: configuration valid",
+    ]
