@@ -17,6 +17,7 @@ from mbap import (
     build_frame,
     read_request_pdu,
 )
+from test_metrics_scrape import MetricsGateway, scrape
 
 # Blocks are polled every 100 ms; a value written on the PLC must show up in
 # the mirror within this time.
@@ -426,3 +427,61 @@ def test_check_warns_mirror_only_without_blocks(sluice_bin, tmp_path):
         " so every request to it is denied; add a mirror list to the device",
         "gateway.toml: configuration valid",
     ]
+
+
+def test_metrics_count_hits_and_block_age(sluice_bin, plc_sim, tmp_path):
+    gateway = MetricsGateway(
+        sluice_bin,
+        tmp_path,
+        [listener(device="press-1")],
+        [mirrored_device(plc_sim, [{**HOLDING_BLOCK, "stale": "exception"}])],
+        acme_rules(READ_RULE),
+    )
+    try:
+        wait_for_block_state(gateway, "mirror_fresh", "holding_register:0-199")
+        client = modbus_client(gateway.ports["north"])
+        try:
+            for address in (0, 50, 150):
+                assert read_holding(client, address, 2).registers == [address, address + 1]
+            assert read_holding(client, 199, 2).registers == [199, 200]
+        finally:
+            client.close()
+        lines = scrape(gateway.ports["metrics"])
+    finally:
+        gateway.stop()
+
+    assert 'sluice_mirror_reads_total{device="press-1",result="hit"} 3' in lines
+    assert 'sluice_mirror_reads_total{device="press-1",result="outside"} 1' in lines
+    assert 'sluice_mirror_reads_total{device="press-1",result="stale"} 0' in lines
+    # Only the forwarded read waited for the device.
+    assert 'sluice_request_duration_seconds_count{device="press-1"} 1' in lines
+    (age,) = [line for line in lines if line.startswith("sluice_mirror_block_age_seconds{")]
+    labels, value = age.rsplit(" ", 1)
+    assert labels == 'sluice_mirror_block_age_seconds{device="press-1",block="holding_register:0-199"}'
+    assert 0.0 <= float(value) < 1.0
+
+
+def test_mirror_only_denies_in_monitor_mode(start_gateway, plc_sim):
+    gateway = start_gateway(
+        [listener(device="press-1", mirror_only=True, mode="monitor")],
+        [mirrored_device(plc_sim, [{**HOLDING_BLOCK, "stale": "forward"}])],
+        acme_rules(READ_RULE),
+    )
+    client = modbus_client(gateway.port)
+    try:
+        wait_for_register(client, 3, 3)
+        write = client.write_register(5, 1, device_id=1)
+    finally:
+        client.close()
+
+    assert write.exception_code == ILLEGAL_FUNCTION
+    assert [r for r in plc_sim.requests() if r not in POLLS] == []
+    event = decision_for(gateway, write)
+    assert event["decision"] == "deny"
+    assert "enforced" not in event
+    # Monitor mode let the rules' denial through; the mirror_only denial
+    # names both reasons and is enforced.
+    assert event["reason"] == (
+        "mirror_only listener: function 6 (write_single_register) is never forwarded to a device;"
+        " rules: function 6 (write_single_register) not allowed"
+    )
