@@ -358,6 +358,11 @@ async fn sample_metrics(
             let raw = generation.states.fresh(index, now, plan.max_age);
             generation.instruments.set_state(index, raw);
         }
+        for (_, mirror) in generation.mirror.iter() {
+            for block in mirror.blocks() {
+                block.sample_age(now);
+            }
+        }
     }
 }
 

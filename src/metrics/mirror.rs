@@ -54,7 +54,7 @@ impl MirrorFamilies {
         );
         registry.register_with_unit(
             "mirror_block_age",
-            "Age of a mirror block's oldest data as of its latest poll",
+            "Age of a mirror block's oldest data, set after each poll and every second",
             Unit::Seconds,
             self.block_age.clone(),
         );

@@ -154,11 +154,17 @@ impl MirrorBlock {
     /// updates the age gauge. Returns true when that changed the block's
     /// health, including the first poll after start.
     pub fn record_poll(&self, fresh: bool, now: Instant) -> bool {
+        self.sample_age(now);
+        let health = if fresh { HEALTH_FRESH } else { HEALTH_STALE };
+        self.health.swap(health, Ordering::Relaxed) != health
+    }
+
+    /// Sets the block's age gauge to the age of its oldest piece at `now`.
+    /// The gauge stays absent until every piece was read once.
+    pub fn sample_age(&self, now: Instant) {
         if let Some(age) = self.age(now) {
             self.age.set(age);
         }
-        let health = if fresh { HEALTH_FRESH } else { HEALTH_STALE };
-        self.health.swap(health, Ordering::Relaxed) != health
     }
 
     /// Returns true when `address` and the `count` addresses after it lie in
