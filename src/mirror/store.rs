@@ -1,6 +1,6 @@
 //! The mirror's memory: per device, per block, per poll piece the latest
 //! values read and when. Pollers replace a piece's reading as a whole, so a
-//! reader takes no lock and never sees a half-written piece.
+//! reader takes no lock and never reads a half-written piece.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -53,14 +53,14 @@ impl Oldest {
     }
 }
 
-/// Whether the latest mirror poll of a device got an answer from it.
+/// Whether the device responded to its latest mirror poll.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reachability {
     /// Not polled yet.
     Unknown,
-    /// The device answered, with data or with an exception.
+    /// The device responded, with data or with an exception.
     Reachable,
-    /// No connection, no answer in time, or an answer that failed the checks.
+    /// No connection, no response in time, or a response that failed the checks.
     Unreachable,
 }
 
@@ -116,7 +116,7 @@ impl MirrorBlock {
         &self.pieces
     }
 
-    /// Stores the values a poll read for piece `piece`. `values` holds one
+    /// Stores the values a poll read for piece `piece`. `values` contains one
     /// entry per address of the piece.
     pub fn store(&self, piece: usize, values: Vec<u16>, polled_at: Instant) {
         debug_assert_eq!(values.len(), usize::from(self.pieces[piece].count));
@@ -219,7 +219,7 @@ pub enum Lookup<'a> {
     Stale(&'a MirrorBlock),
 }
 
-/// Values of a range as the mirror holds them, for readers other than
+/// Values of a range as the mirror stores them, for readers other than
 /// Modbus sessions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
