@@ -258,3 +258,179 @@ impl Guard {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const POLICY_NONE: &[u8] = b"http://opcfoundation.org/UA/SecurityPolicy#None";
+    const BASIC256SHA256: &[u8] = b"http://opcfoundation.org/UA/SecurityPolicy#Basic256Sha256";
+
+    fn source(last: u8) -> IpAddr {
+        IpAddr::from([192, 0, 2, last])
+    }
+
+    fn framed(code: &[u8; 4], body: &[u8]) -> Vec<u8> {
+        let mut bytes = code.to_vec();
+        bytes.extend_from_slice(&(8 + body.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(body);
+        bytes
+    }
+
+    fn hello() -> Vec<u8> {
+        let mut body = Vec::new();
+        for field in [0u32, 8192, 8192, 0, 0] {
+            body.extend_from_slice(&field.to_le_bytes());
+        }
+        body.extend_from_slice(&(-1i32).to_le_bytes());
+        framed(b"HELF", &body)
+    }
+
+    fn open(channel: u32, policy: &[u8], certificate: Option<&[u8]>) -> Vec<u8> {
+        let mut body = channel.to_le_bytes().to_vec();
+        body.extend_from_slice(&(policy.len() as i32).to_le_bytes());
+        body.extend_from_slice(policy);
+        match certificate {
+            Some(certificate) => {
+                body.extend_from_slice(&(certificate.len() as i32).to_le_bytes());
+                body.extend_from_slice(certificate);
+            }
+            None => body.extend_from_slice(&(-1i32).to_le_bytes()),
+        }
+        body.extend_from_slice(&(-1i32).to_le_bytes());
+        body.extend_from_slice(&[0; 64]);
+        framed(b"OPNF", &body)
+    }
+
+    fn guard_with(limiter: Arc<OpenRateLimiter>) -> Guard {
+        let trust = TrustStore::from_der(&[], &[]).unwrap();
+        Guard::new(
+            source(1),
+            FramingLimits::default(),
+            Arc::new(ArcSwap::from_pointee(trust)),
+            limiter,
+        )
+    }
+
+    fn limiter(per_second: u64, burst: u32, max_sources: usize) -> Arc<OpenRateLimiter> {
+        Arc::new(OpenRateLimiter::new(
+            Rate::per_second(per_second),
+            burst,
+            max_sources,
+        ))
+    }
+
+    #[test]
+    fn limiter_allows_burst_per_source() {
+        let limiter = limiter(1, 2, 16);
+        let now = limiter.epoch + Duration::from_secs(10);
+        assert_eq!(limiter.take(source(1), now), Ok(()));
+        assert_eq!(limiter.take(source(1), now), Ok(()));
+        let refused = limiter.take(source(1), now).unwrap_err();
+        assert_eq!(refused.to_string(), "1 requests per second, burst 2");
+        assert_eq!(limiter.take(source(2), now), Ok(()));
+        let refilled = now + Duration::from_secs(1);
+        assert_eq!(limiter.take(source(1), refilled), Ok(()));
+        assert!(limiter.take(source(1), refilled).is_err());
+    }
+
+    #[test]
+    fn limiter_forgets_full_buckets_at_capacity() {
+        let limiter = limiter(1, 1, 2);
+        let now = limiter.epoch;
+        assert_eq!(limiter.take(source(1), now), Ok(()));
+        assert_eq!(limiter.take(source(2), now), Ok(()));
+        // Both buckets are partly empty: a third source is rejected.
+        assert!(limiter.take(source(3), now).is_err());
+        // One second later both are full again and can be forgotten.
+        let later = now + Duration::from_secs(1);
+        assert_eq!(limiter.take(source(3), later), Ok(()));
+        assert_eq!(limiter.buckets.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn policy_none_session_passes() {
+        let mut guard = guard_with(limiter(10, 10, 16));
+        let stream = [hello(), open(0, POLICY_NONE, None)].concat();
+        let frames = guard.on_client_bytes(&stream).unwrap();
+        assert_eq!(frames.len(), 2);
+        assert_eq!(guard.certificate(), None);
+        assert_eq!(guard.counters().open_secure_channel, 1);
+    }
+
+    #[test]
+    fn framing_violation_becomes_rejection() {
+        let mut guard = guard_with(limiter(10, 10, 16));
+        let rejection = guard
+            .on_client_bytes(&open(0, POLICY_NONE, None))
+            .unwrap_err();
+        assert_eq!(rejection.kind, "opcua_not_hello");
+        assert_eq!(rejection.status, 0x807E_0000);
+        assert_eq!(
+            &rejection.error_message[8..12],
+            &0x807E_0000u32.to_le_bytes()
+        );
+        assert_eq!(guard.on_client_bytes(&hello()).unwrap_err(), rejection);
+    }
+
+    #[test]
+    fn open_over_rate_limit_is_rejected() {
+        let shared = limiter(1, 1, 16);
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let mut first = guard_with(shared.clone());
+        let stream = [hello(), open(0, POLICY_NONE, None)].concat();
+        assert_eq!(
+            first.on_client_bytes_at(&stream, now, wall).unwrap().len(),
+            2
+        );
+        let mut second = guard_with(shared);
+        let rejection = second.on_client_bytes_at(&stream, now, wall).unwrap_err();
+        assert_eq!(rejection.kind, "opcua_open_rate_limited");
+        assert_eq!(rejection.status, 0x807D_0000);
+        assert_eq!(
+            rejection.reason,
+            "OpenSecureChannel from 192.0.2.1 exceeds 1 requests per second, burst 1"
+        );
+        assert_eq!(
+            &rejection.error_message[8..12],
+            &0x807D_0000u32.to_le_bytes()
+        );
+    }
+
+    #[test]
+    fn renewal_with_other_certificate_is_rejected() {
+        let mut guard = guard_with(limiter(10, 10, 16));
+        let stream = [hello(), open(0, POLICY_NONE, Some(b"first"))].concat();
+        guard.on_client_bytes(&stream).unwrap();
+        let rejection = guard
+            .on_client_bytes(&open(5, POLICY_NONE, Some(b"second")))
+            .unwrap_err();
+        assert_eq!(rejection.kind, "opcua_certificate_changed");
+        assert_eq!(rejection.status, 0x8013_0000);
+        assert_eq!(
+            rejection.reason,
+            "renewal of channel 5 presents another SenderCertificate"
+        );
+    }
+
+    #[test]
+    fn certificate_rejection_hides_detail_from_client() {
+        let mut guard = guard_with(limiter(10, 10, 16));
+        let stream = [hello(), open(0, BASIC256SHA256, Some(b"junk"))].concat();
+        let rejection = guard.on_client_bytes(&stream).unwrap_err();
+        assert_eq!(rejection.kind, "opcua_certificate_invalid");
+        assert_eq!(rejection.status, 0x8012_0000);
+        assert_eq!(rejection.certificate, None);
+        let reason = b"application certificate rejected";
+        assert_eq!(
+            &rejection.error_message[8..12],
+            &0x8012_0000u32.to_le_bytes()
+        );
+        assert_eq!(&rejection.error_message[16..], reason);
+        assert!(rejection
+            .reason
+            .starts_with("SenderCertificate 0 is not a DER certificate"));
+    }
+}
