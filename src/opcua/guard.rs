@@ -14,10 +14,11 @@ use bytes::Bytes;
 
 use super::framing::{
     encode_error, status, Acknowledge, AsymmetricHeader, Frame, FrameCounters, FrameDetail,
-    FrameGuard, FramingLimits, Violation,
+    FrameGuard, FramingLimits, Violation, ViolationKind,
 };
 use super::trust::{CertificateInfo, CertificateRejection, TrustStore};
 use crate::config::Rate;
+use crate::events::Severity;
 use crate::policy::{RateKind, RateLimit, TokenBucket};
 
 /// Event kind of an OpenSecureChannel over the per-source rate limit.
@@ -94,6 +95,9 @@ impl OpenRateLimiter {
 pub struct Rejection {
     /// Stable `anomaly.kind` for events, such as `opcua_not_hello`.
     pub kind: &'static str,
+    /// `anomaly.severity`: high for chunk floods and certificate failures,
+    /// medium for the rest.
+    pub severity: Severity,
     /// The status code of the check that failed, for events.
     pub status: u32,
     /// Human-readable reason with the offending value, for events and logs.
@@ -107,8 +111,13 @@ pub struct Rejection {
 
 impl From<Violation> for Rejection {
     fn from(violation: Violation) -> Self {
+        let severity = match violation.kind {
+            ViolationKind::ChunkFlood => Severity::High,
+            _ => Severity::Medium,
+        };
         Rejection {
             kind: violation.kind.as_str(),
+            severity,
             status: violation.status,
             error_message: violation.error_message(),
             reason: violation.detail,
@@ -121,6 +130,7 @@ impl From<CertificateRejection> for Rejection {
     fn from(rejection: CertificateRejection) -> Self {
         Rejection {
             kind: rejection.reason.kind(),
+            severity: Severity::High,
             status: rejection.reason.status(),
             error_message: encode_error(rejection.reason.wire_status(), CERTIFICATE_WIRE_REASON),
             reason: rejection.detail,
@@ -224,6 +234,7 @@ impl Guard {
             let reason = format!("OpenSecureChannel from {} exceeds {limit}", self.source);
             return Err(Rejection {
                 kind: KIND_OPEN_RATE_LIMITED,
+                severity: Severity::Medium,
                 status: status::BAD_TCP_SERVER_TOO_BUSY,
                 error_message: encode_error(
                     status::BAD_TCP_SERVER_TOO_BUSY,
@@ -238,6 +249,7 @@ impl Guard {
             Some(first) if header.secure_channel_id != 0 && *first != sender => {
                 return Err(Rejection {
                     kind: KIND_CERTIFICATE_CHANGED,
+                    severity: Severity::High,
                     status: status::BAD_SECURITY_CHECKS_FAILED,
                     error_message: encode_error(
                         status::BAD_SECURITY_CHECKS_FAILED,
@@ -327,8 +339,8 @@ mod tests {
         let now = limiter.epoch + Duration::from_secs(10);
         assert_eq!(limiter.take(source(1), now), Ok(()));
         assert_eq!(limiter.take(source(1), now), Ok(()));
-        let refused = limiter.take(source(1), now).unwrap_err();
-        assert_eq!(refused.to_string(), "1 requests per second, burst 2");
+        let rejected = limiter.take(source(1), now).unwrap_err();
+        assert_eq!(rejected.to_string(), "1 requests per second, burst 2");
         assert_eq!(limiter.take(source(2), now), Ok(()));
         let refilled = now + Duration::from_secs(1);
         assert_eq!(limiter.take(source(1), refilled), Ok(()));
@@ -366,6 +378,7 @@ mod tests {
             .on_client_bytes(&open(0, POLICY_NONE, None))
             .unwrap_err();
         assert_eq!(rejection.kind, "opcua_not_hello");
+        assert_eq!(rejection.severity, Severity::Medium);
         assert_eq!(rejection.status, 0x807E_0000);
         assert_eq!(
             &rejection.error_message[8..12],
@@ -421,6 +434,7 @@ mod tests {
         let stream = [hello(), open(0, BASIC256SHA256, Some(b"junk"))].concat();
         let rejection = guard.on_client_bytes(&stream).unwrap_err();
         assert_eq!(rejection.kind, "opcua_certificate_invalid");
+        assert_eq!(rejection.severity, Severity::High);
         assert_eq!(rejection.status, 0x8012_0000);
         assert_eq!(rejection.certificate, None);
         let reason = b"application certificate rejected";
@@ -429,8 +443,9 @@ mod tests {
             &0x8012_0000u32.to_le_bytes()
         );
         assert_eq!(&rejection.error_message[16..], reason);
-        assert!(rejection
-            .reason
-            .starts_with("SenderCertificate 0 is not a DER certificate"));
+        assert_eq!(
+            rejection.reason,
+            "SenderCertificate 0 is not a DER certificate: Parsing Error: NomError(Eof)"
+        );
     }
 }
