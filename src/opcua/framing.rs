@@ -13,15 +13,16 @@ use thiserror::Error;
 pub const HEADER_LEN: usize = 8;
 /// Hello header plus its five UInt32 fields and the EndpointUrl length.
 pub const HELLO_MIN_LEN: usize = HEADER_LEN + 5 * 4 + 4;
-/// Maximum encoded length of the Hello EndpointUrl (OPC 10000-6, 7.1.2.3).
+/// Maximum encoded length of the Hello EndpointUrl (OPC 10000-6, Hello
+/// message).
 pub const MAX_ENDPOINT_URL_LEN: usize = 0x1000;
-/// Maximum length of an Error message reason (OPC 10000-6, 7.1.2.5).
+/// Maximum length of an Error message reason (OPC 10000-6, Error message).
 pub const MAX_REASON_LEN: usize = 0x1000;
 /// Maximum length of the SecurityPolicyUri of an asymmetric security header
 /// (OPC 10000-6, 6.7.2.3).
 pub const MAX_SECURITY_POLICY_URI_LEN: usize = 0xFF;
 /// Smallest buffer sizes a Hello may announce: 1024 bytes for ECC policies,
-/// 8192 for all others (OPC 10000-6, 7.1.2.3). The guard accepts the ECC
+/// 8192 for all others (OPC 10000-6, Hello message). The guard accepts the ECC
 /// minimum because it cannot know the policy yet.
 pub const MIN_HELLO_BUFFER_SIZE: u32 = 0x400;
 /// Secure conversation header and asymmetric security header of an OPN
@@ -296,7 +297,7 @@ impl Violation {
     }
 }
 
-/// Encodes an Error message (ERR, OPC 10000-6, 7.1.2.5): status code and
+/// Encodes an Error message (ERR, OPC 10000-6 Connection Protocol): status code and
 /// reason, the reason cut to `MAX_REASON_LEN` bytes at a character boundary.
 pub fn encode_error(status: u32, reason: &str) -> Bytes {
     let mut end = reason.len().min(MAX_REASON_LEN);
@@ -363,7 +364,6 @@ impl FrameGuard {
     pub fn new(limits: FramingLimits) -> Self {
         FrameGuard {
             limits,
-            // A Hello is at most its fixed part plus the longest URL.
             max_chunk_size: limits.max_chunk_size,
             max_chunk_count: limits.max_chunk_count.max(1),
             hello_seen: false,
@@ -622,7 +622,8 @@ impl FrameGuard {
 
     /// Builds the violation for a request message past its limits. The
     /// limits are the server's MaxChunkCount and MaxMessageSize, whose
-    /// breach OPC 10000-6 (7.1.2.4) reports as Bad_RequestTooLarge.
+    /// breach the Acknowledge message of OPC 10000-6 reports as
+    /// Bad_RequestTooLarge.
     fn flood(&self, detail: String) -> Violation {
         Violation::new(
             ViolationKind::ChunkFlood,
@@ -662,6 +663,7 @@ fn malformed(detail: String) -> Violation {
 /// Parses a Hello whose header and size bounds were checked. The size must
 /// match the fields exactly: trailing bytes are rejected.
 fn parse_hello(bytes: &[u8]) -> Result<Hello, Violation> {
+    // check_size guaranteed HELLO_MIN_LEN bytes, so the fixed fields exist.
     let mut reader = Reader::new(&bytes[HEADER_LEN..]);
     let fields = [(); 5].map(|()| reader.u32().unwrap_or(0));
     let [protocol_version, receive_buffer_size, send_buffer_size, max_message_size, max_chunk_count] =
@@ -715,11 +717,16 @@ fn parse_hello(bytes: &[u8]) -> Result<Hello, Violation> {
 /// their minimum length is checked.
 fn parse_asymmetric_header(bytes: &Bytes) -> Result<AsymmetricHeader, Violation> {
     let mut reader = Reader::new(&bytes[HEADER_LEN..]);
-    let truncated =
-        || malformed("OPN asymmetric security header exceeds the message size".to_string());
+    let truncated = || {
+        malformed(
+            "OPN asymmetric security header has a negative length or exceeds the message size"
+                .to_string(),
+        )
+    };
     let secure_channel_id = reader.u32().ok_or_else(truncated)?;
     let policy = reader.byte_string().ok_or_else(truncated)?;
-    let policy = policy.ok_or_else(|| malformed("OPN SecurityPolicyUri is null".to_string()))?;
+    // A null URI is valid encoding; the trust check rejects the policy.
+    let policy = policy.unwrap_or_default();
     if policy.len() > MAX_SECURITY_POLICY_URI_LEN {
         return Err(malformed(format!(
             "OPN SecurityPolicyUri length {} exceeds maximum {MAX_SECURITY_POLICY_URI_LEN}",
@@ -1310,8 +1317,9 @@ mod tests {
         let mut long_policy = 0u32.to_le_bytes().to_vec();
         long_policy.extend_from_slice(&string(Some(&[b'p'; 256])));
         long_policy.extend_from_slice(&[0xFF; 16]);
-        let mut null_policy = 0u32.to_le_bytes().to_vec();
-        null_policy.extend_from_slice(&[0xFF; 28]);
+        let mut negative = 0u32.to_le_bytes().to_vec();
+        negative.extend_from_slice(&(-2i32).to_le_bytes());
+        negative.extend_from_slice(&[0xFF; 24]);
         let mut overrun = 0u32.to_le_bytes().to_vec();
         overrun.extend_from_slice(&string(Some(b"p")));
         overrun.extend_from_slice(&1000i32.to_le_bytes());
@@ -1326,10 +1334,13 @@ mod tests {
                 long_policy,
                 "OPN SecurityPolicyUri length 256 exceeds maximum 255",
             ),
-            (null_policy, "OPN SecurityPolicyUri is null"),
+            (
+                negative,
+                "OPN asymmetric security header has a negative length or exceeds the message size",
+            ),
             (
                 overrun,
-                "OPN asymmetric security header exceeds the message size",
+                "OPN asymmetric security header has a negative length or exceeds the message size",
             ),
             (
                 no_sequence,
@@ -1342,6 +1353,18 @@ mod tests {
             assert_eq!(found.status, 0x8005_0000);
             assert_eq!(found.detail, detail);
         }
+    }
+
+    #[test]
+    fn null_security_policy_passes_as_empty() {
+        let mut body = 0u32.to_le_bytes().to_vec();
+        body.extend_from_slice(&[0xFF; 28]);
+        let frames = after_hello(guard()).push(&message(b"OPNF", &body)).unwrap();
+        let FrameDetail::OpenSecureChannel(header) = &frames[0].detail else {
+            panic!("not an OPN: {:?}", frames[0].detail);
+        };
+        assert_eq!(header.security_policy_uri, "");
+        assert_eq!(header.sender_certificate, None);
     }
 
     #[test]
