@@ -125,7 +125,17 @@ fn recorded_session_passes_in_order() {
     let (client, server) = read_capture(Path::new(CAPTURE));
     let mut guard = guard(empty_trust());
     let server_stream = server.in_order().concat();
-    let ack = Acknowledge::parse(messages(&server_stream)[0]).unwrap();
+    let ack = Acknowledge::parse_prefix(&server_stream).unwrap();
+    assert_eq!(
+        ack,
+        Acknowledge {
+            protocol_version: 0,
+            receive_buffer_size: 131_072,
+            send_buffer_size: 131_072,
+            max_message_size: 1_073_741_824,
+            max_chunk_count: 32_768,
+        }
+    );
     guard.on_acknowledge(&ack);
 
     let mut frames = Vec::new();

@@ -16,6 +16,8 @@ pub const HELLO_MIN_LEN: usize = HEADER_LEN + 5 * 4 + 4;
 /// Maximum encoded length of the Hello EndpointUrl (OPC 10000-6, Hello
 /// message).
 pub const MAX_ENDPOINT_URL_LEN: usize = 0x1000;
+/// Length of an Acknowledge message: the header and five UInt32 fields.
+pub const ACKNOWLEDGE_LEN: usize = HEADER_LEN + 5 * 4;
 /// Maximum length of an Error message reason (OPC 10000-6, Error message).
 pub const MAX_REASON_LEN: usize = 0x1000;
 /// Maximum length of the SecurityPolicyUri of an asymmetric security header
@@ -196,6 +198,13 @@ impl Acknowledge {
             max_chunk_count: reader.u32()?,
         };
         reader.is_empty().then_some(ack)
+    }
+
+    /// Parses the ACK at the start of the server-to-client stream, which may
+    /// hold more bytes after it. Returns `None` until all 28 bytes are there,
+    /// and for any other first message.
+    pub fn parse_prefix(stream: &[u8]) -> Option<Self> {
+        stream.get(..ACKNOWLEDGE_LEN).and_then(Self::parse)
     }
 }
 
@@ -423,7 +432,7 @@ impl FrameGuard {
 
     /// Takes one chunk off the buffer, or returns `None` while it is
     /// incomplete. The header is checked before the body is waited for, so
-    /// the buffer never holds more than one allowed chunk.
+    /// between calls the buffer holds less than one allowed chunk.
     fn next_frame(&mut self) -> Result<Option<Frame>, Violation> {
         if self.buffer.len() < HEADER_LEN {
             return Ok(None);
@@ -1114,6 +1123,9 @@ mod tests {
             }
         );
         assert_eq!(Acknowledge::parse(&ack[..27]), None);
+        assert_eq!(Acknowledge::parse_prefix(&ack[..27]), None);
+        let followed = [ack.clone(), b"MSGF".to_vec()].concat();
+        assert_eq!(Acknowledge::parse_prefix(&followed), Some(parsed));
         let mut guard = after_hello(guard());
         guard.apply_acknowledge(&parsed);
         let limits = guard.effective_limits();
