@@ -483,14 +483,14 @@ impl FrameGuard {
 
     fn check_message_type(&self, code: [u8; 3]) -> Result<MessageType, Violation> {
         let message_type = MessageType::from_code(code);
-        let shown = || String::from_utf8_lossy(&code).escape_debug().to_string();
+        let printable_code = || String::from_utf8_lossy(&code).escape_debug().to_string();
         if !self.hello_seen {
             return match message_type {
                 Some(MessageType::Hello) => Ok(MessageType::Hello),
                 _ => Err(Violation::new(
                     ViolationKind::NotHello,
                     status::BAD_TCP_MESSAGE_TYPE_INVALID,
-                    format!("first message type \"{}\" is not HEL", shown()),
+                    format!("first message type \"{}\" is not HEL", printable_code()),
                 )),
             };
         }
@@ -508,7 +508,10 @@ impl FrameGuard {
             _ => Err(Violation::new(
                 ViolationKind::MessageType,
                 status::BAD_TCP_MESSAGE_TYPE_INVALID,
-                format!("message type \"{}\" is invalid from a client", shown()),
+                format!(
+                    "message type \"{}\" is invalid from a client",
+                    printable_code()
+                ),
             )),
         }
     }
