@@ -578,6 +578,9 @@ impl FrameGuard {
     /// Counts a MSG chunk into the open message of its channel and token.
     /// The request id that really groups chunks sits in the sequence header,
     /// which is encrypted under SignAndEncrypt, so the token stands in for it.
+    /// NOTE: a final chunk of another request under the same token also ends
+    /// the count, so interleaved requests escape the chunk limit here; the
+    /// server's own per-request limits still apply to them.
     fn count_chunk(
         &mut self,
         secure_channel_id: u32,
