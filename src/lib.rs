@@ -13,5 +13,6 @@ pub mod identity;
 pub mod metrics;
 pub mod mirror;
 pub mod modbus;
+pub mod opcua;
 pub mod policy;
 pub mod state;

@@ -30,7 +30,7 @@ mod tests;
 pub use crate::config::{AuditSync, ListenerLimits, Mode, OnDeny, StateKind};
 pub use explain::{ExplainQuery, Explanation, QueryError};
 pub use interval::IntervalSet;
-pub use rate::{RateKind, RateLimit, RateScope};
+pub use rate::{Bucket as TokenBucket, RateKind, RateLimit, RateScope};
 pub use reason::{Condition, DenyReason};
 pub use state::{Reading, StateTable};
 

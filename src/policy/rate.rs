@@ -63,9 +63,10 @@ impl fmt::Display for RateScope {
     }
 }
 
-/// One token bucket.
+/// One token bucket. Times are nanoseconds since an epoch the owner picks
+/// on the monotonic clock.
 #[derive(Debug)]
-struct Bucket {
+pub struct Bucket {
     limit: RateLimit,
     /// Time to refill one token, in nanoseconds, rounded up.
     interval: u64,
@@ -76,7 +77,7 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn new(kind: RateKind, rate: Rate, burst: Option<u32>) -> Self {
+    pub fn new(kind: RateKind, rate: Rate, burst: Option<u32>) -> Self {
         // One second's worth of tokens, rounded up, unless set.
         let burst = burst
             .unwrap_or_else(|| rate.millis_per_second.div_ceil(1000) as u32)
@@ -98,8 +99,18 @@ impl Bucket {
         full_at.max(now) - now <= self.tolerance
     }
 
+    pub fn limit(&self) -> RateLimit {
+        self.limit
+    }
+
+    /// Returns whether the bucket holds all `burst` tokens at `now`, so that
+    /// forgetting it changes nothing.
+    pub fn is_full(&self, now: u64) -> bool {
+        self.full_at.load(Ordering::Relaxed) <= now
+    }
+
     /// Takes a token at `now`, or returns false when the bucket is empty.
-    fn take(&self, now: u64) -> bool {
+    pub fn take(&self, now: u64) -> bool {
         let mut full_at = self.full_at.load(Ordering::Relaxed);
         loop {
             let start = full_at.max(now);
