@@ -12,6 +12,7 @@ use super::diagnostic::{Origin, Report, SourceText};
 use super::raw;
 use super::service::ServiceConfig;
 use super::syntax::parse_range;
+use super::tls::ListenerTls;
 use super::{
     AuditConfig, AuditSync, DeviceConfig, GatewayConfig, ListenerConfig, ListenerLimits,
     ListenerTarget, MetricsConfig, Mode, OnDeny, StateConfig, StateKind, StateValueConfig,
@@ -36,6 +37,9 @@ pub(super) struct LoadedGateway {
     /// Every device name written, valid or not, so that a device with a bad
     /// setting does not also make every rule naming it fail.
     pub device_names: Vec<String>,
+    /// True when a listener is written with protocol `modbus-tls`, valid
+    /// or not.
+    pub tls_listener_written: bool,
     /// Every state name written, with the value names it defines.
     pub state_values: HashMap<String, Vec<String>>,
     /// The position of `gateway.rules`, or of the gateway name when the key is
@@ -73,7 +77,7 @@ pub(super) fn load(path: &Path, report: &mut Report) -> Option<LoadedGateway> {
         .map(|d| d.name.get_ref().clone())
         .collect();
     let devices = check.devices(&file.device);
-    let listeners = check.listeners(&file.listener, &device_names);
+    let listeners = check.listeners(&file.listener, &device_names, base);
     let (states, state_values) = check.states(&file.state, &device_names);
     let mut audit = check.audit(file.audit.as_ref(), base);
     audit.collectors = check.collectors(&file.collector, base);
@@ -88,8 +92,15 @@ pub(super) fn load(path: &Path, report: &mut Report) -> Option<LoadedGateway> {
         None => check.at(&file.gateway.name),
     };
 
+    let tls_listener_written = file.listener.iter().any(|listener| {
+        listener
+            .protocol
+            .as_ref()
+            .is_some_and(|protocol| protocol.get_ref() == "modbus-tls")
+    });
     Some(LoadedGateway {
         gateway,
+        tls_listener_written,
         listeners,
         devices,
         states,
@@ -274,6 +285,7 @@ impl Checker<'_> {
         &mut self,
         sections: &[raw::ListenerSection],
         device_names: &[String],
+        base: &Path,
     ) -> Vec<ListenerConfig> {
         let mut names = HashMap::new();
         let mut binds: HashMap<SocketAddr, Origin> = HashMap::new();
@@ -286,7 +298,7 @@ impl Checker<'_> {
                 &section.name,
                 &mut names,
             );
-            let protocol_ok = self.listener_protocol(&key, section);
+            let (protocol_ok, tls) = self.listener_protocol(&key, section, base);
             let bind = self.listener_bind(&key, section, &mut binds);
             let mode = self.choice(
                 &format!("{key}.mode"),
@@ -316,6 +328,7 @@ impl Checker<'_> {
                     on_deny,
                     target,
                     limits,
+                    tls,
                     origin: self.at(&section.name),
                 });
             }
@@ -323,38 +336,64 @@ impl Checker<'_> {
         listeners
     }
 
-    fn listener_protocol(&mut self, key: &str, section: &raw::ListenerSection) -> bool {
+    /// Checks the protocol and the keys that depend on it; returns whether
+    /// they are valid and, for a `modbus-tls` listener, its TLS settings.
+    fn listener_protocol(
+        &mut self,
+        key: &str,
+        section: &raw::ListenerSection,
+        base: &Path,
+    ) -> (bool, Option<ListenerTls>) {
+        let mut secure = false;
         if let Some(protocol) = &section.protocol {
             let name = protocol.get_ref();
             let problem = match name.as_str() {
                 "modbus" => None,
-                "modbus-tls" | "opcua" => {
-                    Some(format!("\"{name}\" is not supported by this build"))
+                "modbus-tls" => {
+                    secure = true;
+                    None
                 }
+                "opcua" => Some(format!("\"{name}\" is not supported by this build")),
                 _ => Some(format!("unknown protocol \"{name}\"")),
             };
             if let Some(problem) = problem {
                 self.error(
                     protocol,
-                    format!("{key}.protocol: {problem}; use \"modbus\""),
+                    format!("{key}.protocol: {problem}; use \"modbus\" or \"modbus-tls\""),
                 );
-                return false;
+                return (false, None);
             }
         }
 
         let mut ok = true;
-        for (field, value) in [("tls", &section.tls), ("opcua", &section.opcua)] {
-            if let Some(value) = value {
-                self.error(
-                    value,
-                    format!(
-                        "{key}.{field}: not supported by this build on a \"modbus\" listener; remove the key"
-                    ),
-                );
-                ok = false;
-            }
+        if let Some(value) = &section.opcua {
+            self.error(
+                value,
+                format!("{key}.opcua: not supported by this build; remove the key"),
+            );
+            ok = false;
         }
-        ok
+        match (&section.tls, secure) {
+            (Some(tls), true) => {
+                let tls = self.listener_tls(key, tls, base);
+                (ok && tls.is_some(), tls)
+            }
+            (None, true) => {
+                self.error(
+                    &section.name,
+                    format!("{key}.tls: missing; a \"modbus-tls\" listener needs tls = {{ cert, key, client_ca }}"),
+                );
+                (false, None)
+            }
+            (Some(tls), false) => {
+                self.error(
+                    tls,
+                    format!("{key}.tls: only a \"modbus-tls\" listener takes TLS settings; set protocol = \"modbus-tls\" or remove the key"),
+                );
+                (false, None)
+            }
+            (None, false) => (ok, None),
+        }
     }
 
     fn listener_bind(

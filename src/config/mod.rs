@@ -19,6 +19,7 @@ mod service;
 mod syntax;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 pub use detect::{
     DetectConfig, Detection, OnAnomalyConfig, Threshold, CONTAINABLE_KINDS, DEFAULT_WINDOW,
@@ -26,6 +27,7 @@ pub use detect::{
 pub use diagnostic::{Diagnostic, Diagnostics, Origin};
 pub use service::{load_service, AdminConfig, ServiceConfig, MAX_SOCKET_PATH};
 pub use syntax::{function_code, function_name, MAX_FUNCTION_CODE};
+pub use tls::{ExpiryKind, ListenerTls, TlsExpiry, TlsServer};
 
 /// A validated configuration: `gateway.toml` plus every rule file. Names
 /// still refer to each other by text; `policy` resolves them to indices.
@@ -114,6 +116,9 @@ pub struct ListenerConfig {
     pub on_deny: OnDeny,
     pub target: ListenerTarget,
     pub limits: ListenerLimits,
+    /// Set on a `modbus-tls` listener, which identifies vendors by their
+    /// client certificate.
+    pub tls: Option<ListenerTls>,
     pub origin: Origin,
 }
 
@@ -292,9 +297,9 @@ pub struct VendorConfig {
     /// Networks this vendor connects from, with host bits cleared.
     pub sources: Vec<IpNet>,
     pub max_sessions: Option<usize>,
-    /// True when the vendor names certificate matchers. Such a vendor is
-    /// identified only on TLS listeners, never by source address.
-    pub certificate_matchers: bool,
+    /// The certificate matchers. A vendor with any is identified only on
+    /// TLS listeners, never by source address alone.
+    pub certificate: crate::identity::certificate::CertificateMatchers,
     /// Limits on every request of this vendor, decided or denied.
     pub rate: Option<RateConfig>,
     pub rules: Vec<RuleConfig>,
@@ -397,6 +402,9 @@ pub struct WhenConfig {
     pub window: Option<Vec<DatedWindow>>,
     /// The client's source address must be in one of these, when set.
     pub sources: Option<Vec<IpNet>>,
+    /// The Modbus role of the client certificate must be one of these, when
+    /// set. A session without a role never matches.
+    pub role: Option<Vec<String>>,
 }
 
 /// One `[[allow]]` entry.

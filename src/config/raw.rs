@@ -54,8 +54,19 @@ pub(super) struct ListenerSection {
     pub device: Option<Spanned<String>>,
     pub routes: Option<SpannedMap>,
     pub limits: Option<LimitsSection>,
-    pub tls: Option<Spanned<toml::Value>>,
+    pub tls: Option<Spanned<ListenerTlsSection>>,
     pub opcua: Option<Spanned<toml::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ListenerTlsSection {
+    pub cert: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
+    pub client_ca: Option<Spanned<String>>,
+    pub crl: Option<Vec<Spanned<String>>>,
+    pub handshake_timeout_ms: Option<Spanned<i64>>,
+    pub max_handshakes_per_source: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -220,6 +231,7 @@ pub(super) struct WhenSection {
     pub schedule: Option<Vec<Spanned<String>>>,
     pub window: Option<Vec<Spanned<String>>>,
     pub sources: Option<Vec<Spanned<String>>>,
+    pub role: Option<Vec<Spanned<String>>>,
 }
 
 /// A value written either as a string or as an integer, such as a function

@@ -49,6 +49,18 @@ pub fn build_generation(
         _ => Arc::new(StateTable::new(policy.states().len())),
     };
     let instruments = metrics.configure(configured_names(&policy));
+    metrics.set_tls_expiry(policy.listeners().iter().flat_map(|plan| {
+        plan.tls.iter().flat_map(move |tls| {
+            tls.expiry.iter().map(move |expiry| {
+                (
+                    &plan.name,
+                    expiry.kind.as_str(),
+                    expiry.file.display().to_string(),
+                    expiry.unix_seconds,
+                )
+            })
+        })
+    }));
     Generation {
         policy,
         pools,

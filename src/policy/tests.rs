@@ -161,6 +161,7 @@ impl Clock {
     fn context(&self, source: &str, utc: &str) -> Context<'_> {
         Context {
             source: source.parse::<IpAddr>().unwrap(),
+            role: None,
             now: utc.parse().unwrap(),
             instant: self.instant,
             states: &self.table,
@@ -810,6 +811,7 @@ fn built_config(vendors: Vec<VendorConfig>) -> Config {
             on_deny: OnDeny::Exception,
             target: config::ListenerTarget::Device("press-1".into()),
             limits: ListenerLimits::default(),
+            tls: None,
             origin: Default::default(),
         }],
         devices: vec![device],
@@ -827,7 +829,7 @@ fn built_vendor(name: &str, source: &str, rules: Vec<RuleConfig>) -> VendorConfi
         file_name: format!("{name}.toml"),
         sources: vec![source.parse().unwrap()],
         max_sessions: None,
-        certificate_matchers: false,
+        certificate: Default::default(),
         rate: None,
         rules,
         origin: Default::default(),
@@ -906,6 +908,7 @@ fn rule_scope(label: &str) -> RateScope {
 fn context_at(states: &StateTable, instant: Instant) -> Context<'_> {
     Context {
         source: "10.1.1.1".parse().unwrap(),
+        role: None,
         now: MONDAY_MORNING.parse().unwrap(),
         instant,
         states,
@@ -1142,6 +1145,7 @@ fn explain_and_decide_agree() {
         let table = policy.query_states(&query, instant);
         let context = Context {
             source: query.source,
+            role: None,
             now: query.time.timestamp(),
             instant,
             states: &table,
@@ -1268,7 +1272,7 @@ fn explain_reports_allowing_rule_and_sub_functions() {
 fn explain_rejects_invalid_queries_naming_the_key() {
     let policy = policy();
     let cases = [
-        ("vendor=acme device=press-1 function=3 address=0 colour=red", "colour: unknown key; use vendor, device, function, address, quantity, write_address, value, unit, sub_function, mei_type, source, time, state.NAME"),
+        ("vendor=acme device=press-1 function=3 address=0 colour=red", "colour: unknown key; use vendor, device, function, address, quantity, write_address, value, unit, sub_function, mei_type, source, role, time, state.NAME"),
         ("vendor=beta device=press-1 function=3", "vendor: unknown vendor \"beta\"; known vendors: acme, historian"),
         ("vendor=acme device=press-9 function=3", "device: unknown device \"press-9\"; known devices: press-1, oven-2, dryer-3"),
         ("vendor=acme device=press-1 function=read_holding_register address=0", "function: unknown function \"read_holding_register\"; use a code from 1 to 127 or a function name, such as read_holding_registers"),
