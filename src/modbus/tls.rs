@@ -85,9 +85,13 @@ pub async fn accept(
     stream: TcpStream,
 ) -> Result<(TlsStream<TcpStream>, Arc<CertificateIdentity>), Refusal> {
     let acceptor = TlsAcceptor::from(tls.server.0.clone());
-    let stream = match tokio::time::timeout(tls.handshake_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => return Err(classify(&error)),
+    let handshake = async {
+        let offered = offered_version(&stream).await;
+        (acceptor.accept(stream).await, offered)
+    };
+    let stream = match tokio::time::timeout(tls.handshake_timeout, handshake).await {
+        Ok((Ok(stream), _)) => stream,
+        Ok((Err(error), offered)) => return Err(classify(&error, offered)),
         Err(_) => return Err(timed_out(tls.handshake_timeout)),
     };
     let (_, connection) = stream.get_ref();
@@ -107,6 +111,26 @@ pub async fn accept(
     Ok((stream, Arc::new(identity)))
 }
 
+/// TLS 1.2 as `client_version` writes it (RFC 5246, section 7.4.1.2);
+/// TLS 1.3 clients write it too.
+const TLS_1_2: u16 = 0x0303;
+/// Bytes up to the end of `client_version`: 5 of the record header, 4 of
+/// the handshake header, 2 of the version.
+const CLIENT_VERSION_END: usize = 11;
+const HANDSHAKE_RECORD: u8 = 0x16;
+const CLIENT_HELLO: u8 = 0x01;
+
+/// Reads, without consuming, the `client_version` of the ClientHello, so a
+/// refusal can tell an old client from other incompatibilities. Returns
+/// `None` when the first bytes are not a ClientHello or arrive split.
+async fn offered_version(stream: &TcpStream) -> Option<u16> {
+    let mut head = [0u8; CLIENT_VERSION_END];
+    let read = stream.peek(&mut head).await.ok()?;
+    let is_hello =
+        read == CLIENT_VERSION_END && head[0] == HANDSHAKE_RECORD && head[5] == CLIENT_HELLO;
+    is_hello.then(|| u16::from_be_bytes([head[9], head[10]]))
+}
+
 fn timed_out(limit: Duration) -> Refusal {
     Refusal::new(
         format!("handshake timeout after {} ms", limit.as_millis()),
@@ -117,8 +141,8 @@ fn timed_out(limit: Duration) -> Refusal {
 
 /// Maps a failed handshake to its reason and anomaly kind. rustls reports
 /// its own errors inside the `io::Error`; anything else is the connection
-/// failing underneath.
-pub fn classify(error: &io::Error) -> Refusal {
+/// failing underneath. `offered` is the ClientHello's `client_version`.
+pub fn classify(error: &io::Error, offered: Option<u16>) -> Refusal {
     let Some(tls) = error
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<TlsError>())
@@ -129,12 +153,18 @@ pub fn classify(error: &io::Error) -> Refusal {
             Severity::Low,
         );
     };
-    classify_tls(tls)
+    classify_tls(tls, offered)
 }
 
-fn classify_tls(error: &TlsError) -> Refusal {
+fn classify_tls(error: &TlsError, offered: Option<u16>) -> Refusal {
     let failed = |reason: &str| Refusal::new(reason, "tls_handshake_failed", Severity::Medium);
     match error {
+        // A TLS 1.1 hello fails whichever check rustls makes first (often
+        // the missing signature_algorithms extension), so the version the
+        // client offered decides the reason.
+        TlsError::PeerIncompatible(_) if offered.is_some_and(|version| version < TLS_1_2) => {
+            failed("protocol version too old")
+        }
         TlsError::NoCertificatesPresented => failed("no client certificate"),
         TlsError::PeerIncompatible(
             PeerIncompatible::Tls12NotOffered
