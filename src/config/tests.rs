@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use super::*;
+use crate::identity::test_pki::TestCa;
 
 const GATEWAY: &str = r#"[gateway]
 name = "edge-01"
@@ -968,5 +969,222 @@ fn invalid_detection_settings_are_errors() {
             "gateway.toml:25:17: detect.function_scan: 0 outside 1..=1000000; set a value from 1 to 1000000".to_owned(),
             format!("rules/acme.toml:11:10: vendor.on_anomaly.kinds: unknown kind \"device_timeout\"; use one of {}", CONTAINABLE_KINDS.join(", ")),
         ]
+    );
+}
+
+/// Writes a gateway with one `modbus-tls` listener whose `tls` table is
+/// `tls`, the PEM files of `files` and the rule files `rules`.
+fn write_tls(tls: &str, files: &[(&str, &str)], rules: &[(&str, &str)]) -> tempfile::TempDir {
+    let gateway = format!(
+        r#"[gateway]
+name = "edge-01"
+
+[[listener]]
+name = "vendors"
+protocol = "modbus-tls"
+bind = "127.0.0.1:8020"
+device = "press-1"
+tls = {tls}
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:5021"
+"#
+    );
+    let dir = write(&gateway, rules);
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
+const TLS_FILES: &str =
+    r#"{ cert = "gateway.crt", key = "gateway.key", client_ca = "ca.crt", crl = ["ca.crl"] }"#;
+
+const CERTIFICATE_VENDOR: &str = r#"[vendor]
+name = "acme"
+certificate_cn = ["acme-*"]
+"#;
+
+#[test]
+fn tls_listener_loads_files_and_expiry() {
+    let ca = TestCa::new("vendors CA");
+    let server = ca.leaf("gateway", &["localhost"], None, 1);
+    let crl = ca.crl(&[], time::Duration::days(1));
+    let dir = write_tls(
+        TLS_FILES,
+        &[
+            ("gateway.crt", &server.pem),
+            ("gateway.key", &server.key_pem),
+            ("ca.crt", &ca.pem),
+            ("ca.crl", &crl),
+        ],
+        &[("acme.toml", CERTIFICATE_VENDOR)],
+    );
+    let (config, warnings) = load(&dir.path().join("gateway.toml")).unwrap();
+    assert_eq!(warnings, []);
+    let tls = config.listeners[0].tls.as_ref().unwrap();
+    assert_eq!(tls.cert, dir.path().join("gateway.crt"));
+    assert_eq!(tls.crl, [dir.path().join("ca.crl")]);
+    assert_eq!(tls.handshake_timeout, Duration::from_secs(10));
+    assert_eq!(tls.max_handshakes_per_source, 4);
+    let kinds: Vec<&str> = tls.expiry.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["server_certificate", "client_ca", "crl"]);
+    assert_eq!(config.vendors[0].certificate.cn, vec!["acme-*".to_owned()]);
+}
+
+#[test]
+fn tls_key_of_another_certificate_is_reported() {
+    let ca = TestCa::new("vendors CA");
+    let server = ca.leaf("gateway", &["localhost"], None, 1);
+    let other = ca.leaf("other", &["localhost"], None, 2);
+    let dir = write_tls(
+        r#"{ cert = "gateway.crt", key = "other.key", client_ca = "ca.crt" }"#,
+        &[
+            ("gateway.crt", &server.pem),
+            ("other.key", &other.key_pem),
+            ("ca.crt", &ca.pem),
+        ],
+        &[("acme.toml", CERTIFICATE_VENDOR)],
+    );
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        ["gateway.toml:9:37: listener[1].tls.key: the private key does not match the certificate; give the private key of gateway.crt"]
+    );
+}
+
+#[test]
+fn tls_file_that_is_not_pem_is_reported() {
+    let ca = TestCa::new("vendors CA");
+    let server = ca.leaf("gateway", &["localhost"], None, 1);
+    let dir = write_tls(
+        r#"{ cert = "gateway.crt", key = "gateway.key", client_ca = "ca.crt" }"#,
+        &[
+            ("gateway.crt", &server.pem),
+            ("gateway.key", &server.key_pem),
+            ("ca.crt", "not a certificate\n"),
+        ],
+        &[("acme.toml", CERTIFICATE_VENDOR)],
+    );
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        ["gateway.toml:9:64: listener[1].tls.client_ca: no certificate found in ca.crt; give a PEM CA bundle"]
+    );
+}
+
+#[test]
+fn expired_server_certificate_is_an_error() {
+    let ca = TestCa::new("vendors CA");
+    let server = ca.expired_leaf("gateway");
+    let dir = write_tls(
+        r#"{ cert = "gateway.crt", key = "gateway.key", client_ca = "ca.crt" }"#,
+        &[
+            ("gateway.crt", &server.pem),
+            ("gateway.key", &server.key_pem),
+            ("ca.crt", &ca.pem),
+        ],
+        &[("acme.toml", CERTIFICATE_VENDOR)],
+    );
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0]
+            .starts_with("gateway.toml:9:16: listener[1].tls.cert: the certificate expired at "),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn tls_table_needs_modbus_tls_and_the_reverse() {
+    let gateway = r#"[gateway]
+name = "edge-01"
+
+[[listener]]
+name = "plain"
+bind = "127.0.0.1:5020"
+device = "press-1"
+tls = { cert = "gateway.crt" }
+
+[[listener]]
+name = "secure"
+protocol = "modbus-tls"
+bind = "127.0.0.1:8020"
+device = "press-1"
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:5021"
+"#;
+    let dir = write(gateway, &[("acme.toml", ACME)]);
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        [
+            "gateway.toml:8:7: listener[1].tls: only a \"modbus-tls\" listener takes TLS settings; set protocol = \"modbus-tls\" or remove the key",
+            "gateway.toml:11:8: listener[2].tls: missing; a \"modbus-tls\" listener needs tls = { cert, key, client_ca }",
+        ]
+    );
+}
+
+#[test]
+fn vendors_that_can_match_one_certificate_are_reported() {
+    let beta = r#"[vendor]
+name = "beta"
+certificate_cn = ["acme-*"]
+modbus_role = ["Operator"]
+"#;
+    let gamma = r#"[vendor]
+name = "gamma"
+certificate_cn = ["gamma-*"]
+certificate_sha256 = ["AB:CD"]
+"#;
+    let ca = TestCa::new("vendors CA");
+    let server = ca.leaf("gateway", &["localhost"], None, 1);
+    let dir = write_tls(
+        r#"{ cert = "gateway.crt", key = "gateway.key", client_ca = "ca.crt" }"#,
+        &[
+            ("gateway.crt", &server.pem),
+            ("gateway.key", &server.key_pem),
+            ("ca.crt", &ca.pem),
+        ],
+        &[
+            ("acme.toml", CERTIFICATE_VENDOR),
+            ("beta.toml", beta),
+            ("gamma.toml", gamma),
+        ],
+    );
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        [
+            "rules/gamma.toml:4:23: vendor.certificate_sha256[1]: invalid fingerprint \"AB:CD\"; write the 64 hex digits of the SHA-256 of the DER certificate, colons allowed",
+            "rules/beta.toml:2:8: vendor: \"beta\" and vendor \"acme\" at rules/acme.toml:2:8 can match the same certificate (certificate_cn overlap); make the patterns disjoint",
+        ]
+    );
+}
+
+#[test]
+fn vendors_with_different_matcher_kinds_get_a_warning() {
+    let beta = r#"[vendor]
+name = "beta"
+modbus_role = ["Operator"]
+"#;
+    let ca = TestCa::new("vendors CA");
+    let server = ca.leaf("gateway", &["localhost"], None, 1);
+    let dir = write_tls(
+        r#"{ cert = "gateway.crt", key = "gateway.key", client_ca = "ca.crt" }"#,
+        &[
+            ("gateway.crt", &server.pem),
+            ("gateway.key", &server.key_pem),
+            ("ca.crt", &ca.pem),
+        ],
+        &[("acme.toml", CERTIFICATE_VENDOR), ("beta.toml", beta)],
+    );
+    let (_, warnings) = load(&dir.path().join("gateway.toml")).unwrap();
+    assert_eq!(
+        lines(dir.path(), &warnings),
+        ["rules/beta.toml:2:8: vendor: \"beta\" and vendor \"acme\" at rules/acme.toml:2:8 use different certificate matchers, so a certificate that satisfies both is rejected as ambiguous; add a matcher kind both share, such as certificate_cn"]
     );
 }

@@ -13,7 +13,7 @@ use tokio_rustls::rustls::crypto::aws_lc_rs::Ticketer;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
-use tokio_rustls::rustls::{version, RootCertStore, ServerConfig};
+use tokio_rustls::rustls::{version, Error as TlsError, RootCertStore, ServerConfig};
 use toml::Spanned;
 use x509_parser::prelude::FromDer;
 
@@ -162,10 +162,16 @@ impl Checker<'_> {
         let mut config = match config {
             Ok(config) => config,
             Err(error) => {
+                let problem = match error {
+                    TlsError::InconsistentKeys(_) => {
+                        "the private key does not match the certificate".to_owned()
+                    }
+                    other => other.to_string(),
+                };
                 self.error(
                     key_file,
                     format!(
-                        "{key}.key: {error}; give the private key of {}",
+                        "{key}.key: {problem}; give the private key of {}",
                         cert.0.display()
                     ),
                 );

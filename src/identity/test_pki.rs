@@ -59,6 +59,20 @@ impl TestCa {
                 .custom_extensions
                 .push(CustomExtension::from_oid_content(ROLE_OID, value));
         }
+        self.sign(params)
+    }
+
+    /// Signs a leaf with common name `cn` that expired a day ago.
+    pub fn expired_leaf(&self, cn: &str) -> Leaf {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(3);
+        params.not_after = now - time::Duration::days(1);
+        self.sign(params)
+    }
+
+    fn sign(&self, params: CertificateParams) -> Leaf {
         let key = KeyPair::generate().unwrap();
         let issuer = Issuer::from_params(&self.params, &self.key);
         let certificate = params.signed_by(&key, &issuer).unwrap();

@@ -1314,3 +1314,100 @@ fn explain_takes_no_rate_tokens() {
         );
     }
 }
+
+/// Loads a policy whose only vendor reads press-1 with role Operator or
+/// Engineer.
+fn role_policy() -> Policy {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = r#"[gateway]
+name = "edge-01"
+
+[[listener]]
+name = "scada"
+bind = "127.0.0.1:5020"
+device = "press-1"
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:5021"
+"#;
+    let acme = r#"[vendor]
+name = "acme"
+sources = ["10.50.0.0/16"]
+
+[[allow]]
+device = "press-1"
+functions = ["read_holding_registers"]
+addresses = ["0-99"]
+when.role = ["Operator", "Engineer"]
+"#;
+    std::fs::write(dir.path().join("gateway.toml"), gateway).unwrap();
+    std::fs::create_dir(dir.path().join("rules")).unwrap();
+    std::fs::write(dir.path().join("rules/acme.toml"), acme).unwrap();
+    Policy::load(&dir.path().join("gateway.toml")).unwrap().0
+}
+
+#[test]
+fn role_condition_needs_listed_role() {
+    let policy = role_policy();
+    let clock = Clock::new();
+    let operator = policy.role_id("Operator");
+    let engineer = policy.role_id("Engineer");
+    assert_eq!(engineer, Some(0));
+    assert_eq!(operator, Some(1));
+    assert_eq!(policy.role_id("Viewer"), None);
+
+    let decide = |role: Option<RoleId>| {
+        let context = Context {
+            role,
+            ..clock.acme()
+        };
+        policy.decide(ACME_ID, PRESS, &read(3, 0, 10), &context)
+    };
+    assert_eq!(
+        decide(operator),
+        Decision::Allow {
+            rule: RuleRef {
+                vendor: 0,
+                index: 0
+            }
+        }
+    );
+    assert!(matches!(decide(engineer), Decision::Allow { .. }));
+    let denied = decide(None);
+    assert_eq!(
+        denied,
+        deny(DenyReason::ConditionFailed {
+            condition: Condition::Role
+        })
+    );
+    let Decision::Deny { reason } = denied else {
+        unreachable!()
+    };
+    assert_eq!(reason.exception_code(), 1);
+    assert_eq!(
+        reason.to_string(),
+        "certificate role not in the rule's roles"
+    );
+}
+
+#[test]
+fn explain_takes_role() {
+    let policy = role_policy();
+    let explain = |text: &str| policy.explain(&query(&policy, text)).lines;
+    let allowed = explain("vendor=acme device=press-1 function=3 address=0 role=Operator");
+    assert_eq!(allowed[0], "allow acme.toml#1");
+    let denied = explain("vendor=acme device=press-1 function=3 address=0 role=Viewer");
+    let details: Vec<&str> = denied
+        .iter()
+        .map(String::as_str)
+        .filter(|line| !line.starts_with("  request: "))
+        .collect();
+    assert_eq!(
+        details,
+        [
+            "deny (exception 01): certificate role not in the rule's roles",
+            "  acme.toml#1: when.role needs a certificate role of Engineer, Operator",
+        ]
+    );
+}
