@@ -76,7 +76,7 @@ pub(super) fn load(path: &Path, report: &mut Report) -> Option<LoadedGateway> {
         .iter()
         .map(|d| d.name.get_ref().clone())
         .collect();
-    let devices = check.devices(&file.device);
+    let devices = check.devices(&file.device, base);
     let listeners = check.listeners(&file.listener, &device_names, base);
     let (states, state_values) = check.states(&file.state, &device_names);
     let mut audit = check.audit(file.audit.as_ref(), base);
@@ -581,20 +581,25 @@ impl Checker<'_> {
         }
     }
 
-    fn devices(&mut self, sections: &[raw::DeviceSection]) -> Vec<DeviceConfig> {
+    fn devices(&mut self, sections: &[raw::DeviceSection], base: &Path) -> Vec<DeviceConfig> {
         let mut names = HashMap::new();
         let mut devices = Vec::new();
         for (index, section) in sections.iter().enumerate() {
             let key = format!("device[{}]", index + 1);
             self.unique_name(&format!("{key}.name"), "device", &section.name, &mut names);
-            if let Some(device) = self.device(&key, section) {
+            if let Some(device) = self.device(&key, section, base) {
                 devices.push(device);
             }
         }
         devices
     }
 
-    fn device(&mut self, key: &str, section: &raw::DeviceSection) -> Option<DeviceConfig> {
+    fn device(
+        &mut self,
+        key: &str,
+        section: &raw::DeviceSection,
+        base: &Path,
+    ) -> Option<DeviceConfig> {
         if let Some(protocol) = &section.protocol {
             let name = protocol.get_ref();
             let problem = match name.as_str() {
@@ -634,6 +639,10 @@ impl Checker<'_> {
             },
         };
         let unit = self.integer(&format!("{key}.unit"), section.unit.as_ref(), 1, (0, 255));
+        let tls = section
+            .tls
+            .as_ref()
+            .map(|tls| self.device_tls(key, tls, base, address));
 
         let defaults = DeviceConfig::new("", SocketAddr::from(([0, 0, 0, 0], 0)));
         let device = DeviceConfig {
@@ -665,9 +674,11 @@ impl Checker<'_> {
                 section.backoff_max_ms.as_ref(),
                 defaults.backoff_max.as_millis() as u64,
             ),
+            tls: tls.clone().flatten(),
             origin: self.at(&section.name),
         };
-        (address.is_some() && unit.is_some()).then_some(device)
+        let tls_ok = tls.is_none_or(|tls| tls.is_some());
+        (address.is_some() && unit.is_some() && tls_ok).then_some(device)
     }
 
     fn states(

@@ -27,7 +27,7 @@ pub use detect::{
 pub use diagnostic::{Diagnostic, Diagnostics, Origin};
 pub use service::{load_service, AdminConfig, ServiceConfig, MAX_SOCKET_PATH};
 pub use syntax::{function_code, function_name, MAX_FUNCTION_CODE};
-pub use tls::{ExpiryKind, ListenerTls, TlsExpiry, TlsServer};
+pub use tls::{DeviceTls, ExpiryKind, ListenerTls, TlsClient, TlsExpiry, TlsServer};
 
 /// A validated configuration: `gateway.toml` plus every rule file. Names
 /// still refer to each other by text; `policy` resolves them to indices.
@@ -132,6 +132,8 @@ pub struct DeviceConfig {
     pub max_in_flight: usize,
     pub connect_timeout: Duration,
     pub backoff_max: Duration,
+    /// Set for a device that speaks MODBUS/TCP Security.
+    pub tls: Option<DeviceTls>,
     pub origin: Origin,
 }
 
@@ -147,6 +149,7 @@ impl DeviceConfig {
             max_in_flight: 1,
             connect_timeout: Duration::from_millis(3_000),
             backoff_max: Duration::from_millis(30_000),
+            tls: None,
             origin: Origin::unknown(),
         }
     }

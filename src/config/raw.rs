@@ -91,6 +91,16 @@ pub(super) struct DeviceSection {
     pub max_in_flight: Option<Spanned<i64>>,
     pub connect_timeout_ms: Option<Spanned<i64>>,
     pub backoff_max_ms: Option<Spanned<i64>>,
+    pub tls: Option<Spanned<DeviceTlsSection>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DeviceTlsSection {
+    pub ca: Option<Spanned<String>>,
+    pub cert: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
+    pub server_name: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use tokio_rustls::rustls::crypto::aws_lc_rs::Ticketer;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
+use tokio_rustls::rustls::pki_types::{CertificateDer, CertificateRevocationListDer, ServerName};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
-use tokio_rustls::rustls::{version, Error as TlsError, RootCertStore, ServerConfig};
+use tokio_rustls::rustls::{version, ClientConfig, Error as TlsError, RootCertStore, ServerConfig};
 use toml::Spanned;
 use x509_parser::prelude::FromDer;
 
@@ -87,6 +87,34 @@ pub struct ListenerTls {
     pub max_handshakes_per_source: usize,
     pub server: TlsServer,
     pub expiry: Vec<TlsExpiry>,
+}
+
+/// The rustls client configuration of a device. Equal only to itself, so a
+/// reload that rebuilds it opens new connections with the new files.
+#[derive(Clone)]
+pub struct TlsClient(pub Arc<ClientConfig>);
+
+impl fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TlsClient")
+    }
+}
+
+impl PartialEq for TlsClient {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for TlsClient {}
+
+/// MODBUS/TCP Security towards a device: the CA that verifies it, the
+/// client certificate sluice presents and the name checked in its
+/// certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceTls {
+    pub client: TlsClient,
+    pub server_name: ServerName<'static>,
 }
 
 /// Files read for one listener, before they are combined.
@@ -331,6 +359,62 @@ impl Checker<'_> {
 }
 
 impl Checker<'_> {
+    /// Checks a device's `tls` table and builds its client configuration;
+    /// returns `None` when the table is invalid, after reporting why.
+    pub(super) fn device_tls(
+        &mut self,
+        key: &str,
+        section: &Spanned<raw::DeviceTlsSection>,
+        base: &Path,
+        address: Option<std::net::SocketAddr>,
+    ) -> Option<DeviceTls> {
+        let tls = section.get_ref();
+        let key = format!("{key}.tls");
+        let mut files = Vec::new();
+        for (field, value) in [("ca", &tls.ca), ("cert", &tls.cert), ("key", &tls.key)] {
+            match value {
+                Some(path) => files.push(base.join(path.get_ref())),
+                None => self.error(
+                    section,
+                    format!("{key}.{field}: missing; MODBUS/TCP Security needs ca, cert and key"),
+                ),
+            }
+        }
+        let server_name = match &tls.server_name {
+            Some(name) => match ServerName::try_from(name.get_ref().clone()) {
+                Ok(parsed) => Some(parsed),
+                Err(_) => {
+                    self.error(
+                        name,
+                        format!(
+                            "{key}.server_name: invalid name \"{}\"; give the DNS name or IP address in the device's certificate",
+                            name.get_ref()
+                        ),
+                    );
+                    None
+                }
+            },
+            None => address.map(|address| ServerName::IpAddress(address.ip().into())),
+        };
+        let [ca, cert, private_key] = <[PathBuf; 3]>::try_from(files).ok()?;
+        let paths = crate::config::CollectorTls {
+            ca: Some(ca),
+            cert: Some(cert),
+            key: Some(private_key),
+        };
+        let client = match crate::collect::tls::client_config(&paths) {
+            Ok(client) => client,
+            Err(error) => {
+                self.error(section, format!("{key}: {error}"));
+                return None;
+            }
+        };
+        Some(DeviceTls {
+            client: TlsClient(client),
+            server_name: server_name?,
+        })
+    }
+
     /// Reads the server's certificate chain and checks that its leaf has
     /// not expired.
     fn server_chain(

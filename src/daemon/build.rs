@@ -23,6 +23,7 @@ pub fn upstream_settings(device: &DevicePlan) -> UpstreamSettings {
         connect_timeout: device.connect_timeout,
         backoff_max: device.backoff_max,
         max_queue: POOL_QUEUE,
+        tls: device.tls.clone(),
     }
 }
 

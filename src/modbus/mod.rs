@@ -12,3 +12,4 @@ pub mod session;
 pub mod sim;
 pub mod tls;
 pub mod upstream;
+mod upstream_io;

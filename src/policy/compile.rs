@@ -174,6 +174,7 @@ fn device_plan(device: &crate::config::DeviceConfig) -> DevicePlan {
         max_in_flight: device.max_in_flight,
         connect_timeout: device.connect_timeout,
         backoff_max: device.backoff_max,
+        tls: device.tls.clone(),
     }
 }
 

@@ -163,6 +163,8 @@ pub struct DevicePlan {
     pub max_in_flight: usize,
     pub connect_timeout: Duration,
     pub backoff_max: Duration,
+    /// Set for a device that speaks MODBUS/TCP Security.
+    pub tls: Option<crate::config::DeviceTls>,
 }
 
 /// An operational state: where it is polled and what its raw values mean.
