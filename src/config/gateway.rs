@@ -420,6 +420,10 @@ impl Checker<'_> {
             return None;
         };
         let at = self.at(bind);
+        // Port 0 lets the system choose a free port, so it never collides.
+        if address.port() == 0 {
+            return Some(address);
+        }
         if let Some(first) = binds.get(&address) {
             self.report.error(
                 &at,

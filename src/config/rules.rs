@@ -133,9 +133,9 @@ pub(super) fn load(
 /// Reports two vendors that could both match one certificate: every matcher
 /// kind they both list has entries that match a common value, and their
 /// sources, when both have any, share an address. With at least one shared
-/// kind that is an error; with none (say, one vendor matches by CN and the
-/// other by role) it is a warning, because only a certificate carrying both
-/// values matches twice, and such a certificate is rejected at connect time.
+/// kind that is an error. With none (one vendor matches by CN, the other by
+/// role) it is a warning, because only a certificate carrying both values
+/// matches twice. Such a certificate is rejected at connect time.
 fn report_certificate_overlaps(vendors: &[VendorConfig], report: &mut Report) {
     for (index, later) in vendors.iter().enumerate() {
         if later.certificate.is_empty() {

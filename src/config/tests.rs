@@ -998,6 +998,22 @@ address = "127.0.0.1:5021"
     dir
 }
 
+/// Writes a `modbus-tls` gateway whose certificate, key and CA files are
+/// valid, with the rule files `rules`.
+fn write_tls_gateway(rules: &[(&str, &str)]) -> tempfile::TempDir {
+    let ca = TestCa::new("vendors CA");
+    let server = ca.leaf("gateway", &["localhost"], None, 1);
+    write_tls(
+        r#"{ cert = "gateway.crt", key = "gateway.key", client_ca = "ca.crt" }"#,
+        &[
+            ("gateway.crt", &server.pem),
+            ("gateway.key", &server.key_pem),
+            ("ca.crt", &ca.pem),
+        ],
+        rules,
+    )
+}
+
 const TLS_FILES: &str =
     r#"{ cert = "gateway.crt", key = "gateway.key", client_ca = "ca.crt", crl = ["ca.crl"] }"#;
 
@@ -1140,21 +1156,11 @@ name = "gamma"
 certificate_cn = ["gamma-*"]
 certificate_sha256 = ["AB:CD"]
 "#;
-    let ca = TestCa::new("vendors CA");
-    let server = ca.leaf("gateway", &["localhost"], None, 1);
-    let dir = write_tls(
-        r#"{ cert = "gateway.crt", key = "gateway.key", client_ca = "ca.crt" }"#,
-        &[
-            ("gateway.crt", &server.pem),
-            ("gateway.key", &server.key_pem),
-            ("ca.crt", &ca.pem),
-        ],
-        &[
-            ("acme.toml", CERTIFICATE_VENDOR),
-            ("beta.toml", beta),
-            ("gamma.toml", gamma),
-        ],
-    );
+    let dir = write_tls_gateway(&[
+        ("acme.toml", CERTIFICATE_VENDOR),
+        ("beta.toml", beta),
+        ("gamma.toml", gamma),
+    ]);
     let (errors, _) = load_errors(dir.path());
     assert_eq!(
         errors,
@@ -1171,20 +1177,34 @@ fn vendors_with_different_matcher_kinds_get_a_warning() {
 name = "beta"
 modbus_role = ["Operator"]
 "#;
-    let ca = TestCa::new("vendors CA");
-    let server = ca.leaf("gateway", &["localhost"], None, 1);
-    let dir = write_tls(
-        r#"{ cert = "gateway.crt", key = "gateway.key", client_ca = "ca.crt" }"#,
-        &[
-            ("gateway.crt", &server.pem),
-            ("gateway.key", &server.key_pem),
-            ("ca.crt", &ca.pem),
-        ],
-        &[("acme.toml", CERTIFICATE_VENDOR), ("beta.toml", beta)],
-    );
+    let dir = write_tls_gateway(&[("acme.toml", CERTIFICATE_VENDOR), ("beta.toml", beta)]);
     let (_, warnings) = load(&dir.path().join("gateway.toml")).unwrap();
     assert_eq!(
         lines(dir.path(), &warnings),
         ["rules/beta.toml:2:8: vendor: \"beta\" and vendor \"acme\" at rules/acme.toml:2:8 use different certificate matchers, so a certificate that satisfies both is rejected as ambiguous; add a matcher kind both share, such as certificate_cn"]
     );
+}
+
+#[test]
+fn listeners_may_share_port_zero() {
+    let gateway = r#"[gateway]
+name = "edge-01"
+
+[[listener]]
+name = "first"
+bind = "127.0.0.1:0"
+device = "press-1"
+
+[[listener]]
+name = "second"
+bind = "127.0.0.1:0"
+device = "press-1"
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:5021"
+"#;
+    let dir = write(gateway, &[("acme.toml", ACME)]);
+    let (config, _) = load(&dir.path().join("gateway.toml")).unwrap();
+    assert_eq!(config.listeners.len(), 2);
 }

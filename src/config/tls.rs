@@ -46,7 +46,7 @@ impl PartialEq for TlsServer {
 
 impl Eq for TlsServer {}
 
-/// What a validity end belongs to, as the `kind` metric label says it.
+/// The kind of file whose validity ends, as the `kind` metric label names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExpiryKind {
     ServerCertificate,
@@ -266,14 +266,15 @@ impl Checker<'_> {
         let client_ca = client_ca?;
         match read_certificates(&client_ca.0) {
             Ok(certificates) => {
+                // The bundle is one series: the CA that expires first.
+                if let Some(end) = certificates.iter().filter_map(not_after).min() {
+                    expiry.push(TlsExpiry {
+                        kind: ExpiryKind::ClientCa,
+                        file: client_ca.0.clone(),
+                        unix_seconds: end,
+                    });
+                }
                 for certificate in certificates {
-                    if let Some(end) = not_after(&certificate) {
-                        expiry.push(TlsExpiry {
-                            kind: ExpiryKind::ClientCa,
-                            file: client_ca.0.clone(),
-                            unix_seconds: end,
-                        });
-                    }
                     if let Err(error) = roots.add(certificate) {
                         self.error(
                             client_ca.1,

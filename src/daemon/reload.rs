@@ -105,9 +105,9 @@ impl Reloader {
     }
 }
 
-/// Closes every session whose listener is gone or whose source address (or
-/// client certificate) no longer maps to the same vendor under the new
-/// policy; returns their ids.
+/// Closes every session whose listener is gone, or whose source address or
+/// client certificate maps to another vendor under the new policy. Returns
+/// the ids of the closed sessions.
 fn close_orphaned_sessions(shared: &Shared) -> Vec<u64> {
     let generation = shared.current.load();
     let policy = &generation.policy;

@@ -294,9 +294,9 @@ impl CertificateMatchers {
         cn && san && sha256 && role
     }
 
-    /// Returns the matcher kinds both vendors list, when for each of them
-    /// some entry of one can match the same certificate as an entry of the
-    /// other; `None` when one shared kind rules a common certificate out.
+    /// Returns the matcher kinds both vendors list, when for each of them an
+    /// entry of one and an entry of the other can match one certificate.
+    /// Returns `None` when a shared kind rules out a common certificate.
     pub fn shared_kinds(&self, other: &CertificateMatchers) -> Option<Vec<&'static str>> {
         let mut shared = Vec::new();
         if !self.cn.is_empty() && !other.cn.is_empty() {

@@ -1,8 +1,8 @@
-//! The accept loop of a listener: on a plain Modbus/TCP listener identifies
-//! the vendor by source address, on a MODBUS/TCP Security listener runs the
-//! TLS handshake and identifies the vendor by client certificate; then
-//! applies the connection limits and starts a session. Connections that fail
-//! a check are closed at once and recorded.
+//! The accept loop of a listener. A plain Modbus/TCP listener identifies the
+//! vendor by source address. A MODBUS/TCP Security listener runs the TLS
+//! handshake and identifies the vendor by client certificate. Both then apply
+//! the connection limits and start a session. Connections that fail a check
+//! are closed at once and recorded.
 
 use std::io;
 use std::net::SocketAddr;
@@ -130,7 +130,7 @@ async fn handshake(
             admit(&name, connection, peer, &shared, &shutdown, &tracker).await;
         }
         Err(refusal) => {
-            tracing::debug!(listener = %name, %peer, reason = %refusal.reason, "TLS handshake refused");
+            tracing::debug!(listener = %name, %peer, reason = %refusal.reason, "TLS handshake rejected");
             refuse_handshake(&shared, &name, peer, None, refusal).await;
         }
     }
@@ -235,7 +235,7 @@ async fn admit(
             Err(refusal) => {
                 instruments.count_session_rejected(listener, RejectReason::UnknownSource);
                 drop(generation);
-                tracing::debug!(listener = %name, %peer, reason = %refusal.reason, "certificate refused");
+                tracing::debug!(listener = %name, %peer, reason = %refusal.reason, "client certificate rejected");
                 refuse_handshake(shared, name, peer, Some(identity), refusal).await;
                 return;
             }

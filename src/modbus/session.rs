@@ -424,8 +424,8 @@ impl Session {
         let function = request.function_code();
         let plan = self.plan();
         let mode = plan.mode;
-        // MODBUS/TCP Security answers every authorization failure with
-        // exception 01, whatever the listener's on_deny says.
+        // MODBUS/TCP Security reports every authorization failure with
+        // exception 01, whatever the listener's on_deny setting.
         let secure = plan.tls.is_some();
         let on_deny = if secure {
             OnDeny::Exception

@@ -17,8 +17,8 @@ use crate::config::ListenerTls;
 use crate::events::Severity;
 use crate::identity::certificate::CertificateIdentity;
 
-/// Why a handshake or the certificate it presented was refused, as the
-/// session `reject` event and the anomaly record it.
+/// The reason for rejecting a handshake or its certificate, with the anomaly
+/// kind and severity that record it beside the session `reject` event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub reason: String,

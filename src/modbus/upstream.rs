@@ -708,7 +708,7 @@ impl Worker {
     /// Opens a connection while still accepting requests and expiring their
     /// deadlines. Returns `None` when the pool shuts down meanwhile.
     async fn connect(&mut self) -> Option<Result<Connection, ConnectFailure>> {
-        // The open runs while `self` takes jobs, so it holds its own handle.
+        // The connect runs while `self` takes jobs, so it keeps its own handle.
         let device = self.device.clone();
         let open = open_connection(&device.settings);
         tokio::pin!(open);

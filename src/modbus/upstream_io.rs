@@ -121,9 +121,9 @@ mod tests {
         Arc::new(roots)
     }
 
-    /// Starts a simulated PLC behind a TLS front that demands a client
-    /// certificate of `ca`; returns its address and a channel that gets the
-    /// common name of each client certificate.
+    /// Starts a simulated PLC behind a TLS front that requires a client
+    /// certificate of `ca`. Returns its address and a channel that receives
+    /// the common name of each client certificate.
     async fn tls_plc(
         ca: &TestCa,
         plc_leaf: &Leaf,
