@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pymodbus.client import ModbusTlsClient
 
-from harness import device, send_hangup, vendor_rule_file
+from harness import device, send_hangup, vendor_rule_file, write_config
 
 ROLE_OID = "1.3.6.1.4.1.50316.802.1"
 READ_ALLOW = {
@@ -322,3 +322,43 @@ def test_reload_replaces_certificate_and_crl_keeping_sessions(tls_gateway, pki, 
              "-key", str(pki.path("operator", "key")))
     event, anomaly = rejection(tls_gateway, "certificate revoked")
     assert anomaly["anomaly"]["kind"] == "certificate_revoked"
+
+
+def test_check_reports_key_of_another_certificate(sluice_bin, tmp_path, pki):
+    pki.issue("other", "/CN=other")
+    listener_fields = tls_listener(pki)
+    listener_fields["tls"]["key"] = str(pki.path("other", "key"))
+    config = write_config(tmp_path, [listener_fields], [device("plc", "127.0.0.1:1502")],
+                          acme_certificate_rules())
+    checked = subprocess.run([sluice_bin, "check", "--config", str(config)],
+                             capture_output=True, text=True, timeout=30)
+
+    assert checked.returncode == 1
+    lines = config.read_text().splitlines()
+    line = next(number for number, text in enumerate(lines, 1) if text.startswith("tls = "))
+    # The position is that of the key's string value, its opening quote.
+    column = lines[line - 1].index('key = "') + len("key = ") + 1
+    assert checked.stdout.splitlines() == [
+        f"{config}:{line}:{column}: listener[1].tls.key: the private key does not match the "
+        f"certificate; give the private key of {pki.path('gateway', 'crt')}"
+    ]
+
+
+def test_check_explains_role(sluice_bin, tmp_path, pki):
+    config = write_config(tmp_path, [tls_listener(pki)], [device("plc", "127.0.0.1:1502")],
+                          acme_certificate_rules())
+    # A vendor identified by certificate has no sources to take a default
+    # source address from, so the query gives one.
+    query = "vendor=acme device=plc function=read_holding_registers address=0 source=10.50.0.7"
+
+    def explain(role: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sluice_bin, "check", "--config", str(config), "--explain", f"{query} role={role}"],
+            capture_output=True, text=True, timeout=30,
+        )
+
+    allowed = explain("Operator")
+    denied = explain("Viewer")
+
+    assert allowed.stdout.splitlines()[0] == "allow acme.toml#1"
+    assert denied.stdout.splitlines()[0] == "deny (exception 01): certificate role not in the rule's roles"
