@@ -23,7 +23,7 @@ use crate::policy::{CertificateMatch, Policy, VendorId};
 use super::generation::Shared;
 use super::registry::{AdmitError, AdmitLimits, SessionInfo};
 use super::session::{self, SessionParams};
-use super::tls::{self, HandshakeSlots, Refusal};
+use super::tls::{self, HandshakeSlot, HandshakeSlots, Refusal};
 
 /// Pause after an accept error such as EMFILE, so a full descriptor table
 /// does not turn the loop into a busy spin.
@@ -56,6 +56,21 @@ pub async fn serve(
                         admit(&name, connection, peer, &shared, &shutdown, &tracker).await;
                     }
                     Some(tls) => {
+                        // The slot is taken here, in accept order, so the
+                        // cap applies to connections as they arrive.
+                        let Some(slot) = handshakes.take(peer.ip(), tls.max_handshakes_per_source)
+                        else {
+                            let refusal = Refusal {
+                                reason: format!(
+                                    "handshake limit of {} per source reached",
+                                    tls.max_handshakes_per_source
+                                ),
+                                kind: "tls_handshake_failed",
+                                severity: Severity::Medium,
+                            };
+                            refuse_handshake(&shared, &name, peer, None, refusal).await;
+                            continue;
+                        };
                         // The handshake runs in its own task, so a slow
                         // client does not hold up the accept loop.
                         let task = handshake(
@@ -63,8 +78,8 @@ pub async fn serve(
                             tls,
                             stream,
                             peer,
+                            slot,
                             shared.clone(),
-                            handshakes.clone(),
                             shutdown.clone(),
                             tracker.clone(),
                         );
@@ -105,23 +120,11 @@ async fn handshake(
     tls: Arc<crate::config::ListenerTls>,
     stream: TcpStream,
     peer: SocketAddr,
+    slot: HandshakeSlot,
     shared: Arc<Shared>,
-    handshakes: Arc<HandshakeSlots>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let Some(slot) = handshakes.take(peer.ip(), tls.max_handshakes_per_source) else {
-        let refusal = Refusal {
-            reason: format!(
-                "source already has {} handshakes in progress",
-                tls.max_handshakes_per_source
-            ),
-            kind: "tls_handshake_failed",
-            severity: Severity::Medium,
-        };
-        refuse_handshake(&shared, &name, peer, None, refusal).await;
-        return;
-    };
     let accepted = tls::accept(&tls, stream).await;
     drop(slot);
     match accepted {

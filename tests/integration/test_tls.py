@@ -4,16 +4,23 @@ including the Modbus role extension."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import socket
 import ssl
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 from pymodbus.client import ModbusTlsClient
+from pymodbus.server import ModbusTlsServer
+from pymodbus.simulator import DataType, SimData, SimDevice
 
-from harness import device, send_hangup, vendor_rule_file, write_config
+from harness import (
+    STOP_TIMEOUT, acme_rules, device, free_port, listener, modbus_client, send_hangup,
+    vendor_rule_file, wait_for, write_config,
+)
 
 ROLE_OID = "1.3.6.1.4.1.50316.802.1"
 READ_ALLOW = {
@@ -362,3 +369,96 @@ def test_check_explains_role(sluice_bin, tmp_path, pki):
 
     assert allowed.stdout.splitlines()[0] == "allow acme.toml#1"
     assert denied.stdout.splitlines()[0] == "deny (exception 01): certificate role not in the rule's roles"
+
+
+class PymodbusTlsPlc:
+    """pymodbus's MODBUS/TCP Security server on loopback, in its own thread:
+    unit 1 with holding register n = 1000 + n, and a client certificate of
+    the vendors CA required."""
+
+    def __init__(self, pki: Pki):
+        self.port = free_port()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(pki.path("plc", "crt")), str(pki.path("plc", "key")))
+        context.load_verify_locations(str(pki.ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+        self._context = context
+        self._loop = asyncio.new_event_loop()
+        self._server: ModbusTlsServer | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        wait_for(self._accepts, what=f"pymodbus TLS server on 127.0.0.1:{self.port}")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        registers = SimData(address=0, values=[1000 + n for n in range(100)], datatype=DataType.REGISTERS)
+        self._server = ModbusTlsServer(
+            SimDevice(1, simdata=[registers]), address=("127.0.0.1", self.port), sslctx=self._context
+        )
+        await self._server.serve_forever()
+
+    def _accepts(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.shutdown(), self._loop).result(STOP_TIMEOUT)
+        self._thread.join(timeout=STOP_TIMEOUT)
+
+
+def test_device_over_tls_reads_pymodbus_server(start_gateway, pki):
+    pki.issue("plc", "/CN=plc", san="IP:127.0.0.1")
+    pki.issue("sluice", "/CN=sluice")
+    plc = PymodbusTlsPlc(pki)
+    try:
+        tls = {
+            "ca": str(pki.ca),
+            "cert": str(pki.path("sluice", "crt")),
+            "key": str(pki.path("sluice", "key")),
+            "server_name": "127.0.0.1",
+        }
+        allow = {"device": "plc", "functions": ["read_holding_registers"], "addresses": ["0-99"]}
+        gateway = start_gateway(
+            [listener(device="plc")], [device("plc", f"127.0.0.1:{plc.port}", tls=tls)], acme_rules(allow)
+        )
+        client = modbus_client(gateway.port)
+        try:
+            result = client.read_holding_registers(10, count=3, device_id=1)
+        finally:
+            client.close()
+    finally:
+        plc.stop()
+
+    assert not result.isError(), result
+    assert result.registers == [1010, 1011, 1012]
+
+
+def test_silent_clients_hit_timeout_and_source_limit(start_gateway, plc_sim, pki):
+    fields = tls_listener(pki)
+    fields["tls"]["handshake_timeout_ms"] = 300
+    fields["tls"]["max_handshakes_per_source"] = 1
+    gateway = start_gateway([fields], [device("plc", plc_sim.address)], acme_certificate_rules())
+
+    # Connections are accepted in the order they were made, so the first
+    # one holds the source's only handshake slot when the second arrives.
+    first = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    second = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    first_port, second_port = first.getsockname()[1], second.getsockname()[1]
+    try:
+        limited, limited_anomaly = rejection(gateway, "handshake limit of 1 per source reached")
+        timed_out, timed_out_anomaly = rejection(gateway, "handshake timeout after 300 ms")
+    finally:
+        first.close()
+        second.close()
+
+    assert limited["src_port"] == second_port
+    assert timed_out["src_port"] == first_port
+    assert limited_anomaly["anomaly"]["kind"] == "tls_handshake_failed"
+    assert timed_out_anomaly["anomaly"]["kind"] == "tls_handshake_failed"
