@@ -1208,3 +1208,59 @@ address = "127.0.0.1:5021"
     let (config, _) = load(&dir.path().join("gateway.toml")).unwrap();
     assert_eq!(config.listeners.len(), 2);
 }
+
+#[test]
+fn device_tls_needs_ca_cert_and_key() {
+    let gateway = r#"[gateway]
+name = "edge-01"
+
+[[listener]]
+name = "scada"
+bind = "127.0.0.1:5020"
+device = "press-1"
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:802"
+tls = { ca = "plant-ca.crt", server_name = "not a name" }
+"#;
+    let dir = write(gateway, &[("acme.toml", ACME)]);
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        [
+            "gateway.toml:12:7: device[1].tls.cert: missing; MODBUS/TCP Security needs ca, cert and key",
+            "gateway.toml:12:7: device[1].tls.key: missing; MODBUS/TCP Security needs ca, cert and key",
+            "gateway.toml:12:44: device[1].tls.server_name: invalid name \"not a name\"; give the DNS name or IP address in the device's certificate",
+        ]
+    );
+}
+
+#[test]
+fn device_tls_loads_with_address_as_server_name() {
+    let ca = TestCa::new("plant CA");
+    let client = ca.leaf("sluice", &[], None, 3);
+    let gateway = r#"[gateway]
+name = "edge-01"
+
+[[listener]]
+name = "scada"
+bind = "127.0.0.1:5020"
+device = "press-1"
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:802"
+tls = { ca = "plant-ca.crt", cert = "sluice.crt", key = "sluice.key" }
+"#;
+    let dir = write(gateway, &[("acme.toml", ACME)]);
+    std::fs::write(dir.path().join("plant-ca.crt"), &ca.pem).unwrap();
+    std::fs::write(dir.path().join("sluice.crt"), &client.pem).unwrap();
+    std::fs::write(dir.path().join("sluice.key"), &client.key_pem).unwrap();
+    let (config, _) = load(&dir.path().join("gateway.toml")).unwrap();
+    let tls = config.devices[0].tls.as_ref().unwrap();
+    assert_eq!(
+        tls.server_name,
+        tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap()
+    );
+}

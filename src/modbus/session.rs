@@ -297,7 +297,10 @@ impl Session {
                     last_activity = TokioInstant::now();
                 }
                 read = reader.read_buf(&mut input), if reading => match read {
-                    Ok(0) => {
+                    // A TLS client that closes TCP without close_notify gives
+                    // UnexpectedEof; many Modbus clients do, so it counts as
+                    // a close, and an unfinished frame is still caught.
+                    Ok(0) | Err(_) if is_end_of_stream(&read) => {
                         reading = false;
                         if !input.is_empty() {
                             self.record_protocol_anomaly(
@@ -883,6 +886,14 @@ fn observe(unit: u8, request: &Request) -> Observed {
         undefined: matches!(request, Request::Raw { .. }),
         write: is_write(request),
         read,
+    }
+}
+
+/// Returns true for a read that found the end of the client's stream.
+fn is_end_of_stream(read: &std::io::Result<usize>) -> bool {
+    match read {
+        Ok(count) => *count == 0,
+        Err(error) => error.kind() == std::io::ErrorKind::UnexpectedEof,
     }
 }
 

@@ -211,6 +211,11 @@ def test_operator_reads_exact_registers_over_tls(tls_gateway, pki, plc_sim):
     assert opened["tls"]["sha256"] == hashlib.sha256(
         ssl.PEM_cert_to_DER_cert(pki.path("operator", "crt").read_text())
     ).hexdigest()
+    # pymodbus closes the socket without a TLS close_notify.
+    (closed,) = tls_gateway.wait_for_events(
+        lambda e: e["event_type"] == "session" and e.get("action") == "close", what="session close events"
+    )
+    assert closed["reason"] == "client closed the connection"
 
 
 def test_role_not_allowed_gets_exception_01(tls_gateway, pki, plc_sim):
