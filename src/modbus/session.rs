@@ -297,9 +297,9 @@ impl Session {
                     last_activity = TokioInstant::now();
                 }
                 read = reader.read_buf(&mut input), if reading => match read {
-                    // A TLS client that closes TCP without close_notify gives
-                    // UnexpectedEof; many Modbus clients do, so it counts as
-                    // a close, and an unfinished frame is still caught.
+                    // rustls reports UnexpectedEof when a client closes TCP
+                    // without close_notify. Many Modbus clients do that, so it
+                    // counts as a close. An unfinished frame is still caught.
                     Ok(0) | Err(_) if is_end_of_stream(&read) => {
                         reading = false;
                         if !input.is_empty() {

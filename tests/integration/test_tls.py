@@ -451,8 +451,8 @@ def test_silent_clients_hit_timeout_and_source_limit(start_gateway, plc_sim, pki
     fields["tls"]["max_handshakes_per_source"] = 1
     gateway = start_gateway([fields], [device("plc", plc_sim.address)], acme_certificate_rules())
 
-    # Connections are accepted in the order they were made, so the first
-    # one holds the source's only handshake slot when the second arrives.
+    # Connections are accepted in the order they were made, so the first one
+    # has taken the source's only handshake slot when the second arrives.
     first = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
     second = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
     first_port, second_port = first.getsockname()[1], second.getsockname()[1]
