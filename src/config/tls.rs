@@ -330,7 +330,7 @@ impl Checker<'_> {
                             self.warning(
                                 *at,
                                 format!(
-                                    "{entry_key}: the CRL expired at {}, so every handshake is refused until it is replaced",
+                                    "{entry_key}: the CRL expired at {}, so every handshake is rejected until it is replaced",
                                     format_time(end)
                                 ),
                             );

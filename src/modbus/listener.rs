@@ -23,7 +23,7 @@ use crate::policy::{CertificateMatch, Policy, VendorId};
 use super::generation::Shared;
 use super::registry::{AdmitError, AdmitLimits, SessionInfo};
 use super::session::{self, SessionParams};
-use super::tls::{self, HandshakeSlot, HandshakeSlots, Refusal};
+use super::tls::{self, HandshakeSlot, HandshakeSlots, Rejection};
 
 /// Pause after an accept error such as EMFILE, so a full descriptor table
 /// does not turn the loop into a busy spin.
@@ -56,34 +56,17 @@ pub async fn serve(
                         admit(&name, connection, peer, &shared, &shutdown, &tracker).await;
                     }
                     Some(tls) => {
-                        // The slot is taken here, in accept order, so the
-                        // cap applies to connections as they arrive.
-                        let Some(slot) = handshakes.take(peer.ip(), tls.max_handshakes_per_source)
-                        else {
-                            let refusal = Refusal {
-                                reason: format!(
-                                    "handshake limit of {} per source reached",
-                                    tls.max_handshakes_per_source
-                                ),
-                                kind: "tls_handshake_failed",
-                                severity: Severity::Medium,
-                            };
-                            refuse_handshake(&shared, &name, peer, None, refusal).await;
-                            continue;
-                        };
-                        // The handshake runs in its own task, so a slow
-                        // client does not hold up the accept loop.
-                        let task = handshake(
-                            name.clone(),
+                        start_handshake(
+                            &name,
                             tls,
                             stream,
                             peer,
-                            slot,
-                            shared.clone(),
-                            shutdown.clone(),
-                            tracker.clone(),
-                        );
-                        tracker.spawn(task);
+                            &handshakes,
+                            &shared,
+                            &shutdown,
+                            &tracker,
+                        )
+                        .await;
                     }
                 }
             }
@@ -112,8 +95,47 @@ fn listener_tls(shared: &Shared, name: &str) -> Option<Arc<crate::config::Listen
     plan.tls.clone().map(Arc::new)
 }
 
+/// Takes a handshake slot for a connection to a TLS listener and starts its
+/// handshake in a task, so a slow client does not hold up the accept loop.
+/// The slot is taken here, in accept order, so the cap per source applies
+/// to connections as they arrive. A connection over the cap is rejected at
+/// once.
+#[allow(clippy::too_many_arguments)]
+async fn start_handshake(
+    name: &Arc<str>,
+    tls: Arc<crate::config::ListenerTls>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    handshakes: &Arc<HandshakeSlots>,
+    shared: &Arc<Shared>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let limit = tls.max_handshakes_per_source;
+    let Some(slot) = handshakes.take(peer.ip(), limit) else {
+        let rejection = Rejection {
+            reason: format!("handshake limit of {limit} per source reached"),
+            kind: "tls_handshake_failed",
+            severity: Severity::Medium,
+        };
+        reject_handshake(shared, name, peer, None, rejection).await;
+        return;
+    };
+    let task = handshake(
+        name.clone(),
+        tls,
+        stream,
+        peer,
+        slot,
+        shared.clone(),
+        shutdown.clone(),
+        tracker.clone(),
+    );
+    tracker.spawn(task);
+}
+
 /// Runs the TLS handshake of one connection and admits it on success.
-/// Every refusal is recorded as a session `reject` event and an anomaly.
+/// Every rejection is recorded as a session `reject` event and an anomaly.
 #[allow(clippy::too_many_arguments)]
 async fn handshake(
     name: Arc<str>,
@@ -132,21 +154,21 @@ async fn handshake(
             let connection = Connection::Tls(Box::new(stream), identity);
             admit(&name, connection, peer, &shared, &shutdown, &tracker).await;
         }
-        Err(refusal) => {
-            tracing::debug!(listener = %name, %peer, reason = %refusal.reason, "TLS handshake rejected");
-            refuse_handshake(&shared, &name, peer, None, refusal).await;
+        Err(rejection) => {
+            tracing::debug!(listener = %name, %peer, reason = %rejection.reason, "TLS handshake rejected");
+            reject_handshake(&shared, &name, peer, None, rejection).await;
         }
     }
 }
 
-/// Records a refused handshake or certificate and counts it as a failed
+/// Records a rejected handshake or certificate and counts it as a failed
 /// handshake.
-async fn refuse_handshake(
+async fn reject_handshake(
     shared: &Shared,
     name: &Arc<str>,
     peer: SocketAddr,
     identity: Option<&Arc<CertificateIdentity>>,
-    refusal: Refusal,
+    rejection: Rejection,
 ) {
     {
         let generation = shared.current.load();
@@ -161,10 +183,10 @@ async fn refuse_handshake(
                 .count_tls_handshake(listener, TlsOutcome::Failure);
         }
     }
-    let mut event = reject_event(name, peer, None, &refusal.reason);
+    let mut event = reject_event(name, peer, None, &rejection.reason);
     event.tls = identity.cloned();
     emit(shared, event).await;
-    let mut anomaly = Event::anomaly(refusal.kind, refusal.severity, refusal.reason);
+    let mut anomaly = Event::anomaly(rejection.kind, rejection.severity, rejection.reason);
     anomaly.listener = Some(name.clone());
     anomaly.src_ip = Some(peer.ip());
     anomaly.src_port = Some(peer.port());
@@ -172,21 +194,21 @@ async fn refuse_handshake(
     emit(shared, anomaly).await;
 }
 
-/// Finds the vendor of a TLS client by its certificate, or the refusal
+/// Finds the vendor of a TLS client by its certificate, or the rejection
 /// to record.
 fn identify_certificate(
     policy: &Policy,
     identity: &CertificateIdentity,
     peer: SocketAddr,
-) -> Result<VendorId, Refusal> {
+) -> Result<VendorId, Rejection> {
     match policy.identify_certificate(identity, peer.ip()) {
         CertificateMatch::Vendor(vendor) => Ok(vendor),
-        CertificateMatch::NoVendor => Err(Refusal {
+        CertificateMatch::NoVendor => Err(Rejection {
             reason: "no vendor matches certificate".to_owned(),
             kind: "unknown_client",
             severity: Severity::High,
         }),
-        CertificateMatch::Ambiguous(first, second) => Err(Refusal {
+        CertificateMatch::Ambiguous(first, second) => Err(Rejection {
             reason: format!(
                 "certificate matches vendors {} and {}",
                 policy.vendor_name(first),
@@ -195,7 +217,7 @@ fn identify_certificate(
             kind: "ambiguous_certificate",
             severity: Severity::High,
         }),
-        CertificateMatch::SourceNotAllowed(vendor) => Err(Refusal {
+        CertificateMatch::SourceNotAllowed(vendor) => Err(Rejection {
             reason: format!(
                 "source address {} outside the sources of vendor {}",
                 peer.ip(),
@@ -235,11 +257,11 @@ async fn admit(
         None => policy.identify(peer.ip()),
         Some(identity) => match identify_certificate(policy, identity, peer) {
             Ok(vendor) => Some(vendor),
-            Err(refusal) => {
+            Err(rejection) => {
                 instruments.count_session_rejected(listener, RejectReason::UnknownSource);
                 drop(generation);
-                tracing::debug!(listener = %name, %peer, reason = %refusal.reason, "client certificate rejected");
-                refuse_handshake(shared, name, peer, Some(identity), refusal).await;
+                tracing::debug!(listener = %name, %peer, reason = %rejection.reason, "client certificate rejected");
+                reject_handshake(shared, name, peer, Some(identity), rejection).await;
                 return;
             }
         },

@@ -1,6 +1,6 @@
 //! The MODBUS/TCP Security handshake of a listener: mutual TLS with a time
 //! limit and a cap on handshakes per source address, the peer certificate's
-//! identity, and the reason and anomaly kind of every refused handshake.
+//! identity, and the reason and anomaly kind of every rejected handshake.
 
 use std::collections::HashMap;
 use std::io;
@@ -20,15 +20,15 @@ use crate::identity::certificate::CertificateIdentity;
 /// The reason for rejecting a handshake or its certificate, with the anomaly
 /// kind and severity that record it beside the session `reject` event.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
+pub struct Rejection {
     pub reason: String,
     pub kind: &'static str,
     pub severity: Severity,
 }
 
-impl Refusal {
-    fn new(reason: impl Into<String>, kind: &'static str, severity: Severity) -> Refusal {
-        Refusal {
+impl Rejection {
+    fn new(reason: impl Into<String>, kind: &'static str, severity: Severity) -> Rejection {
+        Rejection {
             reason: reason.into(),
             kind,
             severity,
@@ -83,7 +83,7 @@ impl Drop for HandshakeSlot {
 pub async fn accept(
     tls: &ListenerTls,
     stream: TcpStream,
-) -> Result<(TlsStream<TcpStream>, Arc<CertificateIdentity>), Refusal> {
+) -> Result<(TlsStream<TcpStream>, Arc<CertificateIdentity>), Rejection> {
     let acceptor = TlsAcceptor::from(tls.server.0.clone());
     let handshake = async {
         let offered = offered_version(&stream).await;
@@ -99,14 +99,14 @@ pub async fn accept(
         .peer_certificates()
         .and_then(|chain| chain.first())
         .ok_or_else(|| {
-            Refusal::new(
+            Rejection::new(
                 "no client certificate",
                 "tls_handshake_failed",
                 Severity::Medium,
             )
         })?;
     let identity = CertificateIdentity::from_der(leaf).map_err(|error| {
-        Refusal::new(error.to_string(), "malformed_certificate", Severity::High)
+        Rejection::new(error.to_string(), "malformed_certificate", Severity::High)
     })?;
     Ok((stream, Arc::new(identity)))
 }
@@ -121,7 +121,7 @@ const HANDSHAKE_RECORD: u8 = 0x16;
 const CLIENT_HELLO: u8 = 0x01;
 
 /// Reads, without consuming, the `client_version` of the ClientHello, so a
-/// refusal can tell an old client from other incompatibilities. Returns
+/// rejection can tell an old client from other incompatibilities. Returns
 /// `None` when the first bytes are not a ClientHello or arrive split.
 async fn offered_version(stream: &TcpStream) -> Option<u16> {
     let mut head = [0u8; CLIENT_VERSION_END];
@@ -131,8 +131,8 @@ async fn offered_version(stream: &TcpStream) -> Option<u16> {
     is_hello.then(|| u16::from_be_bytes([head[9], head[10]]))
 }
 
-fn timed_out(limit: Duration) -> Refusal {
-    Refusal::new(
+fn timed_out(limit: Duration) -> Rejection {
+    Rejection::new(
         format!("handshake timeout after {} ms", limit.as_millis()),
         "tls_handshake_failed",
         Severity::Medium,
@@ -142,12 +142,12 @@ fn timed_out(limit: Duration) -> Refusal {
 /// Maps a failed handshake to its reason and anomaly kind. rustls reports
 /// its own errors inside the `io::Error`; anything else is the connection
 /// failing underneath. `offered` is the ClientHello's `client_version`.
-pub fn classify(error: &io::Error, offered: Option<u16>) -> Refusal {
+pub fn classify(error: &io::Error, offered: Option<u16>) -> Rejection {
     let Some(tls) = error
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<TlsError>())
     else {
-        return Refusal::new(
+        return Rejection::new(
             format!("connection failed during handshake: {error}"),
             "tls_handshake_failed",
             Severity::Low,
@@ -156,8 +156,8 @@ pub fn classify(error: &io::Error, offered: Option<u16>) -> Refusal {
     classify_tls(tls, offered)
 }
 
-fn classify_tls(error: &TlsError, offered: Option<u16>) -> Refusal {
-    let failed = |reason: &str| Refusal::new(reason, "tls_handshake_failed", Severity::Medium);
+fn classify_tls(error: &TlsError, offered: Option<u16>) -> Rejection {
+    let failed = |reason: &str| Rejection::new(reason, "tls_handshake_failed", Severity::Medium);
     match error {
         // A TLS 1.1 hello fails whichever check rustls makes first (often
         // the missing signature_algorithms extension), so the version the
@@ -179,41 +179,41 @@ fn classify_tls(error: &TlsError, offered: Option<u16>) -> Refusal {
     }
 }
 
-fn classify_certificate(error: &CertificateError) -> Refusal {
+fn classify_certificate(error: &CertificateError) -> Rejection {
     match error {
         CertificateError::UnknownIssuer => {
-            Refusal::new("unknown CA", "unknown_certificate", Severity::High)
+            Rejection::new("unknown CA", "unknown_certificate", Severity::High)
         }
-        CertificateError::BadSignature => Refusal::new(
+        CertificateError::BadSignature => Rejection::new(
             "invalid certificate signature",
             "unknown_certificate",
             Severity::High,
         ),
-        CertificateError::Expired | CertificateError::ExpiredContext { .. } => Refusal::new(
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => Rejection::new(
             "certificate expired",
             "tls_handshake_failed",
             Severity::Medium,
         ),
         CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-            Refusal::new(
+            Rejection::new(
                 "certificate not yet valid",
                 "tls_handshake_failed",
                 Severity::Medium,
             )
         }
         CertificateError::Revoked => {
-            Refusal::new("certificate revoked", "certificate_revoked", Severity::High)
+            Rejection::new("certificate revoked", "certificate_revoked", Severity::High)
         }
         CertificateError::ExpiredRevocationList
         | CertificateError::ExpiredRevocationListContext { .. } => {
-            Refusal::new("CRL expired", "crl_expired", Severity::Critical)
+            Rejection::new("CRL expired", "crl_expired", Severity::Critical)
         }
-        CertificateError::UnknownRevocationStatus => Refusal::new(
+        CertificateError::UnknownRevocationStatus => Rejection::new(
             "certificate revocation status unknown: no CRL of its issuer",
             "tls_handshake_failed",
             Severity::Medium,
         ),
-        other => Refusal::new(
+        other => Rejection::new(
             format!("invalid certificate: {other}"),
             "tls_handshake_failed",
             Severity::Medium,

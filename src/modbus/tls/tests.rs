@@ -93,7 +93,7 @@ async fn handshake_once(
     tls: &crate::config::ListenerTls,
     config: &Arc<ClientConfig>,
 ) -> (
-    Result<Arc<CertificateIdentity>, Refusal>,
+    Result<Arc<CertificateIdentity>, Rejection>,
     Option<HandshakeKind>,
 ) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -110,7 +110,7 @@ async fn handshake_once(
                 stream.flush().await.unwrap();
                 Ok(identity)
             }
-            Err(refusal) => Err(refusal),
+            Err(rejection) => Err(rejection),
         }
     };
     let client = async {
@@ -128,9 +128,9 @@ async fn handshake_once(
     tokio::join!(server, client)
 }
 
-fn reason(result: Result<Arc<CertificateIdentity>, Refusal>) -> (String, &'static str) {
-    let refusal = result.unwrap_err();
-    (refusal.reason, refusal.kind)
+fn reason(result: Result<Arc<CertificateIdentity>, Rejection>) -> (String, &'static str) {
+    let rejection = result.unwrap_err();
+    (rejection.reason, rejection.kind)
 }
 
 #[tokio::test]
@@ -176,7 +176,7 @@ async fn reloaded_configuration_does_not_resume_old_sessions() {
 }
 
 #[tokio::test]
-async fn revoked_certificate_is_refused_after_reload() {
+async fn revoked_certificate_is_rejected_after_reload() {
     let pki = Pki::new();
     let leaf = pki.ca.leaf("acme-1", &[], None, 23);
     let config = client_config(&pki.ca, Some(&leaf));
@@ -201,7 +201,7 @@ async fn expired_crl_fails_closed() {
 }
 
 #[tokio::test]
-async fn client_without_certificate_is_refused() {
+async fn client_without_certificate_is_rejected() {
     let pki = Pki::new();
     let tls = pki.load();
     let (result, _) = handshake_once(&tls, &client_config(&pki.ca, None)).await;
@@ -212,7 +212,7 @@ async fn client_without_certificate_is_refused() {
 }
 
 #[tokio::test]
-async fn certificate_of_another_ca_is_refused() {
+async fn certificate_of_another_ca_is_rejected() {
     let pki = Pki::new();
     let tls = pki.load();
     let other = TestCa::new("other CA");
@@ -225,7 +225,7 @@ async fn certificate_of_another_ca_is_refused() {
 }
 
 #[tokio::test]
-async fn malformed_role_is_refused() {
+async fn malformed_role_is_rejected() {
     let pki = Pki::new();
     let tls = pki.load();
     let leaf = pki.ca.leaf("acme-1", &[], Some(vec![0x13, 1, b'X']), 26);
@@ -247,9 +247,9 @@ async fn silent_client_times_out() {
     let address = listener.local_addr().unwrap();
     let _client = TcpStream::connect(address).await.unwrap();
     let (stream, _) = listener.accept().await.unwrap();
-    let refusal = accept(&tls, stream).await.map(|_| ()).unwrap_err();
-    assert_eq!(refusal.reason, "handshake timeout after 500 ms");
-    assert_eq!(refusal.kind, "tls_handshake_failed");
+    let rejection = accept(&tls, stream).await.map(|_| ()).unwrap_err();
+    assert_eq!(rejection.reason, "handshake timeout after 500 ms");
+    assert_eq!(rejection.kind, "tls_handshake_failed");
 }
 
 #[test]
