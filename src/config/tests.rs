@@ -1014,6 +1014,24 @@ fn write_tls_gateway(rules: &[(&str, &str)]) -> tempfile::TempDir {
     )
 }
 
+/// Writes a `modbus-tls` gateway with valid files and a CRL whose next
+/// update is `next_update_in` from now.
+fn write_tls_with_crl(next_update_in: time::Duration) -> tempfile::TempDir {
+    let ca = TestCa::new("vendors CA");
+    let server = ca.leaf("gateway", &["localhost"], None, 1);
+    let crl = ca.crl(&[], next_update_in);
+    write_tls(
+        TLS_FILES,
+        &[
+            ("gateway.crt", &server.pem),
+            ("gateway.key", &server.key_pem),
+            ("ca.crt", &ca.pem),
+            ("ca.crl", &crl),
+        ],
+        &[("acme.toml", CERTIFICATE_VENDOR)],
+    )
+}
+
 const TLS_FILES: &str =
     r#"{ cert = "gateway.crt", key = "gateway.key", client_ca = "ca.crt", crl = ["ca.crl"] }"#;
 
@@ -1024,19 +1042,7 @@ certificate_cn = ["acme-*"]
 
 #[test]
 fn tls_listener_loads_files_and_expiry() {
-    let ca = TestCa::new("vendors CA");
-    let server = ca.leaf("gateway", &["localhost"], None, 1);
-    let crl = ca.crl(&[], time::Duration::days(1));
-    let dir = write_tls(
-        TLS_FILES,
-        &[
-            ("gateway.crt", &server.pem),
-            ("gateway.key", &server.key_pem),
-            ("ca.crt", &ca.pem),
-            ("ca.crl", &crl),
-        ],
-        &[("acme.toml", CERTIFICATE_VENDOR)],
-    );
+    let dir = write_tls_with_crl(time::Duration::days(1));
     let (config, warnings) = load(&dir.path().join("gateway.toml")).unwrap();
     assert_eq!(warnings, []);
     let tls = config.listeners[0].tls.as_ref().unwrap();
@@ -1262,5 +1268,21 @@ tls = { ca = "plant-ca.crt", cert = "sluice.crt", key = "sluice.key" }
     assert_eq!(
         tls.server_name,
         tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap()
+    );
+}
+
+#[test]
+fn expired_crl_is_a_warning() {
+    let dir = write_tls_with_crl(-time::Duration::minutes(10));
+    let (_, warnings) = load(&dir.path().join("gateway.toml")).unwrap();
+    let warnings = lines(dir.path(), &warnings);
+    assert_eq!(warnings.len(), 1);
+    assert!(
+        warnings[0].starts_with("gateway.toml:9:81: listener[1].tls.crl[1]: the CRL expired at "),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[0].ends_with(", so every handshake is rejected until it is replaced"),
+        "{warnings:?}"
     );
 }
