@@ -544,6 +544,9 @@ fn parse_source(
         }),
         None => match policy.vendors[vendor].sources.first() {
             Some(net) => Ok(net.network()),
+            // A vendor identified by certificate alone may connect from
+            // anywhere, so any address stands for it.
+            None if policy.has_certificate_matchers(vendor) => Ok(IpAddr::from([0, 0, 0, 0])),
             None => Err(invalid(
                 "source",
                 format!(
@@ -688,9 +691,17 @@ impl Policy {
             }
         }
         let plan = &self.vendors[query.vendor];
-        if !plan.sources.iter().any(|net| net.contains(&query.source)) {
+        let outside = !plan.sources.iter().any(|net| net.contains(&query.source));
+        if !self.has_certificate_matchers(query.vendor) {
+            if outside {
+                lines.push(format!(
+                    "  note: source {} is outside the sources of vendor {vendor}, so a plain listener would not identify the client as {vendor}",
+                    query.source
+                ));
+            }
+        } else if outside && !plan.sources.is_empty() {
             lines.push(format!(
-                "  note: source {} is outside the sources of vendor {vendor}, so a plain listener would not identify the client as {vendor}",
+                "  note: source {} is outside the sources of vendor {vendor}, so a TLS listener would reject its certificate from there",
                 query.source
             ));
         }

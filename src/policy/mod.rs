@@ -516,6 +516,11 @@ impl Policy {
         }
     }
 
+    /// Returns true when `vendor` is identified by certificate matchers.
+    pub fn has_certificate_matchers(&self, vendor: VendorId) -> bool {
+        self.certificates.iter().any(|(id, _)| *id == vendor)
+    }
+
     /// Returns the id of `role` when a rule names it.
     pub fn role_id(&self, role: &str) -> Option<RoleId> {
         self.roles

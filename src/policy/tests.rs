@@ -1411,3 +1411,56 @@ fn explain_takes_role() {
         ]
     );
 }
+
+/// Loads a policy whose vendors are identified by certificate: `acme`
+/// restricted to 10.50.0.0/16, `beta` from anywhere.
+fn certificate_policy() -> Policy {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = r#"[gateway]
+name = "edge-01"
+
+[[listener]]
+name = "scada"
+bind = "127.0.0.1:5020"
+device = "press-1"
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:5021"
+"#;
+    let rules = |name: &str, extra: &str| {
+        format!(
+            "[vendor]\nname = \"{name}\"\ncertificate_cn = [\"{name}-*\"]\n{extra}\n\n\
+             [[allow]]\ndevice = \"press-1\"\nfunctions = [\"read_holding_registers\"]\naddresses = [\"0-99\"]\n"
+        )
+    };
+    std::fs::write(dir.path().join("gateway.toml"), gateway).unwrap();
+    std::fs::create_dir(dir.path().join("rules")).unwrap();
+    std::fs::write(
+        dir.path().join("rules/acme.toml"),
+        rules("acme", "sources = [\"10.50.0.0/16\"]"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("rules/beta.toml"), rules("beta", "")).unwrap();
+    Policy::load(&dir.path().join("gateway.toml")).unwrap().0
+}
+
+#[test]
+fn explain_notes_source_of_certificate_vendor() {
+    let policy = certificate_policy();
+    let explain = |text: &str| policy.explain(&query(&policy, text)).lines;
+
+    let outside = explain("vendor=acme device=press-1 function=3 address=0 source=192.168.1.1");
+    assert_eq!(outside[0], "allow acme.toml#1");
+    assert!(outside.contains(
+        &"  note: source 192.168.1.1 is outside the sources of vendor acme, so a TLS listener would reject its certificate from there".to_owned()
+    ), "{outside:?}");
+
+    let anywhere = explain("vendor=beta device=press-1 function=3 address=0");
+    assert_eq!(anywhere[0], "allow beta.toml#1");
+    assert!(anywhere[1].contains(" source=0.0.0.0 "), "{anywhere:?}");
+    assert!(
+        !anywhere.iter().any(|line| line.contains("note:")),
+        "{anywhere:?}"
+    );
+}
