@@ -1318,6 +1318,21 @@ fn explain_takes_no_rate_tokens() {
 /// Loads a policy whose only vendor reads press-1 with role Operator or
 /// Engineer.
 fn role_policy() -> Policy {
+    let acme = r#"[vendor]
+name = "acme"
+sources = ["10.50.0.0/16"]
+
+[[allow]]
+device = "press-1"
+functions = ["read_holding_registers"]
+addresses = ["0-99"]
+when.role = ["Operator", "Engineer"]
+"#;
+    press_policy(&[("acme.toml", acme)])
+}
+
+/// Loads a gateway with one listener and the device press-1, and `rules`.
+fn press_policy(rules: &[(&str, &str)]) -> Policy {
     let dir = tempfile::tempdir().unwrap();
     let gateway = r#"[gateway]
 name = "edge-01"
@@ -1331,19 +1346,11 @@ device = "press-1"
 name = "press-1"
 address = "127.0.0.1:5021"
 "#;
-    let acme = r#"[vendor]
-name = "acme"
-sources = ["10.50.0.0/16"]
-
-[[allow]]
-device = "press-1"
-functions = ["read_holding_registers"]
-addresses = ["0-99"]
-when.role = ["Operator", "Engineer"]
-"#;
     std::fs::write(dir.path().join("gateway.toml"), gateway).unwrap();
     std::fs::create_dir(dir.path().join("rules")).unwrap();
-    std::fs::write(dir.path().join("rules/acme.toml"), acme).unwrap();
+    for (name, text) in rules {
+        std::fs::write(dir.path().join("rules").join(name), text).unwrap();
+    }
     Policy::load(&dir.path().join("gateway.toml")).unwrap().0
 }
 
@@ -1415,34 +1422,15 @@ fn explain_takes_role() {
 /// Loads a policy whose vendors are identified by certificate: `acme`
 /// restricted to 10.50.0.0/16, `beta` from anywhere.
 fn certificate_policy() -> Policy {
-    let dir = tempfile::tempdir().unwrap();
-    let gateway = r#"[gateway]
-name = "edge-01"
-
-[[listener]]
-name = "scada"
-bind = "127.0.0.1:5020"
-device = "press-1"
-
-[[device]]
-name = "press-1"
-address = "127.0.0.1:5021"
-"#;
     let rules = |name: &str, extra: &str| {
         format!(
             "[vendor]\nname = \"{name}\"\ncertificate_cn = [\"{name}-*\"]\n{extra}\n\n\
              [[allow]]\ndevice = \"press-1\"\nfunctions = [\"read_holding_registers\"]\naddresses = [\"0-99\"]\n"
         )
     };
-    std::fs::write(dir.path().join("gateway.toml"), gateway).unwrap();
-    std::fs::create_dir(dir.path().join("rules")).unwrap();
-    std::fs::write(
-        dir.path().join("rules/acme.toml"),
-        rules("acme", "sources = [\"10.50.0.0/16\"]"),
-    )
-    .unwrap();
-    std::fs::write(dir.path().join("rules/beta.toml"), rules("beta", "")).unwrap();
-    Policy::load(&dir.path().join("gateway.toml")).unwrap().0
+    let acme = rules("acme", "sources = [\"10.50.0.0/16\"]");
+    let beta = rules("beta", "");
+    press_policy(&[("acme.toml", &acme), ("beta.toml", &beta)])
 }
 
 #[test]
