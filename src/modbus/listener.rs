@@ -147,7 +147,12 @@ async fn handshake(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let accepted = tls::accept(&tls, stream).await;
+    // A drain does not wait for handshakes: a client still in its
+    // handshake has no session to finish.
+    let accepted = tokio::select! {
+        accepted = tls::accept(&tls, stream) => accepted,
+        _ = shutdown.cancelled() => return,
+    };
     drop(slot);
     match accepted {
         Ok((stream, identity)) => {

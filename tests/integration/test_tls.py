@@ -468,3 +468,22 @@ def test_silent_clients_hit_timeout_and_source_limit(start_gateway, plc_sim, pki
     assert timed_out["src_port"] == first_port
     assert limited_anomaly["anomaly"]["kind"] == "tls_handshake_failed"
     assert timed_out_anomaly["anomaly"]["kind"] == "tls_handshake_failed"
+
+
+def test_drain_does_not_wait_for_handshakes(start_gateway, plc_sim, pki):
+    fields = tls_listener(pki)
+    fields["tls"]["handshake_timeout_ms"] = 120000
+    fields["tls"]["max_handshakes_per_source"] = 1
+    gateway = start_gateway([fields], [device("plc", plc_sim.address)], acme_certificate_rules())
+    silent = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    probe = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    try:
+        # The probe is rejected only while the silent connection holds the
+        # source's handshake slot, so its handshake task is running.
+        rejection(gateway, "handshake limit of 1 per source reached")
+        gateway.process.popen.terminate()
+        # Far below the handshake timeout of 120 s and the drain deadline.
+        assert gateway.process.popen.wait(timeout=8) == 0
+    finally:
+        silent.close()
+        probe.close()
