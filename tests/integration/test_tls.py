@@ -478,7 +478,7 @@ def test_drain_does_not_wait_for_handshakes(start_gateway, plc_sim, pki):
     silent = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
     probe = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
     try:
-        # The probe is rejected only while the silent connection holds the
+        # The probe is rejected only while the silent connection has the
         # source's handshake slot, so its handshake task is running.
         rejection(gateway, "handshake limit of 1 per source reached")
         gateway.process.popen.terminate()
