@@ -46,6 +46,7 @@ fn base_config(devices: usize) -> Config {
             target: ListenerTarget::Device("device-0".into()),
             limits: ListenerLimits::default(),
             mirror_only: false,
+            tls: None,
             origin: Origin::unknown(),
         }],
         devices: (0..devices)
@@ -81,7 +82,7 @@ fn config_with_rules(rules: usize) -> Config {
             file_name: format!("vendor-{vendor}.toml"),
             sources: vec![vendor_source(vendor)],
             max_sessions: None,
-            certificate_matchers: false,
+            certificate: Default::default(),
             rate: None,
             rules: vendor_rules,
             origin: Origin::unknown(),
@@ -139,7 +140,7 @@ fn config_with_conditions() -> Config {
         file_name: "vendor-0.toml".into(),
         sources: vec![vendor_source(0)],
         max_sessions: None,
-        certificate_matchers: false,
+        certificate: Default::default(),
         rate: None,
         rules: vec![conditional_write(0)],
         origin: Origin::unknown(),
@@ -191,6 +192,7 @@ fn bench_rule_counts(c: &mut Criterion) {
         let device = policy.devices().len() / 2;
         let context = Context {
             source: IpAddr::V4(Ipv4Addr::new(10, 0, vendor as u8, 1)),
+            role: None,
             now: MONDAY_MORNING.parse().unwrap(),
             instant: Instant::now(),
             states: &states,
@@ -239,6 +241,7 @@ fn bench_conditions(c: &mut Criterion) {
     states.set(0, Some(1), instant);
     let context = Context {
         source: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+        role: None,
         now: MONDAY_MORNING.parse().unwrap(),
         instant,
         states: &states,
@@ -282,6 +285,7 @@ fn bench_rates(c: &mut Criterion) {
     let now: jiff::Timestamp = MONDAY_MORNING.parse().unwrap();
     let context_at = |instant| Context {
         source: IpAddr::V4(Ipv4Addr::new(10, 0, vendor as u8, 1)),
+        role: None,
         now,
         instant,
         states: &states,

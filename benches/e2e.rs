@@ -4,7 +4,10 @@
 //! latency percentiles for both and their ratios.
 //!
 //! Run: `cargo bench --bench e2e` (environment: SLUICE_BENCH_CONNECTIONS,
-//! default 16; SLUICE_BENCH_SECONDS per phase, default 5). To set another
+//! default 16; SLUICE_BENCH_SECONDS per phase, default 5). With
+//! SLUICE_BENCH_TLS=1 the gateway also has a MODBUS/TCP Security listener,
+//! and two more phases measure the same reads over mutual TLS and full
+//! handshakes per second, each followed by one read. To set another
 //! forwarder such as HAProxy beside sluice, fix the PLC's port with
 //! SLUICE_BENCH_PLC_PORT, point the forwarder at it and give its address in
 //! SLUICE_BENCH_COMPARE; it is then measured as a third phase. With
@@ -16,8 +19,14 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::rustls::client::Resumption;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
 
 /// Registers read per request.
 const QUANTITY: u16 = 10;
@@ -29,6 +38,15 @@ struct Phase {
 }
 
 impl Phase {
+    fn new(mut latencies: Vec<Duration>, elapsed: Duration) -> Phase {
+        latencies.sort_unstable();
+        Phase {
+            requests: latencies.len() as u64,
+            elapsed,
+            latencies,
+        }
+    }
+
     fn throughput(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
     }
@@ -55,7 +73,17 @@ fn sluice() -> Command {
 
 /// Starts `command` and returns the address from the first stdout line that
 /// starts with `prefix`.
-fn start(mut command: Command, prefix: &str) -> (Process, SocketAddr) {
+fn start(command: Command, prefix: &str) -> (Process, SocketAddr) {
+    let (process, address, lines) = start_lines(command, prefix);
+    std::thread::spawn(move || lines.for_each(drop));
+    (process, address)
+}
+
+type Lines = std::io::Lines<BufReader<std::process::ChildStdout>>;
+
+/// Starts `command`, reads stdout up to the first line that starts with
+/// `prefix` and returns the address on it and the remaining lines.
+fn start_lines(mut command: Command, prefix: &str) -> (Process, SocketAddr, Lines) {
     let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -73,16 +101,15 @@ fn start(mut command: Command, prefix: &str) -> (Process, SocketAddr) {
                 .expect("address")
                 .parse()
                 .expect("socket address");
-            std::thread::spawn(move || lines.for_each(drop));
-            return (process, address);
+            return (process, address, lines);
         }
     }
     panic!("process ended before printing {prefix:?}");
 }
 
-fn write_config(folder: &std::path::Path, plc: SocketAddr, connections: usize) {
+fn write_config(folder: &std::path::Path, plc: SocketAddr, connections: usize, tls: bool) {
     std::fs::create_dir_all(folder.join("rules")).unwrap();
-    let gateway = format!(
+    let mut gateway = format!(
         "[gateway]\nname = \"bench\"\nrules = \"rules\"\nallow_root = true\n\n\
          [[listener]]\nname = \"bench\"\nprotocol = \"modbus\"\nbind = \"127.0.0.1:0\"\ndevice = \"plc\"\n\
          limits = {{ max_connections = {limit}, max_connections_per_source = {limit} }}\n\n\
@@ -95,45 +122,145 @@ fn write_config(folder: &std::path::Path, plc: SocketAddr, connections: usize) {
             ""
         },
     );
+    if tls {
+        gateway += &format!(
+            "\n[[listener]]\nname = \"bench-tls\"\nprotocol = \"modbus-tls\"\nbind = \"127.0.0.1:0\"\ndevice = \"plc\"\n\
+             limits = {{ max_connections = {limit}, max_connections_per_source = {limit} }}\n\
+             tls = {{ cert = \"gateway.crt\", key = \"gateway.key\", client_ca = \"ca.crt\", max_handshakes_per_source = {limit} }}\n",
+            limit = connections + 8,
+        );
+        let rules = "[vendor]\nname = \"bench-tls\"\ncertificate_cn = [\"bench-*\"]\n\n\
+                     [[allow]]\ndevice = \"plc\"\nfunctions = [\"read_holding_registers\"]\naddresses = [\"0-999\"]\n";
+        std::fs::write(folder.join("rules/bench-tls.toml"), rules).unwrap();
+    }
     std::fs::write(folder.join("gateway.toml"), gateway).unwrap();
     let rules = "[vendor]\nname = \"bench\"\nsources = [\"127.0.0.0/8\"]\n\n\
                  [[allow]]\ndevice = \"plc\"\nfunctions = [\"read_holding_registers\"]\naddresses = [\"0-999\"]\n";
     std::fs::write(folder.join("rules/bench.toml"), rules).unwrap();
 }
 
-async fn client(address: SocketAddr, until: Instant, client_index: u16) -> Vec<Duration> {
-    let mut stream = TcpStream::connect(address).await.expect("connect");
-    stream.set_nodelay(true).unwrap();
+/// The certificates of the TLS phases: a CA, the gateway's certificate and
+/// the client certificate that the vendor `bench-tls` matches.
+struct BenchPki {
+    client: Arc<ClientConfig>,
+}
+
+impl BenchPki {
+    fn write(folder: &std::path::Path) -> BenchPki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "bench CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::from_params(&ca_params, &ca_key);
+        let leaf = |cn: &str, names: Vec<String>| {
+            let mut params = CertificateParams::new(names).unwrap();
+            params.distinguished_name.push(DnType::CommonName, cn);
+            let key = KeyPair::generate().unwrap();
+            (params.signed_by(&key, &issuer).unwrap(), key)
+        };
+        let (server, server_key) = leaf("gateway", vec!["localhost".to_owned()]);
+        let (client, client_key) = leaf("bench-client", Vec::new());
+        std::fs::create_dir_all(folder).unwrap();
+        std::fs::write(folder.join("ca.crt"), ca.pem()).unwrap();
+        std::fs::write(folder.join("gateway.crt"), server.pem()).unwrap();
+        std::fs::write(folder.join("gateway.key"), server_key.serialize_pem()).unwrap();
+
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        let mut config = ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![CertificateDer::from(client.der().to_vec())],
+                PrivateKeyDer::try_from(client_key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        // Every connection makes a full handshake.
+        config.resumption = Resumption::disabled();
+        BenchPki {
+            client: Arc::new(config),
+        }
+    }
+
+    async fn connect(&self, address: SocketAddr) -> impl AsyncRead + AsyncWrite + Unpin {
+        let stream = TcpStream::connect(address).await.expect("connect");
+        stream.set_nodelay(true).unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        TlsConnector::from(self.client.clone())
+            .connect(name, stream)
+            .await
+            .expect("TLS handshake")
+    }
+}
+
+/// Where a load client connects: a plain address, or a TLS listener.
+#[derive(Clone)]
+enum Target {
+    Plain(SocketAddr),
+    Tls(SocketAddr, Arc<BenchPki>),
+}
+
+async fn client(target: Target, until: Instant, client_index: u16) -> Vec<Duration> {
+    match target {
+        Target::Plain(address) => {
+            let stream = TcpStream::connect(address).await.expect("connect");
+            stream.set_nodelay(true).unwrap();
+            read_loop(stream, until, client_index).await
+        }
+        Target::Tls(address, pki) => {
+            read_loop(pki.connect(address).await, until, client_index).await
+        }
+    }
+}
+
+/// Reads registers over `stream` until `until`; returns each latency.
+async fn read_loop<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    until: Instant,
+    client_index: u16,
+) -> Vec<Duration> {
     let mut latencies = Vec::new();
-    let mut response = [0u8; 9 + 2 * QUANTITY as usize];
-    let start_address = client_index * QUANTITY;
     let mut transaction: u16 = 0;
     while Instant::now() < until {
         transaction = transaction.wrapping_add(1);
-        let mut request = [0u8; 12];
-        request[0..2].copy_from_slice(&transaction.to_be_bytes());
-        request[4..6].copy_from_slice(&6u16.to_be_bytes());
-        request[6] = 1;
-        request[7] = 3;
-        request[8..10].copy_from_slice(&start_address.to_be_bytes());
-        request[10..12].copy_from_slice(&QUANTITY.to_be_bytes());
         let sent = Instant::now();
-        stream.write_all(&request).await.expect("write");
-        stream.read_exact(&mut response).await.expect("read");
+        read_once(&mut stream, transaction, client_index).await;
         latencies.push(sent.elapsed());
-        assert_eq!(
-            &response[0..2],
-            &transaction.to_be_bytes(),
-            "transaction id echoed"
-        );
-        assert_eq!(response[7], 3, "function code 3 answered without exception");
     }
     latencies
 }
 
+/// Reads `QUANTITY` holding registers once and checks the response.
+async fn read_once<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    transaction: u16,
+    client_index: u16,
+) {
+    let start_address = client_index * QUANTITY;
+    let mut request = [0u8; 12];
+    request[0..2].copy_from_slice(&transaction.to_be_bytes());
+    request[4..6].copy_from_slice(&6u16.to_be_bytes());
+    request[6] = 1;
+    request[7] = 3;
+    request[8..10].copy_from_slice(&start_address.to_be_bytes());
+    request[10..12].copy_from_slice(&QUANTITY.to_be_bytes());
+    let mut response = [0u8; 9 + 2 * QUANTITY as usize];
+    stream.write_all(&request).await.expect("write");
+    stream.read_exact(&mut response).await.expect("read");
+    assert_eq!(
+        &response[0..2],
+        &transaction.to_be_bytes(),
+        "transaction id echoed"
+    );
+    assert_eq!(response[7], 3, "function code 3 answered without exception");
+}
+
 fn measure(
     runtime: &tokio::runtime::Runtime,
-    address: SocketAddr,
+    target: Target,
     connections: usize,
     seconds: u64,
 ) -> Phase {
@@ -141,19 +268,45 @@ fn measure(
         let started = Instant::now();
         let until = started + Duration::from_secs(seconds);
         let tasks: Vec<_> = (0..connections)
-            .map(|index| tokio::spawn(client(address, until, index as u16)))
+            .map(|index| tokio::spawn(client(target.clone(), until, index as u16)))
             .collect();
         let mut latencies = Vec::new();
         for task in tasks {
             latencies.extend(task.await.expect("client task"));
         }
-        let elapsed = started.elapsed();
-        latencies.sort_unstable();
-        Phase {
-            requests: latencies.len() as u64,
-            elapsed,
-            latencies,
+        Phase::new(latencies, started.elapsed())
+    })
+}
+
+/// Runs `connections` loops that each connect, make a full mutual-TLS
+/// handshake, read once and close, until the time is up. Each latency
+/// covers one whole connection.
+fn measure_handshakes(
+    runtime: &tokio::runtime::Runtime,
+    address: SocketAddr,
+    pki: &BenchPki,
+    connections: usize,
+    seconds: u64,
+) -> Phase {
+    runtime.block_on(async {
+        let started = Instant::now();
+        let until = started + Duration::from_secs(seconds);
+        let loops = (0..connections).map(|index| async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < until {
+                let opened = Instant::now();
+                let mut stream = pki.connect(address).await;
+                // One read proves the gateway accepted the certificate.
+                read_once(&mut stream, 1, index as u16).await;
+                latencies.push(opened.elapsed());
+            }
+            latencies
+        });
+        let mut latencies = Vec::new();
+        for found in futures_util::future::join_all(loops).await {
+            latencies.extend(found);
         }
+        Phase::new(latencies, started.elapsed())
     })
 }
 
@@ -187,13 +340,15 @@ fn main() {
     let plc_port = std::env::var("SLUICE_BENCH_PLC_PORT").unwrap_or_else(|_| "0".to_owned());
     plc_command.args(["plc-sim", "--bind", &format!("127.0.0.1:{plc_port}")]);
     let (_plc, plc_address) = start(plc_command, "listening ");
-    write_config(&folder, plc_address, connections);
+    let tls = std::env::var("SLUICE_BENCH_TLS").is_ok_and(|value| value == "1");
+    let pki = tls.then(|| Arc::new(BenchPki::write(&folder)));
+    write_config(&folder, plc_address, connections, tls);
     let mut gateway_command = sluice();
     gateway_command
         .arg("run")
         .arg("--config")
         .arg(folder.join("gateway.toml"));
-    let (_gateway, gateway_address) = start(gateway_command, "listening bench ");
+    let (_gateway, gateway_address, tls_address) = start_gateway(gateway_command, tls);
 
     // The load generator uses one thread so that the gateway and the PLC
     // keep the remaining core; both phases run under the same conditions.
@@ -202,9 +357,14 @@ fn main() {
         .build()
         .unwrap();
     println!("{connections} connections, {seconds} s per phase");
-    let direct = measure(&runtime, plc_address, connections, seconds);
+    let direct = measure(&runtime, Target::Plain(plc_address), connections, seconds);
     report("direct", &direct);
-    let gateway = measure(&runtime, gateway_address, connections, seconds);
+    let gateway = measure(
+        &runtime,
+        Target::Plain(gateway_address),
+        connections,
+        seconds,
+    );
     report("sluice", &gateway);
     println!(
         "ratio    throughput {:.2}×  p50 {:.2}×  p99 {:.2}×",
@@ -216,13 +376,51 @@ fn main() {
         .ok()
         .and_then(|a| a.parse().ok())
     {
-        let other = measure(&runtime, address, connections, seconds);
+        let other = measure(&runtime, Target::Plain(address), connections, seconds);
         report("compare", &other);
         println!(
             "ratio    compare throughput {:.2}× of direct",
             other.throughput() / direct.throughput()
         );
     }
+    if let (Some(pki), Some(address)) = (&pki, tls_address) {
+        let secure = measure(
+            &runtime,
+            Target::Tls(address, pki.clone()),
+            connections,
+            seconds,
+        );
+        report("tls", &secure);
+        println!(
+            "ratio    tls throughput {:.2}× of sluice over plain TCP",
+            secure.throughput() / gateway.throughput()
+        );
+        let handshakes = measure_handshakes(&runtime, address, pki, connections, seconds);
+        println!(
+            "handshakes {:>8.0} /s  p50 {:>7.1} µs  p99 {:>7.1} µs  ({} full mutual-TLS handshakes, each with one read)",
+            handshakes.throughput(),
+            handshakes.percentile(0.50).as_secs_f64() * 1e6,
+            handshakes.percentile(0.99).as_secs_f64() * 1e6,
+            handshakes.requests,
+        );
+    }
     drop(_gateway);
     let _ = std::fs::remove_dir_all(&folder);
+}
+
+/// Starts the gateway and returns its plain listener's address and, with
+/// `tls`, its TLS listener's address.
+fn start_gateway(command: Command, tls: bool) -> (Process, SocketAddr, Option<SocketAddr>) {
+    let (process, plain, mut lines) = start_lines(command, "listening bench ");
+    let secure = tls.then(|| {
+        let line = lines
+            .find_map(|line| {
+                let line = line.expect("read stdout");
+                line.strip_prefix("listening bench-tls ").map(str::to_owned)
+            })
+            .expect("TLS listener address");
+        line.parse().expect("socket address")
+    });
+    std::thread::spawn(move || lines.for_each(drop));
+    (process, plain, secure)
 }

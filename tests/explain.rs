@@ -83,7 +83,7 @@ fn invalid_query_names_key_and_exits_64() {
     let cases = [
         (
             "vendor=acme device=press-1 function=3 address=0 colour=red",
-            "error: --explain: colour: unknown key; use vendor, device, function, address, quantity, write_address, value, unit, sub_function, mei_type, source, time, state.NAME",
+            "error: --explain: colour: unknown key; use vendor, device, function, address, quantity, write_address, value, unit, sub_function, mei_type, source, role, time, state.NAME",
         ),
         (
             "vendor=acme device=press-2 function=3 address=0",

@@ -39,7 +39,7 @@ fn rate_limited_policy(per_second: u64, burst: u32) -> Policy {
             file_name: "acme.toml".into(),
             sources: vec!["10.0.0.0/8".parse().unwrap()],
             max_sessions: None,
-            certificate_matchers: false,
+            certificate: Default::default(),
             rate: Some(RateConfig {
                 requests_per_second: Some(Rate::per_second(per_second)),
                 writes_per_second: None,
@@ -211,6 +211,7 @@ proptest! {
             instant += Duration::from_nanos(*gap);
             let context = Context {
                 source: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+                role: None,
                 now: jiff::Timestamp::UNIX_EPOCH,
                 instant,
                 states: &states,

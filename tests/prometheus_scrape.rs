@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use sluice::metrics::{serve, ConfiguredNames, Metrics, Readiness, RejectReason};
+use sluice::metrics::{serve, ConfiguredNames, Metrics, Readiness, RejectReason, TlsOutcome};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -209,6 +209,9 @@ async fn prometheus_scrapes_endpoint_and_dashboard_queries_evaluate() {
     metrics.count_anomaly("unknown_client");
     metrics.set_audit_writable(true);
     metrics.count_reload(true);
+    instruments.count_tls_handshake(0, TlsOutcome::Failure);
+    let scada: Arc<str> = Arc::from("scada");
+    metrics.set_tls_expiry([(&scada, "crl", "tls/vendors.crl".to_owned(), 1_790_000_000)]);
 
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(serve(
@@ -249,6 +252,14 @@ async fn prometheus_scrapes_endpoint_and_dashboard_queries_evaluate() {
         .expect("result vector");
     assert_eq!(result.len(), 1, "{requests}");
     assert_eq!(result[0]["value"][1], "1");
+
+    let expiry = prometheus
+        .query(r#"sluice_tls_expiry_timestamp_seconds{kind="crl"}"#)
+        .await;
+    let result = expiry["data"]["result"].as_array().expect("result vector");
+    assert_eq!(result.len(), 1, "{expiry}");
+    assert_eq!(result[0]["metric"]["file"], "tls/vendors.crl");
+    assert_eq!(result[0]["value"][1], "1790000000");
 
     let expressions = dashboard_expressions();
     assert!(

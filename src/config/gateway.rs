@@ -12,6 +12,7 @@ use super::diagnostic::{Origin, Report, SourceText};
 use super::raw;
 use super::service::ServiceConfig;
 use super::syntax::parse_range;
+use super::tls::ListenerTls;
 use super::{
     AuditConfig, AuditSync, DeviceConfig, GatewayConfig, ListenerConfig, ListenerLimits,
     ListenerTarget, MetricsConfig, Mode, OnDeny, StateConfig, StateKind, StateValueConfig,
@@ -36,6 +37,9 @@ pub(super) struct LoadedGateway {
     /// Every device name written, valid or not, so that a device with a bad
     /// setting does not also make every rule naming it fail.
     pub device_names: Vec<String>,
+    /// True when a listener is written with protocol `modbus-tls`, valid
+    /// or not.
+    pub tls_listener_written: bool,
     /// Every state name written, with the value names it defines.
     pub state_values: HashMap<String, Vec<String>>,
     /// The position of `gateway.rules`, or of the gateway name when the key is
@@ -72,8 +76,8 @@ pub(super) fn load(path: &Path, report: &mut Report) -> Option<LoadedGateway> {
         .iter()
         .map(|d| d.name.get_ref().clone())
         .collect();
-    let devices = check.devices(&file.device);
-    let listeners = check.listeners(&file.listener, &device_names);
+    let devices = check.devices(&file.device, base);
+    let listeners = check.listeners(&file.listener, &device_names, base);
     check.mirror_only_targets(&file.listener, &file.device);
     let (states, state_values) = check.states(&file.state, &device_names);
     let mut audit = check.audit(file.audit.as_ref(), base);
@@ -89,8 +93,15 @@ pub(super) fn load(path: &Path, report: &mut Report) -> Option<LoadedGateway> {
         None => check.at(&file.gateway.name),
     };
 
+    let tls_listener_written = file.listener.iter().any(|listener| {
+        listener
+            .protocol
+            .as_ref()
+            .is_some_and(|protocol| protocol.get_ref() == "modbus-tls")
+    });
     Some(LoadedGateway {
         gateway,
+        tls_listener_written,
         listeners,
         devices,
         states,
@@ -280,6 +291,7 @@ impl Checker<'_> {
         &mut self,
         sections: &[raw::ListenerSection],
         device_names: &[String],
+        base: &Path,
     ) -> Vec<ListenerConfig> {
         let mut names = HashMap::new();
         let mut binds: HashMap<SocketAddr, Origin> = HashMap::new();
@@ -292,7 +304,7 @@ impl Checker<'_> {
                 &section.name,
                 &mut names,
             );
-            let protocol_ok = self.listener_protocol(&key, section);
+            let (protocol_ok, tls) = self.listener_protocol(&key, section, base);
             let bind = self.listener_bind(&key, section, &mut binds);
             let mode = self.choice(
                 &format!("{key}.mode"),
@@ -323,6 +335,7 @@ impl Checker<'_> {
                     target,
                     limits,
                     mirror_only: section.mirror_only.as_ref().is_some_and(|v| *v.get_ref()),
+                    tls,
                     origin: self.at(&section.name),
                 });
             }
@@ -330,38 +343,64 @@ impl Checker<'_> {
         listeners
     }
 
-    fn listener_protocol(&mut self, key: &str, section: &raw::ListenerSection) -> bool {
+    /// Checks the protocol and the keys that depend on it; returns whether
+    /// they are valid and, for a `modbus-tls` listener, its TLS settings.
+    fn listener_protocol(
+        &mut self,
+        key: &str,
+        section: &raw::ListenerSection,
+        base: &Path,
+    ) -> (bool, Option<ListenerTls>) {
+        let mut secure = false;
         if let Some(protocol) = &section.protocol {
             let name = protocol.get_ref();
             let problem = match name.as_str() {
                 "modbus" => None,
-                "modbus-tls" | "opcua" => {
-                    Some(format!("\"{name}\" is not supported by this build"))
+                "modbus-tls" => {
+                    secure = true;
+                    None
                 }
+                "opcua" => Some(format!("\"{name}\" is not supported by this build")),
                 _ => Some(format!("unknown protocol \"{name}\"")),
             };
             if let Some(problem) = problem {
                 self.error(
                     protocol,
-                    format!("{key}.protocol: {problem}; use \"modbus\""),
+                    format!("{key}.protocol: {problem}; use \"modbus\" or \"modbus-tls\""),
                 );
-                return false;
+                return (false, None);
             }
         }
 
         let mut ok = true;
-        for (field, value) in [("tls", &section.tls), ("opcua", &section.opcua)] {
-            if let Some(value) = value {
-                self.error(
-                    value,
-                    format!(
-                        "{key}.{field}: not supported by this build on a \"modbus\" listener; remove the key"
-                    ),
-                );
-                ok = false;
-            }
+        if let Some(value) = &section.opcua {
+            self.error(
+                value,
+                format!("{key}.opcua: not supported by this build; remove the key"),
+            );
+            ok = false;
         }
-        ok
+        match (&section.tls, secure) {
+            (Some(tls), true) => {
+                let tls = self.listener_tls(key, tls, base);
+                (ok && tls.is_some(), tls)
+            }
+            (None, true) => {
+                self.error(
+                    &section.name,
+                    format!("{key}.tls: missing; a \"modbus-tls\" listener needs tls = {{ cert, key, client_ca }}"),
+                );
+                (false, None)
+            }
+            (Some(tls), false) => {
+                self.error(
+                    tls,
+                    format!("{key}.tls: only a \"modbus-tls\" listener takes TLS settings; set protocol = \"modbus-tls\" or remove the key"),
+                );
+                (false, None)
+            }
+            (None, false) => (ok, None),
+        }
     }
 
     fn listener_bind(
@@ -388,6 +427,10 @@ impl Checker<'_> {
             return None;
         };
         let at = self.at(bind);
+        // Port 0 lets the system choose a free port, so it never collides.
+        if address.port() == 0 {
+            return Some(address);
+        }
         if let Some(first) = binds.get(&address) {
             self.report.error(
                 &at,
@@ -549,20 +592,25 @@ impl Checker<'_> {
         }
     }
 
-    fn devices(&mut self, sections: &[raw::DeviceSection]) -> Vec<DeviceConfig> {
+    fn devices(&mut self, sections: &[raw::DeviceSection], base: &Path) -> Vec<DeviceConfig> {
         let mut names = HashMap::new();
         let mut devices = Vec::new();
         for (index, section) in sections.iter().enumerate() {
             let key = format!("device[{}]", index + 1);
             self.unique_name(&format!("{key}.name"), "device", &section.name, &mut names);
-            if let Some(device) = self.device(&key, section) {
+            if let Some(device) = self.device(&key, section, base) {
                 devices.push(device);
             }
         }
         devices
     }
 
-    fn device(&mut self, key: &str, section: &raw::DeviceSection) -> Option<DeviceConfig> {
+    fn device(
+        &mut self,
+        key: &str,
+        section: &raw::DeviceSection,
+        base: &Path,
+    ) -> Option<DeviceConfig> {
         if let Some(protocol) = &section.protocol {
             let name = protocol.get_ref();
             let problem = match name.as_str() {
@@ -602,6 +650,10 @@ impl Checker<'_> {
             },
         };
         let unit = self.integer(&format!("{key}.unit"), section.unit.as_ref(), 1, (0, 255));
+        let tls = section
+            .tls
+            .as_ref()
+            .map(|tls| self.device_tls(key, tls, base, address));
 
         let defaults = DeviceConfig::new("", SocketAddr::from(([0, 0, 0, 0], 0)));
         let device = DeviceConfig {
@@ -634,11 +686,13 @@ impl Checker<'_> {
                 defaults.backoff_max.as_millis() as u64,
             ),
             mirror: Vec::new(),
+            tls: tls.clone().flatten(),
             origin: self.at(&section.name),
         };
         let mirror = self.mirror_blocks(key, section.mirror.as_ref());
         let device = DeviceConfig { mirror, ..device };
-        (address.is_some() && unit.is_some()).then_some(device)
+        let tls_ok = tls.is_none_or(|tls| tls.is_some());
+        (address.is_some() && unit.is_some() && tls_ok).then_some(device)
     }
 
     fn states(

@@ -20,6 +20,7 @@ mod service;
 mod syntax;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 pub use detect::{
     DetectConfig, Detection, OnAnomalyConfig, Threshold, CONTAINABLE_KINDS, DEFAULT_WINDOW,
@@ -28,6 +29,7 @@ pub use diagnostic::{Diagnostic, Diagnostics, Origin};
 pub use mirror::kind_name;
 pub use service::{load_service, AdminConfig, ServiceConfig, MAX_SOCKET_PATH};
 pub use syntax::{function_code, function_name, MAX_FUNCTION_CODE};
+pub use tls::{DeviceTls, ExpiryKind, ListenerTls, TlsClient, TlsExpiry, TlsServer};
 
 /// A validated configuration: `gateway.toml` plus every rule file. Names
 /// still refer to each other by text; `policy` resolves them to indices.
@@ -119,6 +121,9 @@ pub struct ListenerConfig {
     /// Never forwards to a device: reads inside a fresh mirror block are
     /// served from memory and every other request is denied.
     pub mirror_only: bool,
+    /// Set on a `modbus-tls` listener, which identifies vendors by their
+    /// client certificate.
+    pub tls: Option<ListenerTls>,
     pub origin: Origin,
 }
 
@@ -135,6 +140,8 @@ pub struct DeviceConfig {
     /// Blocks polled into memory, sorted by table and first address; blocks
     /// of one table never overlap.
     pub mirror: Vec<MirrorBlockConfig>,
+    /// Set for a device that speaks MODBUS/TCP Security.
+    pub tls: Option<DeviceTls>,
     pub origin: Origin,
 }
 
@@ -151,6 +158,7 @@ impl DeviceConfig {
             connect_timeout: Duration::from_millis(3_000),
             backoff_max: Duration::from_millis(30_000),
             mirror: Vec::new(),
+            tls: None,
             origin: Origin::unknown(),
         }
     }
@@ -331,9 +339,9 @@ pub struct VendorConfig {
     /// Networks this vendor connects from, with host bits cleared.
     pub sources: Vec<IpNet>,
     pub max_sessions: Option<usize>,
-    /// True when the vendor names certificate matchers. Such a vendor is
-    /// identified only on TLS listeners, never by source address.
-    pub certificate_matchers: bool,
+    /// The certificate matchers. A vendor with any is identified only on
+    /// TLS listeners, never by source address alone.
+    pub certificate: crate::identity::certificate::CertificateMatchers,
     /// Limits on every request of this vendor, decided or denied.
     pub rate: Option<RateConfig>,
     pub rules: Vec<RuleConfig>,
@@ -436,6 +444,9 @@ pub struct WhenConfig {
     pub window: Option<Vec<DatedWindow>>,
     /// The client's source address must be in one of these, when set.
     pub sources: Option<Vec<IpNet>>,
+    /// The Modbus role of the client certificate must be one of these, when
+    /// set. A session without a role never matches.
+    pub role: Option<Vec<String>>,
 }
 
 /// One `[[allow]]` entry.

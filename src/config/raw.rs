@@ -54,9 +54,20 @@ pub(super) struct ListenerSection {
     pub device: Option<Spanned<String>>,
     pub routes: Option<SpannedMap>,
     pub limits: Option<LimitsSection>,
-    pub tls: Option<Spanned<toml::Value>>,
+    pub tls: Option<Spanned<ListenerTlsSection>>,
     pub opcua: Option<Spanned<toml::Value>>,
     pub mirror_only: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ListenerTlsSection {
+    pub cert: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
+    pub client_ca: Option<Spanned<String>>,
+    pub crl: Option<Vec<Spanned<String>>>,
+    pub handshake_timeout_ms: Option<Spanned<i64>>,
+    pub max_handshakes_per_source: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -82,6 +93,7 @@ pub(super) struct DeviceSection {
     pub connect_timeout_ms: Option<Spanned<i64>>,
     pub backoff_max_ms: Option<Spanned<i64>>,
     pub mirror: Option<Vec<Spanned<MirrorSection>>>,
+    pub tls: Option<Spanned<DeviceTlsSection>>,
 }
 
 /// One block of a device's `mirror` list.
@@ -94,6 +106,15 @@ pub(super) struct MirrorSection {
     pub poll_ms: Option<Spanned<i64>>,
     pub max_age_ms: Option<Spanned<i64>>,
     pub stale: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DeviceTlsSection {
+    pub ca: Option<Spanned<String>>,
+    pub cert: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
+    pub server_name: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -234,6 +255,7 @@ pub(super) struct WhenSection {
     pub schedule: Option<Vec<Spanned<String>>>,
     pub window: Option<Vec<Spanned<String>>>,
     pub sources: Option<Vec<Spanned<String>>>,
+    pub role: Option<Vec<Spanned<String>>>,
 }
 
 /// A value written either as a string or as an integer, such as a function

@@ -15,6 +15,7 @@ use super::gateway::{known_list, parse_toml, Checker, LoadedGateway};
 use super::raw::{self, Scalar, ScalarList};
 use super::syntax;
 use super::{Range16, Rate, RateConfig, RuleConfig, VendorConfig, WhenConfig};
+use crate::identity::certificate::{parse_fingerprint, CertificateMatchers, SanPattern};
 
 /// Functions that read or write a Modbus table, and so need `addresses`.
 const ADDRESSED_FUNCTIONS: [u8; 11] = [1, 2, 3, 4, 5, 6, 15, 16, 22, 23, 24];
@@ -109,7 +110,7 @@ pub(super) fn load(
             }
         }
         let written = file.vendor.sources.as_deref().unwrap_or_default();
-        if !vendor.certificate_matchers {
+        if vendor.certificate.is_empty() {
             for (index, text) in written.iter().enumerate() {
                 let Some(net) = parse_net(text.get_ref().trim()) else {
                     continue;
@@ -125,7 +126,59 @@ pub(super) fn load(
         vendors.push(vendor);
     }
     report_overlaps(&mut sources, &vendors, report);
+    report_certificate_overlaps(&vendors, report);
     vendors
+}
+
+/// Reports two vendors that could both match one certificate: every matcher
+/// kind they both list has entries that match a common value, and their
+/// sources, when both have any, share an address. With at least one shared
+/// kind that is an error. With none (one vendor matches by CN, the other by
+/// role) it is a warning, because only a certificate carrying both values
+/// matches twice. Such a certificate is rejected at connect time.
+fn report_certificate_overlaps(vendors: &[VendorConfig], report: &mut Report) {
+    for (index, later) in vendors.iter().enumerate() {
+        if later.certificate.is_empty() {
+            continue;
+        }
+        for earlier in vendors[..index].iter() {
+            if earlier.certificate.is_empty() {
+                continue;
+            }
+            let Some(kinds) = earlier.certificate.shared_kinds(&later.certificate) else {
+                continue;
+            };
+            let sources_apart = !earlier.sources.is_empty()
+                && !later.sources.is_empty()
+                && !earlier
+                    .sources
+                    .iter()
+                    .any(|a| later.sources.iter().any(|b| nets_overlap(a, b)));
+            if sources_apart {
+                continue;
+            }
+            if kinds.is_empty() {
+                report.warning(
+                    &later.origin,
+                    format!(
+                        "vendor: \"{}\" and vendor \"{}\" at {} use different certificate matchers, so a certificate that satisfies both is rejected as ambiguous; add a matcher kind both share, such as certificate_cn",
+                        later.name, earlier.name, earlier.origin
+                    ),
+                );
+            } else {
+                report.error(
+                    &later.origin,
+                    format!(
+                        "vendor: \"{}\" and vendor \"{}\" at {} can match the same certificate ({} overlap); make the patterns disjoint",
+                        later.name,
+                        earlier.name,
+                        earlier.origin,
+                        kinds.join(", ")
+                    ),
+                );
+            }
+        }
+    }
 }
 
 /// Lists the `*.toml` files of `folder`, sorted by file name.
@@ -237,20 +290,14 @@ impl RuleChecker<'_> {
             }
         }
 
-        let matchers = [
-            &section.certificate_cn,
-            &section.certificate_san,
-            &section.certificate_sha256,
-            &section.modbus_role,
-        ];
-        let certificate_matchers = matchers
-            .iter()
-            .any(|list| list.as_ref().is_some_and(|l| !l.is_empty()));
-        if certificate_matchers {
-            self.checker.warning(
-                &section.name,
-                "vendor: certificate matchers apply only on modbus-tls listeners, which this build does not support, so this vendor never connects",
-            );
+        let certificate = self.certificate_matchers(section);
+        if !certificate.is_empty() {
+            if !self.gateway.tls_listener_written {
+                self.checker.warning(
+                    &section.name,
+                    "vendor: certificate matchers apply only on modbus-tls listeners and gateway.toml has none, so this vendor never connects",
+                );
+            }
         } else if sources.is_empty() {
             self.checker.warning(
                 &section.name,
@@ -277,11 +324,73 @@ impl RuleChecker<'_> {
                 .unwrap_or_default(),
             sources,
             max_sessions,
-            certificate_matchers,
+            certificate,
             rate,
             rules,
             origin: self.checker.at(&section.name),
         }
+    }
+
+    /// Reads `certificate_cn`, `certificate_san`, `certificate_sha256` and
+    /// `modbus_role`; invalid entries are reported and left out.
+    fn certificate_matchers(&mut self, section: &raw::VendorSection) -> CertificateMatchers {
+        let mut matchers = CertificateMatchers::default();
+        if let Some(written) = &section.certificate_cn {
+            matchers.cn = self
+                .names("vendor.certificate_cn", written, "pattern")
+                .unwrap_or_default();
+        }
+        if let Some(written) = &section.certificate_san {
+            matchers.san = self
+                .names("vendor.certificate_san", written, "name")
+                .unwrap_or_default()
+                .iter()
+                .map(|text| SanPattern::parse(text))
+                .collect();
+        }
+        if let Some(written) = &section.certificate_sha256 {
+            for (index, text) in written.iter().enumerate() {
+                match parse_fingerprint(text.get_ref().trim()) {
+                    Some(fingerprint) => matchers.sha256.push(fingerprint),
+                    None => self.checker.error(
+                        text,
+                        format!(
+                            "vendor.certificate_sha256[{}]: invalid fingerprint \"{}\"; write the 64 hex digits of the SHA-256 of the DER certificate, colons allowed",
+                            index + 1,
+                            text.get_ref()
+                        ),
+                    ),
+                }
+            }
+        }
+        if let Some(written) = &section.modbus_role {
+            matchers.roles = self
+                .names("vendor.modbus_role", written, "role")
+                .unwrap_or_default();
+        }
+        matchers
+    }
+
+    /// Checks a list of non-empty names, such as roles or patterns; returns
+    /// `None` when one is empty.
+    fn names(&mut self, key: &str, written: &[Spanned<String>], item: &str) -> Option<Vec<String>> {
+        let mut names = Vec::new();
+        let mut ok = true;
+        for (index, text) in written.iter().enumerate() {
+            if text.get_ref().trim().is_empty() {
+                self.checker.error(
+                    text,
+                    format!(
+                        "{key}[{}]: empty {item}; remove the entry or fill it in",
+                        index + 1
+                    ),
+                );
+                ok = false;
+            } else {
+                names.push(text.get_ref().trim().to_owned());
+            }
+        }
+        ok.then_some(names)
     }
 
     /// Parses a list of networks. Invalid entries are reported and left out.
@@ -507,7 +616,14 @@ impl RuleChecker<'_> {
             self.warn_outside_vendor(&key, written, &nets, vendor_sources);
             nets
         });
+        let role = section.role.as_ref().map(|written| {
+            if written.is_empty() {
+                self.warn_empty(&format!("{key}.role"), "role", &allow.device);
+            }
+            self.names(&format!("{key}.role"), written, "role")
+        });
         Some(WhenConfig {
+            role: role.map_or(Some(None), |parsed| parsed.map(Some))?,
             state: state?,
             schedule: schedule.map_or(Some(None), |parsed| parsed.map(Some))?,
             window: window.map_or(Some(None), |parsed| parsed.map(Some))?,

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use super::*;
+use crate::identity::test_pki::TestCa;
 
 const GATEWAY: &str = r#"[gateway]
 name = "edge-01"
@@ -270,7 +271,7 @@ sync = "always"
 }
 
 #[test]
-fn design_example_reports_parts_this_build_lacks() {
+fn design_example_reports_missing_tls_files() {
     let gateway = r#"[gateway]
 name = "edge-01"
 timezone = "Europe/Brussels"
@@ -307,7 +308,7 @@ name = "vendors"
 protocol = "modbus-tls"
 bind = "0.0.0.0:802"
 device = "press-1"
-tls = { cert = "tls/gateway.crt", key = "tls/gateway.key" }
+tls = { cert = "tls/gateway.crt", key = "tls/gateway.key", client_ca = "tls/vendors-ca.crt", crl = ["tls/vendors.crl"] }
 
 [audit]
 path = "/var/lib/sluice/audit"
@@ -349,13 +350,13 @@ when.schedule = ["Mon-Fri 07:00-17:00"]
     assert_eq!(
         errors,
         [
-            "gateway.toml:34:12: listener[2].protocol: \"modbus-tls\" is not supported by this build; use \"modbus\"",
+            "gateway.toml:37:16: listener[2].tls.cert: failed to read certificates from tls/gateway.crt: I/O error: No such file or directory (os error 2); give a PEM certificate chain",
+            "gateway.toml:37:72: listener[2].tls.client_ca: failed to read certificates from tls/vendors-ca.crt: I/O error: No such file or directory (os error 2); give a PEM CA bundle",
+            "gateway.toml:37:101: listener[2].tls.crl[1]: failed to read a CRL from tls/vendors.crl: I/O error: No such file or directory (os error 2); give a PEM CRL",
+            "gateway.toml:37:41: listener[2].tls.key: failed to read a private key from tls/gateway.key: I/O error: No such file or directory (os error 2); give a PEM private key",
         ]
     );
-    assert_eq!(
-        warnings,
-        ["rules/acme.toml:2:8: vendor: certificate matchers apply only on modbus-tls listeners, which this build does not support, so this vendor never connects"]
-    );
+    assert_eq!(warnings, Vec::<String>::new());
 }
 
 #[test]
@@ -979,6 +980,321 @@ fn invalid_detection_settings_are_errors() {
             "gateway.toml:25:17: detect.function_scan: 0 outside 1..=1000000; set a value from 1 to 1000000".to_owned(),
             format!("rules/acme.toml:11:10: vendor.on_anomaly.kinds: unknown kind \"device_timeout\"; use one of {}", CONTAINABLE_KINDS.join(", ")),
         ]
+    );
+}
+
+/// Writes a gateway with one `modbus-tls` listener whose `tls` table is
+/// `tls`, the PEM files of `files` and the rule files `rules`.
+fn write_tls(tls: &str, files: &[(&str, &str)], rules: &[(&str, &str)]) -> tempfile::TempDir {
+    let gateway = format!(
+        r#"[gateway]
+name = "edge-01"
+
+[[listener]]
+name = "vendors"
+protocol = "modbus-tls"
+bind = "127.0.0.1:8020"
+device = "press-1"
+tls = {tls}
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:5021"
+"#
+    );
+    let dir = write(&gateway, rules);
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
+/// Writes a `modbus-tls` gateway whose certificate, key and CA files are
+/// valid, with the rule files `rules`.
+fn write_tls_gateway(rules: &[(&str, &str)]) -> tempfile::TempDir {
+    let ca = TestCa::new("vendors CA");
+    let server = ca.leaf("gateway", &["localhost"], None, 1);
+    write_tls(
+        r#"{ cert = "gateway.crt", key = "gateway.key", client_ca = "ca.crt" }"#,
+        &[
+            ("gateway.crt", &server.pem),
+            ("gateway.key", &server.key_pem),
+            ("ca.crt", &ca.pem),
+        ],
+        rules,
+    )
+}
+
+/// Writes a `modbus-tls` gateway with valid files and a CRL whose next
+/// update is `next_update_in` from now.
+fn write_tls_with_crl(next_update_in: time::Duration) -> tempfile::TempDir {
+    let ca = TestCa::new("vendors CA");
+    let server = ca.leaf("gateway", &["localhost"], None, 1);
+    let crl = ca.crl(&[], next_update_in);
+    write_tls(
+        TLS_FILES,
+        &[
+            ("gateway.crt", &server.pem),
+            ("gateway.key", &server.key_pem),
+            ("ca.crt", &ca.pem),
+            ("ca.crl", &crl),
+        ],
+        &[("acme.toml", CERTIFICATE_VENDOR)],
+    )
+}
+
+const TLS_FILES: &str =
+    r#"{ cert = "gateway.crt", key = "gateway.key", client_ca = "ca.crt", crl = ["ca.crl"] }"#;
+
+const CERTIFICATE_VENDOR: &str = r#"[vendor]
+name = "acme"
+certificate_cn = ["acme-*"]
+"#;
+
+#[test]
+fn tls_listener_loads_files_and_expiry() {
+    let dir = write_tls_with_crl(time::Duration::days(1));
+    let (config, warnings) = load(&dir.path().join("gateway.toml")).unwrap();
+    assert_eq!(warnings, []);
+    let tls = config.listeners[0].tls.as_ref().unwrap();
+    assert_eq!(tls.cert, dir.path().join("gateway.crt"));
+    assert_eq!(tls.crl, [dir.path().join("ca.crl")]);
+    assert_eq!(tls.handshake_timeout, Duration::from_secs(10));
+    assert_eq!(tls.max_handshakes_per_source, 4);
+    let kinds: Vec<&str> = tls.expiry.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["server_certificate", "client_ca", "crl"]);
+    assert_eq!(config.vendors[0].certificate.cn, vec!["acme-*".to_owned()]);
+}
+
+#[test]
+fn tls_key_of_another_certificate_is_reported() {
+    let ca = TestCa::new("vendors CA");
+    let server = ca.leaf("gateway", &["localhost"], None, 1);
+    let other = ca.leaf("other", &["localhost"], None, 2);
+    let dir = write_tls(
+        r#"{ cert = "gateway.crt", key = "other.key", client_ca = "ca.crt" }"#,
+        &[
+            ("gateway.crt", &server.pem),
+            ("other.key", &other.key_pem),
+            ("ca.crt", &ca.pem),
+        ],
+        &[("acme.toml", CERTIFICATE_VENDOR)],
+    );
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        ["gateway.toml:9:37: listener[1].tls.key: the private key does not match the certificate; give the private key of gateway.crt"]
+    );
+}
+
+#[test]
+fn tls_file_that_is_not_pem_is_reported() {
+    let ca = TestCa::new("vendors CA");
+    let server = ca.leaf("gateway", &["localhost"], None, 1);
+    let dir = write_tls(
+        r#"{ cert = "gateway.crt", key = "gateway.key", client_ca = "ca.crt" }"#,
+        &[
+            ("gateway.crt", &server.pem),
+            ("gateway.key", &server.key_pem),
+            ("ca.crt", "not a certificate\n"),
+        ],
+        &[("acme.toml", CERTIFICATE_VENDOR)],
+    );
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        ["gateway.toml:9:64: listener[1].tls.client_ca: no certificate found in ca.crt; give a PEM CA bundle"]
+    );
+}
+
+#[test]
+fn expired_server_certificate_is_an_error() {
+    let ca = TestCa::new("vendors CA");
+    let server = ca.expired_leaf("gateway");
+    let dir = write_tls(
+        r#"{ cert = "gateway.crt", key = "gateway.key", client_ca = "ca.crt" }"#,
+        &[
+            ("gateway.crt", &server.pem),
+            ("gateway.key", &server.key_pem),
+            ("ca.crt", &ca.pem),
+        ],
+        &[("acme.toml", CERTIFICATE_VENDOR)],
+    );
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0]
+            .starts_with("gateway.toml:9:16: listener[1].tls.cert: the certificate expired at "),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn tls_table_needs_modbus_tls_and_the_reverse() {
+    let gateway = r#"[gateway]
+name = "edge-01"
+
+[[listener]]
+name = "plain"
+bind = "127.0.0.1:5020"
+device = "press-1"
+tls = { cert = "gateway.crt" }
+
+[[listener]]
+name = "secure"
+protocol = "modbus-tls"
+bind = "127.0.0.1:8020"
+device = "press-1"
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:5021"
+"#;
+    let dir = write(gateway, &[("acme.toml", ACME)]);
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        [
+            "gateway.toml:8:7: listener[1].tls: only a \"modbus-tls\" listener takes TLS settings; set protocol = \"modbus-tls\" or remove the key",
+            "gateway.toml:11:8: listener[2].tls: missing; a \"modbus-tls\" listener needs tls = { cert, key, client_ca }",
+        ]
+    );
+}
+
+#[test]
+fn vendors_that_can_match_one_certificate_are_reported() {
+    let beta = r#"[vendor]
+name = "beta"
+certificate_cn = ["acme-*"]
+modbus_role = ["Operator"]
+"#;
+    let gamma = r#"[vendor]
+name = "gamma"
+certificate_cn = ["gamma-*"]
+certificate_sha256 = ["AB:CD"]
+"#;
+    let dir = write_tls_gateway(&[
+        ("acme.toml", CERTIFICATE_VENDOR),
+        ("beta.toml", beta),
+        ("gamma.toml", gamma),
+    ]);
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        [
+            "rules/gamma.toml:4:23: vendor.certificate_sha256[1]: invalid fingerprint \"AB:CD\"; write the 64 hex digits of the SHA-256 of the DER certificate, colons allowed",
+            "rules/beta.toml:2:8: vendor: \"beta\" and vendor \"acme\" at rules/acme.toml:2:8 can match the same certificate (certificate_cn overlap); make the patterns disjoint",
+        ]
+    );
+}
+
+#[test]
+fn vendors_with_different_matcher_kinds_get_a_warning() {
+    let beta = r#"[vendor]
+name = "beta"
+modbus_role = ["Operator"]
+"#;
+    let dir = write_tls_gateway(&[("acme.toml", CERTIFICATE_VENDOR), ("beta.toml", beta)]);
+    let (_, warnings) = load(&dir.path().join("gateway.toml")).unwrap();
+    assert_eq!(
+        lines(dir.path(), &warnings),
+        ["rules/beta.toml:2:8: vendor: \"beta\" and vendor \"acme\" at rules/acme.toml:2:8 use different certificate matchers, so a certificate that satisfies both is rejected as ambiguous; add a matcher kind both share, such as certificate_cn"]
+    );
+}
+
+#[test]
+fn listeners_may_share_port_zero() {
+    let gateway = r#"[gateway]
+name = "edge-01"
+
+[[listener]]
+name = "first"
+bind = "127.0.0.1:0"
+device = "press-1"
+
+[[listener]]
+name = "second"
+bind = "127.0.0.1:0"
+device = "press-1"
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:5021"
+"#;
+    let dir = write(gateway, &[("acme.toml", ACME)]);
+    let (config, _) = load(&dir.path().join("gateway.toml")).unwrap();
+    assert_eq!(config.listeners.len(), 2);
+}
+
+#[test]
+fn device_tls_needs_ca_cert_and_key() {
+    let gateway = r#"[gateway]
+name = "edge-01"
+
+[[listener]]
+name = "scada"
+bind = "127.0.0.1:5020"
+device = "press-1"
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:802"
+tls = { ca = "plant-ca.crt", server_name = "not a name" }
+"#;
+    let dir = write(gateway, &[("acme.toml", ACME)]);
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        [
+            "gateway.toml:12:7: device[1].tls.cert: missing; MODBUS/TCP Security needs ca, cert and key",
+            "gateway.toml:12:7: device[1].tls.key: missing; MODBUS/TCP Security needs ca, cert and key",
+            "gateway.toml:12:44: device[1].tls.server_name: invalid name \"not a name\"; give the DNS name or IP address in the device's certificate",
+        ]
+    );
+}
+
+#[test]
+fn device_tls_loads_with_address_as_server_name() {
+    let ca = TestCa::new("plant CA");
+    let client = ca.leaf("sluice", &[], None, 3);
+    let gateway = r#"[gateway]
+name = "edge-01"
+
+[[listener]]
+name = "scada"
+bind = "127.0.0.1:5020"
+device = "press-1"
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:802"
+tls = { ca = "plant-ca.crt", cert = "sluice.crt", key = "sluice.key" }
+"#;
+    let dir = write(gateway, &[("acme.toml", ACME)]);
+    std::fs::write(dir.path().join("plant-ca.crt"), &ca.pem).unwrap();
+    std::fs::write(dir.path().join("sluice.crt"), &client.pem).unwrap();
+    std::fs::write(dir.path().join("sluice.key"), &client.key_pem).unwrap();
+    let (config, _) = load(&dir.path().join("gateway.toml")).unwrap();
+    let tls = config.devices[0].tls.as_ref().unwrap();
+    assert_eq!(
+        tls.server_name,
+        tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap()
+    );
+}
+
+#[test]
+fn expired_crl_is_a_warning() {
+    let dir = write_tls_with_crl(-time::Duration::minutes(10));
+    let (_, warnings) = load(&dir.path().join("gateway.toml")).unwrap();
+    let warnings = lines(dir.path(), &warnings);
+    assert_eq!(warnings.len(), 1);
+    assert!(
+        warnings[0].starts_with("gateway.toml:9:81: listener[1].tls.crl[1]: the CRL expired at "),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[0].ends_with(", so every handshake is rejected until it is replaced"),
+        "{warnings:?}"
     );
 }
 

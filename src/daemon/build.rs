@@ -24,6 +24,7 @@ pub fn upstream_settings(device: &DevicePlan) -> UpstreamSettings {
         connect_timeout: device.connect_timeout,
         backoff_max: device.backoff_max,
         max_queue: POOL_QUEUE,
+        tls: device.tls.clone(),
     }
 }
 
@@ -55,6 +56,18 @@ pub fn build_generation(
         metrics.mirror(),
     ));
     let instruments = metrics.configure(configured_names(&policy));
+    metrics.set_tls_expiry(policy.listeners().iter().flat_map(|plan| {
+        plan.tls.iter().flat_map(move |tls| {
+            tls.expiry.iter().map(move |expiry| {
+                (
+                    &plan.name,
+                    expiry.kind.as_str(),
+                    expiry.file.display().to_string(),
+                    expiry.unix_seconds,
+                )
+            })
+        })
+    }));
     Generation {
         policy,
         pools,

@@ -105,8 +105,9 @@ impl Reloader {
     }
 }
 
-/// Closes every session whose listener is gone or whose source address no
-/// longer maps to the same vendor under the new policy; returns their ids.
+/// Closes every session whose listener is gone, or whose source address or
+/// client certificate maps to another vendor under the new policy. Returns
+/// the ids of the closed sessions.
 fn close_orphaned_sessions(shared: &Shared) -> Vec<u64> {
     let generation = shared.current.load();
     let policy = &generation.policy;
@@ -117,7 +118,7 @@ fn close_orphaned_sessions(shared: &Shared) -> Vec<u64> {
             .iter()
             .any(|plan| plan.name == session.listener);
         let same_vendor = policy
-            .identify(session.peer.ip())
+            .identify_session(session.peer.ip(), session.certificate.as_deref())
             .is_some_and(|vendor| policy.vendor_name(vendor) == &session.vendor);
         if !listener_exists || !same_vendor {
             tracing::info!(session = session.id, vendor = %session.vendor, "closing session after reload");

@@ -115,6 +115,10 @@ pub struct Event {
     pub action: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<serde_json::Value>,
+    /// The client certificate of a session on a MODBUS/TCP Security
+    /// listener, on its `open` event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Arc<crate::identity::certificate::CertificateIdentity>>,
 }
 
 fn serialize_timestamp<S: serde::Serializer>(
@@ -148,6 +152,7 @@ impl Event {
             anomaly: None,
             action: None,
             detail: None,
+            tls: None,
         }
     }
 

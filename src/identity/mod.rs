@@ -1,12 +1,17 @@
-//! Vendor identity on plain Modbus/TCP listeners: which vendor a source
-//! address belongs to. Sources of two vendors must not overlap, so a lookup
-//! is a binary search over disjoint address ranges. TLS certificate
-//! identities are not built yet.
+//! Vendor identity: which vendor a source address belongs to on plain
+//! Modbus/TCP listeners, and (in `certificate`) which certificate fields
+//! identify a vendor on MODBUS/TCP Security listeners. Sources of two vendors
+//! must not overlap, so a lookup is a binary search over disjoint address
+//! ranges.
 
 use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+
+pub mod certificate;
+#[cfg(test)]
+pub(crate) mod test_pki;
 
 /// Two networks of different owners that share addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -85,7 +85,7 @@ pub fn exception_label(slot: usize) -> &'static str {
 
 /// The anomaly kinds that sluice raises, as listed in `docs/events.md`,
 /// followed by `other` for a kind added elsewhere but not yet listed here.
-pub const ANOMALY_KINDS: [&str; 25] = [
+pub const ANOMALY_KINDS: [&str; 31] = [
     "unknown_client",
     "bad_protocol_id",
     "bad_length",
@@ -110,6 +110,12 @@ pub const ANOMALY_KINDS: [&str; 25] = [
     "outside_windows",
     "state_unknown",
     "collector_spool_full",
+    "tls_handshake_failed",
+    "unknown_certificate",
+    "certificate_revoked",
+    "crl_expired",
+    "malformed_certificate",
+    "ambiguous_certificate",
     OTHER,
 ];
 
@@ -251,4 +257,13 @@ pub(crate) struct CollectorLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct VersionLabels {
     pub version: String,
+}
+
+/// Labels of the TLS expiry gauge: the listener, what expires (`kind`) and
+/// the file it was read from, all from the configuration.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExpiryLabels {
+    pub listener: Arc<str>,
+    pub kind: &'static str,
+    pub file: String,
 }

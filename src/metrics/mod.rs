@@ -34,8 +34,8 @@ pub use mirror::{MirrorBlockAge, MirrorFamilies, MirrorRead, MirrorReadCounters}
 
 use instruments::Families;
 use labels::{
-    anomaly_slot, CollectorLabels, DeviceLabels, KindLabels, OutcomeLabels, SessionLabels,
-    StateLabels, VersionLabels, RELOAD_OUTCOMES,
+    anomaly_slot, CollectorLabels, DeviceLabels, ExpiryLabels, KindLabels, OutcomeLabels,
+    SessionLabels, StateLabels, VersionLabels, RELOAD_OUTCOMES,
 };
 
 /// Content type of `encode`'s output, as OpenMetrics 1.0.0 defines it.
@@ -59,6 +59,7 @@ pub struct Metrics {
     last_reload_success: FloatGauge,
     events_queue_depth: Gauge,
     mirror: MirrorFamilies,
+    tls_expiry: Family<ExpiryLabels, Gauge>,
     /// The handles of the latest configuration; the lock serialises
     /// `configure` calls and is never taken on the request path.
     current: Mutex<Option<Arc<Instruments>>>,
@@ -139,8 +140,16 @@ impl Metrics {
 
         let mirror = MirrorFamilies::default();
         mirror.register(&mut registry);
+        let tls_expiry = Family::<ExpiryLabels, Gauge>::default();
+        registry.register_with_unit(
+            "tls_expiry_timestamp",
+            "Unix time at which a listener's server certificate, client CA certificate or CRL (its next update) expires",
+            Unit::Seconds,
+            tls_expiry.clone(),
+        );
 
         Arc::new(Metrics {
+            tls_expiry,
             registry,
             families,
             anomalies,
@@ -242,6 +251,24 @@ impl Metrics {
     /// `configure`.
     pub fn count_reload(&self, success: bool) {
         self.reloads[usize::from(success)].inc();
+    }
+
+    /// Replaces every TLS expiry series with `entries`: listener, what
+    /// expires, the file and its end of validity in Unix seconds.
+    pub fn set_tls_expiry<'a>(
+        &self,
+        entries: impl IntoIterator<Item = (&'a Arc<str>, &'static str, String, i64)>,
+    ) {
+        self.tls_expiry.clear();
+        for (listener, kind, file, unix_seconds) in entries {
+            self.tls_expiry
+                .get_or_create(&ExpiryLabels {
+                    listener: listener.clone(),
+                    kind,
+                    file,
+                })
+                .set(unix_seconds);
+        }
     }
 
     /// Sets the number of events waiting to be written or sent.

@@ -276,6 +276,41 @@ fn tls_handshakes_count_by_outcome() {
 }
 
 #[test]
+fn tls_expiry_series_are_replaced_on_each_set() {
+    let (metrics, _) = configured();
+    let vendors: Arc<str> = Arc::from("vendors");
+    metrics.set_tls_expiry([
+        (
+            &vendors,
+            "server_certificate",
+            "tls/gateway.crt".to_owned(),
+            1_800_000_000,
+        ),
+        (&vendors, "crl", "tls/vendors.crl".to_owned(), 1_790_000_000),
+    ]);
+    let text = metrics.encode();
+    assert_line(
+        &text,
+        r#"sluice_tls_expiry_timestamp_seconds{listener="vendors",kind="server_certificate",file="tls/gateway.crt"} 1800000000"#,
+    );
+    assert_line(
+        &text,
+        r#"sluice_tls_expiry_timestamp_seconds{listener="vendors",kind="crl",file="tls/vendors.crl"} 1790000000"#,
+    );
+
+    metrics.set_tls_expiry([(&vendors, "crl", "tls/vendors.crl".to_owned(), 1_795_000_000)]);
+    let text = metrics.encode();
+    assert_no_line_starting(
+        &text,
+        r#"sluice_tls_expiry_timestamp_seconds{listener="vendors",kind="server_certificate""#,
+    );
+    assert_line(
+        &text,
+        r#"sluice_tls_expiry_timestamp_seconds{listener="vendors",kind="crl",file="tls/vendors.crl"} 1795000000"#,
+    );
+}
+
+#[test]
 fn upstream_metrics_follow_pool_events() {
     let (metrics, instruments) = configured();
     let upstream = instruments.upstream(1);

@@ -497,6 +497,7 @@ mod tests {
             connect_timeout: config.connect_timeout,
             backoff_max: config.backoff_max,
             mirror: Arc::from(blocks),
+            tls: None,
         };
         DeviceMirror::new(&plan, &MirrorFamilies::default())
     }

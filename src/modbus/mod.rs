@@ -1,5 +1,6 @@
-//! Modbus/TCP: frame codec, listeners, sessions, upstream pools and the
-//! simulated PLC used by `sluice demo` and the tests.
+//! Modbus/TCP and MODBUS/TCP Security: frame codec, listeners, TLS
+//! handshakes, sessions, upstream pools and the simulated PLC used by
+//! `sluice demo` and the tests.
 
 pub mod access;
 pub mod frame;
@@ -10,4 +11,6 @@ pub mod pdu;
 pub mod registry;
 pub mod session;
 pub mod sim;
+pub mod tls;
 pub mod upstream;
+mod upstream_io;

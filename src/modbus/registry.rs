@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::identity::certificate::CertificateIdentity;
+
 /// A session as listed by the registry.
 #[derive(Debug, Clone)]
 pub struct SessionInfo {
@@ -21,6 +23,8 @@ pub struct SessionInfo {
     pub close: CancellationToken,
     /// The reason recorded in the close event when the session is closed from outside.
     pub close_reason: Arc<OnceLock<&'static str>>,
+    /// The client certificate of a session on a MODBUS/TCP Security listener.
+    pub certificate: Option<Arc<CertificateIdentity>>,
 }
 
 impl SessionInfo {
@@ -166,6 +170,7 @@ mod tests {
             requests: Arc::default(),
             close: CancellationToken::new(),
             close_reason: Arc::default(),
+            certificate: None,
         }
     }
 

@@ -1,4 +1,5 @@
-//! One client connection on a plain Modbus/TCP listener. The session reads
+//! One client connection on a Modbus/TCP or MODBUS/TCP Security listener,
+//! generic over the stream halves so both share this code. The session reads
 //! frames, decides each request against the current policy generation,
 //! forwards what is allowed through the device's pool and writes every answer
 //! back under the client's own transaction id. Several requests of one client
@@ -11,9 +12,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant as TokioInstant};
 use tokio_util::sync::CancellationToken;
@@ -21,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::OnAnomalyConfig;
 use crate::detect::{self, Failure, Finding, Observed, SessionDetector};
 use crate::events::{DecisionKind, Event, EventType, ModbusInfo, Severity};
+use crate::identity::certificate::CertificateIdentity;
 use crate::metrics::Instruments;
-use crate::policy::{Context, Decision, DeviceId, ListenerPlan, Mode, OnDeny, VendorId};
+use crate::policy::{Context, Decision, DeviceId, ListenerPlan, Mode, OnDeny, RoleId, VendorId};
 
 use super::access::access_of;
 use super::frame::{self, Decoded, FrameError, Header};
@@ -49,6 +49,10 @@ pub struct SessionParams {
     /// Cancelled to stop reading requests; the session closes once the
     /// requests already in flight are answered.
     pub drain: CancellationToken,
+    /// The client certificate on a MODBUS/TCP Security listener.
+    pub certificate: Option<Arc<CertificateIdentity>>,
+    /// The certificate's role as an id of the current generation's policy.
+    pub role: Option<RoleId>,
 }
 
 /// The reason a session ended, as recorded in its close event.
@@ -168,8 +172,13 @@ struct Session {
     findings: Vec<Finding>,
 }
 
-/// Serves one admitted connection until it closes; records its end.
-pub async fn run(stream: TcpStream, params: SessionParams, shared: Arc<Shared>) {
+/// Serves one admitted connection, given as its read and write halves,
+/// until it closes; records its end.
+pub async fn run<R, W>(reader: R, writer: W, params: SessionParams, shared: Arc<Shared>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let generation = shared.current.load_full();
     let Some(listener) = find_listener(&generation, &params.listener) else {
         return;
@@ -186,7 +195,6 @@ pub async fn run(stream: TcpStream, params: SessionParams, shared: Arc<Shared>) 
     };
     session.record_open().await;
 
-    let (reader, writer) = stream.into_split();
     let reason = session.serve(reader, writer).await;
 
     tracing::debug!(reason = reason.as_str(), "session closed");
@@ -206,11 +214,11 @@ impl Session {
         &self.generation.policy.listeners()[self.listener]
     }
 
-    async fn serve(
-        &mut self,
-        mut reader: OwnedReadHalf,
-        mut writer: OwnedWriteHalf,
-    ) -> CloseReason {
+    async fn serve<R, W>(&mut self, mut reader: R, mut writer: W) -> CloseReason
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         let mut input = BytesMut::with_capacity(BUFFER_CAPACITY);
         let mut in_flight = FuturesUnordered::new();
         let mut reading = true;
@@ -290,7 +298,10 @@ impl Session {
                     last_activity = TokioInstant::now();
                 }
                 read = reader.read_buf(&mut input), if reading => match read {
-                    Ok(0) => {
+                    // rustls reports UnexpectedEof when a client closes TCP
+                    // without close_notify. Many Modbus clients do that, so it
+                    // counts as a close. An unfinished frame is still caught.
+                    Ok(0) | Err(_) if is_end_of_stream(&read) => {
                         reading = false;
                         if !input.is_empty() {
                             self.record_protocol_anomaly(
@@ -322,7 +333,11 @@ impl Session {
     }
 
     /// Writes what is buffered, then closes the write side.
-    async fn finish(&mut self, writer: &mut OwnedWriteHalf, reason: CloseReason) -> CloseReason {
+    async fn finish<W: AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut W,
+        reason: CloseReason,
+    ) -> CloseReason {
         if !self.output.is_empty() {
             let _ = writer.write_all(&self.output).await;
             self.output.clear();
@@ -341,11 +356,15 @@ impl Session {
         let generation = arc_swap::Guard::into_inner(current);
         let listener = find_listener(&generation, &self.params.listener)
             .ok_or(CloseReason::ListenerRemoved)?;
+        let certificate = self.params.certificate.as_deref();
         let vendor = generation
             .policy
-            .identify(self.params.peer.ip())
+            .identify_session(self.params.peer.ip(), certificate)
             .filter(|vendor| generation.policy.vendor_name(*vendor) == &self.params.vendor_name)
             .ok_or(CloseReason::VendorRemoved)?;
+        self.params.role = certificate
+            .and_then(|identity| identity.role.as_deref())
+            .and_then(|role| generation.policy.role_id(role));
         self.generation = generation;
         self.listener = listener;
         self.params.vendor = vendor;
@@ -409,7 +428,14 @@ impl Session {
         let function = request.function_code();
         let plan = self.plan();
         let mode = plan.mode;
-        let on_deny = plan.on_deny;
+        // MODBUS/TCP Security reports every authorization failure with
+        // exception 01, whatever the listener's on_deny setting.
+        let secure = plan.tls.is_some();
+        let on_deny = if secure {
+            OnDeny::Exception
+        } else {
+            plan.on_deny
+        };
         let max_pending = plan.limits.max_pending;
 
         let Some(device) = plan.routes.device_for(header.unit) else {
@@ -444,6 +470,7 @@ impl Session {
         let access = access_of(header.unit, &request);
         let context = Context {
             source: self.params.peer.ip(),
+            role: self.params.role,
             now: jiff::Timestamp::now(),
             instant: Instant::now(),
             states: &self.generation.states,
@@ -491,10 +518,12 @@ impl Session {
                 event.reason = Some(reason.to_string());
                 // A policy code sluice cannot send becomes 01, the
                 // conservative answer for a denial.
-                Some(
-                    ExceptionCode::from_code(reason.exception_code())
+                let code = match secure {
+                    true => ExceptionCode::IllegalFunction,
+                    false => ExceptionCode::from_code(reason.exception_code())
                         .unwrap_or(ExceptionCode::IllegalFunction),
-                )
+                };
+                Some(code)
             }
         };
 
@@ -829,6 +858,7 @@ impl Session {
     async fn record_open(&self) {
         let mut event = self.base_event(EventType::Session);
         event.action = Some("open");
+        event.tls = self.params.certificate.clone();
         self.emit(event).await;
     }
 
@@ -935,6 +965,14 @@ fn observe(unit: u8, request: &Request) -> Observed {
         undefined: matches!(request, Request::Raw { .. }),
         write: is_write(request),
         read,
+    }
+}
+
+/// Returns true for a read that found the end of the client's stream.
+fn is_end_of_stream(read: &std::io::Result<usize>) -> bool {
+    match read {
+        Ok(count) => *count == 0,
+        Err(error) => error.kind() == std::io::ErrorKind::UnexpectedEof,
     }
 }
 

@@ -16,16 +16,18 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize,
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::AsyncReadExt;
-use tokio::net::tcp::WriteHalf;
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 use tracing::Instrument;
 
 use super::frame::{self, FrameError, Header, RawResponse, ResponseError};
 use super::pdu::{ExceptionCode, Request};
+use super::upstream_io::{TlsWriter, UpstreamWriter};
 use crate::events::{Emitter, Event, EventType, ModbusInfo, Severity};
 
 /// Delay after the first failed connect attempt. It doubles with each
@@ -62,6 +64,8 @@ pub struct UpstreamSettings {
     pub backoff_max: Duration,
     /// Maximum number of requests the pool holds, queued or in flight.
     pub max_queue: usize,
+    /// Set for a device that speaks MODBUS/TCP Security.
+    pub tls: Option<crate::config::DeviceTls>,
 }
 
 impl UpstreamSettings {
@@ -78,6 +82,7 @@ impl UpstreamSettings {
             connect_timeout: Duration::from_secs(3),
             backoff_max: Duration::from_secs(10),
             max_queue: 256,
+            tls: None,
         }
     }
 }
@@ -91,6 +96,8 @@ pub enum ConnectFailure {
     TimedOut { timeout: Duration },
     #[error("backing off after failed connects; next attempt in {remaining:?}")]
     BackingOff { remaining: Duration },
+    #[error("TLS handshake failed: {reason}")]
+    Tls { reason: String },
 }
 
 /// Cause of the end of an open connection before a request got its response.
@@ -584,8 +591,8 @@ enum End {
 }
 
 /// One open connection and the requests written to it.
-struct Link<'a> {
-    writer: WriteHalf<'a>,
+struct Link<W> {
+    writer: W,
     in_flight: VecDeque<InFlight>,
     /// Replies of requests without a response, sent once the write is tried.
     written: Vec<Reply>,
@@ -593,8 +600,8 @@ struct Link<'a> {
     read_buf: BytesMut,
 }
 
-impl<'a> Link<'a> {
-    fn new(writer: WriteHalf<'a>, max_in_flight: usize) -> Link<'a> {
+impl<W: UpstreamWriter> Link<W> {
+    fn new(writer: W, max_in_flight: usize) -> Link<W> {
         Link {
             writer,
             in_flight: VecDeque::with_capacity(max_in_flight),
@@ -639,14 +646,27 @@ impl Worker {
                 break;
             };
             match result {
-                Ok(mut stream) => {
+                Ok(mut connection) => {
                     if self.connected_before {
                         self.device.reconnects.fetch_add(1, Ordering::Relaxed);
                     }
                     self.connected_before = true;
                     self.slot.record_success();
                     self.device.connection_opened().await;
-                    let end = self.serve(&mut stream).await;
+                    let end = match &mut connection {
+                        Connection::Plain(stream) => {
+                            let (reader, writer) = stream.split();
+                            self.serve(reader, writer).await
+                        }
+                        Connection::Tls(stream) => {
+                            let (reader, writer) = tokio::io::split(&mut **stream);
+                            let writer = TlsWriter {
+                                inner: writer,
+                                unsent: false,
+                            };
+                            self.serve(reader, writer).await
+                        }
+                    };
                     self.device.connection_closed();
                     if let End::Stopped = end {
                         break;
@@ -687,9 +707,10 @@ impl Worker {
 
     /// Opens a connection while still accepting requests and expiring their
     /// deadlines. Returns `None` when the pool shuts down meanwhile.
-    async fn connect(&mut self) -> Option<Result<TcpStream, ConnectFailure>> {
-        let settings = &self.device.settings;
-        let open = open_connection(settings.address, settings.connect_timeout);
+    async fn connect(&mut self) -> Option<Result<Connection, ConnectFailure>> {
+        // The connect runs while `self` takes jobs, so it keeps its own handle.
+        let device = self.device.clone();
+        let open = open_connection(&device.settings);
         tokio::pin!(open);
         let timer = tokio::time::sleep_until(Instant::now());
         tokio::pin!(timer);
@@ -717,11 +738,14 @@ impl Worker {
 
     /// Exchanges requests and responses on one open connection until it is
     /// lost or the pool stops.
-    async fn serve(&mut self, stream: &mut TcpStream) -> End {
+    async fn serve<R, W>(&mut self, mut reader: R, writer: W) -> End
+    where
+        R: AsyncRead + Unpin,
+        W: UpstreamWriter,
+    {
         // Reads go through `AsyncRead`, which marks the socket drained after a
         // short read. Probing readiness and then calling `try_read` would cost
         // one more system call per response: the read that returns WouldBlock.
-        let (mut reader, writer) = stream.split();
         let mut link = Link::new(writer, self.device.settings.max_in_flight);
         let timer = tokio::time::sleep_until(Instant::now());
         tokio::pin!(timer);
@@ -743,7 +767,7 @@ impl Worker {
                 }
             }
             let room = self.has_room(link.in_flight.len());
-            let must_write = !link.write_buf.is_empty();
+            let must_write = !link.write_buf.is_empty() || link.writer.has_unsent();
             link.read_buf.reserve(READ_CHUNK);
 
             tokio::select! {
@@ -759,7 +783,11 @@ impl Worker {
                         return end;
                     }
                 }
-                _ = link.writer.writable(), if must_write => {}
+                ready = link.writer.ready(), if must_write => {
+                    if let Err(error) = ready {
+                        return self.lose(&mut link.in_flight, io_reason(&error));
+                    }
+                }
                 job = self.jobs.recv(), if room => match job {
                     Some(job) => self.waiting.push_back(job),
                     None => return self.stop(&mut link),
@@ -773,10 +801,10 @@ impl Worker {
 
     /// Sends what the connection may take now: queued requests, then as
     /// much of the write buffer as the socket accepts without waiting.
-    fn send(&mut self, link: &mut Link<'_>) -> Result<(), End> {
+    fn send<W: UpstreamWriter>(&mut self, link: &mut Link<W>) -> Result<(), End> {
         self.pull_jobs(link.in_flight.len());
         self.dispatch(&mut link.in_flight, &mut link.written, &mut link.write_buf);
-        if let Err(error) = write_pending(&link.writer, &mut link.write_buf) {
+        if let Err(error) = link.writer.write_pending(&mut link.write_buf) {
             return Err(self.lose(&mut link.in_flight, io_reason(&error)));
         }
         for reply in link.written.drain(..) {
@@ -786,7 +814,7 @@ impl Worker {
     }
 
     /// Fails the written requests because the pool shut down or was dropped.
-    fn stop(&mut self, link: &mut Link<'_>) -> End {
+    fn stop<W>(&mut self, link: &mut Link<W>) -> End {
         let error = self.device.closed(CloseReason::Shutdown);
         fail_in_flight(&mut link.in_flight, &error);
         End::Stopped
@@ -1005,11 +1033,15 @@ impl Worker {
     }
 }
 
-async fn open_connection(
-    address: SocketAddr,
-    connect_timeout: Duration,
-) -> Result<TcpStream, ConnectFailure> {
-    let connect = tokio::time::timeout(connect_timeout, TcpStream::connect(address));
+/// An open connection to a device.
+enum Connection {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+async fn open_connection(settings: &UpstreamSettings) -> Result<Connection, ConnectFailure> {
+    let connect_timeout = settings.connect_timeout;
+    let connect = tokio::time::timeout(connect_timeout, TcpStream::connect(settings.address));
     let stream = match connect.await {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => return Err(ConnectFailure::Io { kind: error.kind() }),
@@ -1023,26 +1055,25 @@ async fn open_connection(
     stream
         .set_nodelay(true)
         .map_err(|error| ConnectFailure::Io { kind: error.kind() })?;
-    Ok(stream)
+    let Some(tls) = &settings.tls else {
+        return Ok(Connection::Plain(stream));
+    };
+    // The handshake shares the connect timeout: both are reaching the device.
+    let connector = TlsConnector::from(tls.client.0.clone());
+    let handshake = connector.connect(tls.server_name.clone(), stream);
+    match tokio::time::timeout(connect_timeout, handshake).await {
+        Ok(Ok(stream)) => Ok(Connection::Tls(Box::new(stream))),
+        Ok(Err(error)) => Err(ConnectFailure::Tls {
+            reason: error.to_string(),
+        }),
+        Err(_) => Err(ConnectFailure::TimedOut {
+            timeout: connect_timeout,
+        }),
+    }
 }
 
 fn io_reason(error: &io::Error) -> CloseReason {
     CloseReason::Io { kind: error.kind() }
-}
-
-/// Writes as much of `write_buf` as the socket takes without waiting.
-fn write_pending(stream: &WriteHalf<'_>, write_buf: &mut BytesMut) -> io::Result<()> {
-    if write_buf.is_empty() {
-        return Ok(());
-    }
-    match stream.try_write(write_buf) {
-        Ok(written) => {
-            write_buf.advance(written);
-            Ok(())
-        }
-        Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(()),
-        Err(error) => Err(error),
-    }
 }
 
 fn earliest_deadline(in_flight: &VecDeque<InFlight>, waiting: &VecDeque<Job>) -> Option<Instant> {

@@ -33,6 +33,8 @@ impl Problems {
 struct Names {
     devices: HashMap<String, usize>,
     states: HashMap<String, usize>,
+    /// Every role a `when.role` names, by role id.
+    roles: Vec<Arc<str>>,
 }
 
 pub(super) fn compile(config: &Config) -> Result<(Policy, Vec<Diagnostic>), Diagnostics> {
@@ -40,6 +42,7 @@ pub(super) fn compile(config: &Config) -> Result<(Policy, Vec<Diagnostic>), Diag
     let names = Names {
         devices: index_names(config.devices.iter().map(|d| d.name.as_str())),
         states: index_names(config.states.iter().map(|s| s.name.as_str())),
+        roles: role_names(config),
     };
 
     let devices = config.devices.iter().map(device_plan).collect::<Vec<_>>();
@@ -120,6 +123,14 @@ pub(super) fn compile(config: &Config) -> Result<(Policy, Vec<Diagnostic>), Diag
         on_anomaly: vec![None; config.vendors.len()],
         vendors,
         identity,
+        certificates: config
+            .vendors
+            .iter()
+            .enumerate()
+            .filter(|(_, vendor)| !vendor.certificate.is_empty())
+            .map(|(id, vendor)| (id, vendor.certificate.clone()))
+            .collect(),
+        roles: names.roles.clone(),
         rules,
         tables,
         candidates,
@@ -127,6 +138,22 @@ pub(super) fn compile(config: &Config) -> Result<(Policy, Vec<Diagnostic>), Diag
         unknown_name: Arc::from("unknown"),
     };
     Ok((policy, Vec::new()))
+}
+
+/// Lists the distinct roles of every `when.role`, sorted, so that a role's id
+/// is its position.
+fn role_names(config: &Config) -> Vec<Arc<str>> {
+    let mut roles: Vec<&str> = config
+        .vendors
+        .iter()
+        .flat_map(|vendor| &vendor.rules)
+        .filter_map(|rule| rule.when.role.as_ref())
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    roles.sort_unstable();
+    roles.dedup();
+    roles.into_iter().map(Arc::from).collect()
 }
 
 fn index_names<'a>(names: impl Iterator<Item = &'a str>) -> HashMap<String, usize> {
@@ -148,6 +175,7 @@ fn device_plan(device: &crate::config::DeviceConfig) -> DevicePlan {
         connect_timeout: device.connect_timeout,
         backoff_max: device.backoff_max,
         mirror: Arc::from(device.mirror.as_slice()),
+        tls: device.tls.clone(),
     }
 }
 
@@ -184,6 +212,7 @@ fn listener_plan(
         routes,
         limits: listener.limits,
         mirror_only: listener.mirror_only,
+        tls: listener.tls.clone(),
     })
 }
 
@@ -285,7 +314,18 @@ fn compile_when(
         conditions.push((state, value as u16));
     }
 
+    let roles = when.role.as_ref().map(|roles| {
+        let mut ids: Vec<super::RoleId> = roles
+            .iter()
+            .filter_map(|role| names.roles.iter().position(|known| **known == **role))
+            .map(|id| id as super::RoleId)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.into_boxed_slice()
+    });
     let empty = when.sources.is_none()
+        && roles.is_none()
         && conditions.is_empty()
         && when.schedule.is_none()
         && when.window.is_none();
@@ -298,6 +338,7 @@ fn compile_when(
             .as_ref()
             .map(|nets| SourceSet::new(nets.iter().copied())),
         source_nets: when.sources.clone().unwrap_or_default().into_boxed_slice(),
+        roles,
         states: conditions.into_boxed_slice(),
         schedule: when.schedule.clone().map(Vec::into_boxed_slice),
         windows: when.window.clone().map(Vec::into_boxed_slice),
@@ -340,7 +381,7 @@ fn build_identity(vendors: &[VendorConfig], problems: &mut Problems) -> SourceIn
     let entries = vendors
         .iter()
         .enumerate()
-        .filter(|(_, vendor)| !vendor.certificate_matchers)
+        .filter(|(_, vendor)| vendor.certificate.is_empty())
         .flat_map(|(id, vendor)| vendor.sources.iter().map(move |net| (*net, id)));
     match SourceIndex::new(entries) {
         Ok(index) => index,

@@ -69,6 +69,8 @@ pub struct ExplainQuery {
     pub sub_function: Option<u16>,
     pub mei_type: Option<u8>,
     pub source: IpAddr,
+    /// The Modbus role of the client certificate, as `role=` gives it.
+    pub role: Option<String>,
     /// The time of the request in the gateway's time zone.
     pub time: Zoned,
     /// States with a known value: state index and value index. Other states
@@ -79,7 +81,7 @@ pub struct ExplainQuery {
 }
 
 /// The keys a query may use, in the order the request line prints them.
-const KEYS: [&str; 13] = [
+const KEYS: [&str; 14] = [
     "vendor",
     "device",
     "function",
@@ -91,6 +93,7 @@ const KEYS: [&str; 13] = [
     "sub_function",
     "mei_type",
     "source",
+    "role",
     "time",
     "state.NAME",
 ];
@@ -258,6 +261,7 @@ impl ExplainQuery {
             sub_function,
             mei_type,
             source: parse_source(policy, vendor, pairs.get("source"))?,
+            role: pairs.get("role").map(str::to_owned),
             time: parse_time(policy, pairs.get("time"), now)?,
             states: parse_states(policy, &pairs)?,
             payload,
@@ -356,6 +360,9 @@ impl ExplainQuery {
             words.push(format!("mei_type={mei_type}"));
         }
         words.push(format!("source={}", self.source));
+        if let Some(role) = &self.role {
+            words.push(format!("role={role}"));
+        }
         words.push(format!(
             "time={}",
             self.time.strftime("%Y-%m-%dT%H:%M:%S%:z")
@@ -537,6 +544,9 @@ fn parse_source(
         }),
         None => match policy.vendors[vendor].sources.first() {
             Some(net) => Ok(net.network()),
+            // A vendor identified by certificate alone may connect from
+            // anywhere, so any address stands for it.
+            None if policy.has_certificate_matchers(vendor) => Ok(IpAddr::from([0, 0, 0, 0])),
             None => Err(invalid(
                 "source",
                 format!(
@@ -636,6 +646,7 @@ impl Policy {
         let table = self.query_states(query, instant);
         let context = Context {
             source: query.source,
+            role: query.role.as_deref().and_then(|role| self.role_id(role)),
             now: query.time.timestamp(),
             instant,
             states: &table,
@@ -680,9 +691,17 @@ impl Policy {
             }
         }
         let plan = &self.vendors[query.vendor];
-        if !plan.sources.iter().any(|net| net.contains(&query.source)) {
+        let outside = !plan.sources.iter().any(|net| net.contains(&query.source));
+        if !self.has_certificate_matchers(query.vendor) {
+            if outside {
+                lines.push(format!(
+                    "  note: source {} is outside the sources of vendor {vendor}, so a plain listener would not identify the client as {vendor}",
+                    query.source
+                ));
+            }
+        } else if outside && !plan.sources.is_empty() {
             lines.push(format!(
-                "  note: source {} is outside the sources of vendor {vendor}, so a plain listener would not identify the client as {vendor}",
+                "  note: source {} is outside the sources of vendor {vendor}, so a TLS listener would reject its certificate from there",
                 query.source
             ));
         }
@@ -812,6 +831,18 @@ impl Policy {
                 required,
                 actual,
             } => format!("when.state {state} is {actual}, rule needs {required}"),
+            Condition::Role => {
+                let roles: Vec<&str> = when
+                    .and_then(|when| when.roles.as_deref())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|&id| &*self.roles[usize::from(id)])
+                    .collect();
+                match roles.is_empty() {
+                    true => "when.role is empty, so the rule never matches".to_owned(),
+                    false => format!("when.role needs a certificate role of {}", roles.join(", ")),
+                }
+            }
             Condition::Schedule => {
                 let windows: Vec<String> = when
                     .and_then(|when| when.schedule.as_deref())

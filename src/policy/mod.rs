@@ -14,6 +14,7 @@ use ipnet::IpNet;
 use jiff::civil::DateTime;
 
 use crate::config::{self, Config, DatedWindow, Diagnostic, Diagnostics, Range16, WeeklyWindow};
+use crate::identity::certificate::{CertificateIdentity, CertificateMatchers};
 use crate::identity::{SourceIndex, SourceSet};
 
 mod compile;
@@ -38,6 +39,8 @@ pub use state::{Reading, StateTable};
 pub type DeviceId = usize;
 /// Index of a vendor in the policy's vendor list.
 pub type VendorId = usize;
+/// Index of a Modbus role among the roles that rules name.
+pub type RoleId = u16;
 
 /// The tables, addresses and values one Modbus request touches. Addresses are the
 /// 0-based PDU addresses.
@@ -82,11 +85,26 @@ pub enum WrittenValues<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct Context<'a> {
     pub source: IpAddr,
+    /// The role of the session's client certificate, resolved once per
+    /// session; `None` without a certificate role or for a role no rule names.
+    pub role: Option<RoleId>,
     /// Wall-clock time, for schedules and dated windows.
     pub now: jiff::Timestamp,
     /// Monotonic time, for the age of state readings.
     pub instant: Instant,
     pub states: &'a StateTable,
+}
+
+/// The outcome of identifying a TLS client by its certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateMatch {
+    Vendor(VendorId),
+    /// No vendor's certificate matchers accept the certificate.
+    NoVendor,
+    /// Two vendors accept it: the first two in file order.
+    Ambiguous(VendorId, VendorId),
+    /// The vendor that accepts it does not list the source address.
+    SourceNotAllowed(VendorId),
 }
 
 /// The rule that allowed a request.
@@ -132,6 +150,8 @@ pub struct ListenerPlan {
     pub limits: ListenerLimits,
     /// Serves reads from mirror blocks only and never forwards to a device.
     pub mirror_only: bool,
+    /// Set on a MODBUS/TCP Security listener.
+    pub tls: Option<crate::config::ListenerTls>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,6 +167,8 @@ pub struct DevicePlan {
     pub backoff_max: Duration,
     /// Blocks polled into memory, sorted by table and first address.
     pub mirror: Arc<[config::MirrorBlockConfig]>,
+    /// Set for a device that speaks MODBUS/TCP Security.
+    pub tls: Option<crate::config::DeviceTls>,
 }
 
 /// An operational state: where it is polled and what its raw values mean.
@@ -217,6 +239,8 @@ struct CompiledWhen {
     sources: Option<SourceSet>,
     /// The networks of `sources` as written, for explanations.
     source_nets: Box<[IpNet]>,
+    /// Role ids, sorted; an empty list never matches.
+    roles: Option<Box<[RoleId]>>,
     /// State index and the value index it must have.
     states: Box<[(usize, u16)]>,
     /// Weekly windows; an empty list never matches.
@@ -277,6 +301,10 @@ pub struct Policy {
     /// Each vendor's own rate limit, by vendor id.
     vendor_rates: Vec<Option<rate::RateLimiter>>,
     identity: SourceIndex,
+    /// Vendors with certificate matchers, identified on TLS listeners.
+    certificates: Vec<(VendorId, CertificateMatchers)>,
+    /// The roles `when.role` names, sorted; a role's id is its index.
+    roles: Vec<Arc<str>>,
     rules: Vec<CompiledRule>,
     /// One table per vendor and device, at `vendor * devices.len() + device`.
     tables: Vec<FunctionTable>,
@@ -449,6 +477,62 @@ impl Policy {
         self.identity.lookup(source)
     }
 
+    /// Finds the vendor of a TLS client by its certificate. Only vendors with
+    /// certificate matchers take part; the `sources` of the one that matches
+    /// must contain `source` when it lists any.
+    pub fn identify_certificate(
+        &self,
+        identity: &CertificateIdentity,
+        source: IpAddr,
+    ) -> CertificateMatch {
+        let mut matching = self
+            .certificates
+            .iter()
+            .filter(|(_, matchers)| matchers.matches(identity))
+            .map(|(vendor, _)| *vendor);
+        let Some(first) = matching.next() else {
+            return CertificateMatch::NoVendor;
+        };
+        if let Some(second) = matching.next() {
+            return CertificateMatch::Ambiguous(first, second);
+        }
+        let sources = &self.vendors[first].sources;
+        let source = source.to_canonical();
+        if !sources.is_empty() && !sources.iter().any(|net| net.contains(&source)) {
+            return CertificateMatch::SourceNotAllowed(first);
+        }
+        CertificateMatch::Vendor(first)
+    }
+
+    /// Returns the vendor of a session: by its client certificate on a TLS
+    /// listener, by its source address otherwise.
+    pub fn identify_session(
+        &self,
+        source: IpAddr,
+        certificate: Option<&CertificateIdentity>,
+    ) -> Option<VendorId> {
+        match certificate {
+            Some(identity) => match self.identify_certificate(identity, source) {
+                CertificateMatch::Vendor(vendor) => Some(vendor),
+                _ => None,
+            },
+            None => self.identify(source),
+        }
+    }
+
+    /// Returns true when `vendor` is identified by certificate matchers.
+    pub fn has_certificate_matchers(&self, vendor: VendorId) -> bool {
+        self.certificates.iter().any(|(id, _)| *id == vendor)
+    }
+
+    /// Returns the id of `role` when a rule names it.
+    pub fn role_id(&self, role: &str) -> Option<RoleId> {
+        self.roles
+            .binary_search_by(|known| (**known).cmp(role))
+            .ok()
+            .map(|id| id as RoleId)
+    }
+
     /// Returns every file read to build this policy, the gateway file first.
     pub fn files(&self) -> &[PathBuf] {
         &self.files
@@ -559,6 +643,17 @@ impl Policy {
                     condition: Condition::Source {
                         source: context.source,
                     },
+                });
+            }
+        }
+
+        if let Some(roles) = &when.roles {
+            let allowed = context
+                .role
+                .is_some_and(|role| roles.binary_search(&role).is_ok());
+            if !allowed {
+                return Err(DenyReason::ConditionFailed {
+                    condition: Condition::Role,
                 });
             }
         }

@@ -30,6 +30,8 @@ pub enum Condition {
     Schedule,
     /// The time is outside every dated window of `when.window`.
     Window,
+    /// The session's certificate role is missing or not in `when.role`.
+    Role,
 }
 
 /// The reason a request was denied. When several rules were candidates, the reason
@@ -141,6 +143,7 @@ impl fmt::Display for DenyReason {
                 } => write!(f, "state {state} is {actual}, rule requires {required}"),
                 Condition::Schedule => f.write_str("outside the rule's schedule"),
                 Condition::Window => f.write_str("outside the rule's dated windows"),
+                Condition::Role => f.write_str("certificate role not in the rule's roles"),
             },
             DenyReason::StateUnknown { state } => write!(f, "state {state} unknown"),
             DenyReason::RateLimited { scope, limit } => {

@@ -161,6 +161,7 @@ impl Clock {
     fn context(&self, source: &str, utc: &str) -> Context<'_> {
         Context {
             source: source.parse::<IpAddr>().unwrap(),
+            role: None,
             now: utc.parse().unwrap(),
             instant: self.instant,
             states: &self.table,
@@ -811,6 +812,7 @@ fn built_config(vendors: Vec<VendorConfig>) -> Config {
             target: config::ListenerTarget::Device("press-1".into()),
             limits: ListenerLimits::default(),
             mirror_only: false,
+            tls: None,
             origin: Default::default(),
         }],
         devices: vec![device],
@@ -828,7 +830,7 @@ fn built_vendor(name: &str, source: &str, rules: Vec<RuleConfig>) -> VendorConfi
         file_name: format!("{name}.toml"),
         sources: vec![source.parse().unwrap()],
         max_sessions: None,
-        certificate_matchers: false,
+        certificate: Default::default(),
         rate: None,
         rules,
         origin: Default::default(),
@@ -907,6 +909,7 @@ fn rule_scope(label: &str) -> RateScope {
 fn context_at(states: &StateTable, instant: Instant) -> Context<'_> {
     Context {
         source: "10.1.1.1".parse().unwrap(),
+        role: None,
         now: MONDAY_MORNING.parse().unwrap(),
         instant,
         states,
@@ -1143,6 +1146,7 @@ fn explain_and_decide_agree() {
         let table = policy.query_states(&query, instant);
         let context = Context {
             source: query.source,
+            role: None,
             now: query.time.timestamp(),
             instant,
             states: &table,
@@ -1269,7 +1273,7 @@ fn explain_reports_allowing_rule_and_sub_functions() {
 fn explain_rejects_invalid_queries_naming_the_key() {
     let policy = policy();
     let cases = [
-        ("vendor=acme device=press-1 function=3 address=0 colour=red", "colour: unknown key; use vendor, device, function, address, quantity, write_address, value, unit, sub_function, mei_type, source, time, state.NAME"),
+        ("vendor=acme device=press-1 function=3 address=0 colour=red", "colour: unknown key; use vendor, device, function, address, quantity, write_address, value, unit, sub_function, mei_type, source, role, time, state.NAME"),
         ("vendor=beta device=press-1 function=3", "vendor: unknown vendor \"beta\"; known vendors: acme, historian"),
         ("vendor=acme device=press-9 function=3", "device: unknown device \"press-9\"; known devices: press-1, oven-2, dryer-3"),
         ("vendor=acme device=press-1 function=read_holding_register address=0", "function: unknown function \"read_holding_register\"; use a code from 1 to 127 or a function name, such as read_holding_registers"),
@@ -1310,4 +1314,142 @@ fn explain_takes_no_rate_tokens() {
             "allow acme.toml#1"
         );
     }
+}
+
+/// Loads a policy whose only vendor reads press-1 with role Operator or
+/// Engineer.
+fn role_policy() -> Policy {
+    let acme = r#"[vendor]
+name = "acme"
+sources = ["10.50.0.0/16"]
+
+[[allow]]
+device = "press-1"
+functions = ["read_holding_registers"]
+addresses = ["0-99"]
+when.role = ["Operator", "Engineer"]
+"#;
+    press_policy(&[("acme.toml", acme)])
+}
+
+/// Loads a gateway with one listener and the device press-1, and `rules`.
+fn press_policy(rules: &[(&str, &str)]) -> Policy {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = r#"[gateway]
+name = "edge-01"
+
+[[listener]]
+name = "scada"
+bind = "127.0.0.1:5020"
+device = "press-1"
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:5021"
+"#;
+    std::fs::write(dir.path().join("gateway.toml"), gateway).unwrap();
+    std::fs::create_dir(dir.path().join("rules")).unwrap();
+    for (name, text) in rules {
+        std::fs::write(dir.path().join("rules").join(name), text).unwrap();
+    }
+    Policy::load(&dir.path().join("gateway.toml")).unwrap().0
+}
+
+#[test]
+fn role_condition_needs_listed_role() {
+    let policy = role_policy();
+    let clock = Clock::new();
+    let operator = policy.role_id("Operator");
+    let engineer = policy.role_id("Engineer");
+    assert_eq!(engineer, Some(0));
+    assert_eq!(operator, Some(1));
+    assert_eq!(policy.role_id("Viewer"), None);
+
+    let decide = |role: Option<RoleId>| {
+        let context = Context {
+            role,
+            ..clock.acme()
+        };
+        policy.decide(ACME_ID, PRESS, &read(3, 0, 10), &context)
+    };
+    assert_eq!(
+        decide(operator),
+        Decision::Allow {
+            rule: RuleRef {
+                vendor: 0,
+                index: 0
+            }
+        }
+    );
+    assert!(matches!(decide(engineer), Decision::Allow { .. }));
+    let denied = decide(None);
+    assert_eq!(
+        denied,
+        deny(DenyReason::ConditionFailed {
+            condition: Condition::Role
+        })
+    );
+    let Decision::Deny { reason } = denied else {
+        unreachable!()
+    };
+    assert_eq!(reason.exception_code(), 1);
+    assert_eq!(
+        reason.to_string(),
+        "certificate role not in the rule's roles"
+    );
+}
+
+#[test]
+fn explain_takes_role() {
+    let policy = role_policy();
+    let explain = |text: &str| policy.explain(&query(&policy, text)).lines;
+    let allowed = explain("vendor=acme device=press-1 function=3 address=0 role=Operator");
+    assert_eq!(allowed[0], "allow acme.toml#1");
+    let denied = explain("vendor=acme device=press-1 function=3 address=0 role=Viewer");
+    let details: Vec<&str> = denied
+        .iter()
+        .map(String::as_str)
+        .filter(|line| !line.starts_with("  request: "))
+        .collect();
+    assert_eq!(
+        details,
+        [
+            "deny (exception 01): certificate role not in the rule's roles",
+            "  acme.toml#1: when.role needs a certificate role of Engineer, Operator",
+        ]
+    );
+}
+
+/// Loads a policy whose vendors are identified by certificate: `acme`
+/// restricted to 10.50.0.0/16, `beta` from anywhere.
+fn certificate_policy() -> Policy {
+    let rules = |name: &str, extra: &str| {
+        format!(
+            "[vendor]\nname = \"{name}\"\ncertificate_cn = [\"{name}-*\"]\n{extra}\n\n\
+             [[allow]]\ndevice = \"press-1\"\nfunctions = [\"read_holding_registers\"]\naddresses = [\"0-99\"]\n"
+        )
+    };
+    let acme = rules("acme", "sources = [\"10.50.0.0/16\"]");
+    let beta = rules("beta", "");
+    press_policy(&[("acme.toml", &acme), ("beta.toml", &beta)])
+}
+
+#[test]
+fn explain_notes_source_of_certificate_vendor() {
+    let policy = certificate_policy();
+    let explain = |text: &str| policy.explain(&query(&policy, text)).lines;
+
+    let outside = explain("vendor=acme device=press-1 function=3 address=0 source=192.168.1.1");
+    assert_eq!(outside[0], "allow acme.toml#1");
+    assert!(outside.contains(
+        &"  note: source 192.168.1.1 is outside the sources of vendor acme, so a TLS listener would reject its certificate from there".to_owned()
+    ), "{outside:?}");
+
+    let anywhere = explain("vendor=beta device=press-1 function=3 address=0");
+    assert_eq!(anywhere[0], "allow beta.toml#1");
+    assert!(anywhere[1].contains(" source=0.0.0.0 "), "{anywhere:?}");
+    assert!(
+        !anywhere.iter().any(|line| line.contains("note:")),
+        "{anywhere:?}"
+    );
 }
