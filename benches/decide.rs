@@ -45,11 +45,13 @@ fn base_config(devices: usize) -> Config {
             on_deny: OnDeny::Exception,
             target: ListenerTarget::Device("device-0".into()),
             limits: ListenerLimits::default(),
+            opcua: None,
             origin: Origin::unknown(),
         }],
         devices: (0..devices)
             .map(|i| DeviceConfig::new(&format!("device-{i}"), "127.0.0.1:5021".parse().unwrap()))
             .collect(),
+        opcua_devices: Vec::new(),
         states: Vec::new(),
         audit: AuditConfig::new("audit".into()),
         metrics: None,
@@ -83,6 +85,8 @@ fn config_with_rules(rules: usize) -> Config {
             certificate_matchers: false,
             rate: None,
             rules: vendor_rules,
+            opcua_users: Vec::new(),
+            opcua_user_certificates: Vec::new(),
             origin: Origin::unknown(),
         });
     }
@@ -141,6 +145,8 @@ fn config_with_conditions() -> Config {
         certificate_matchers: false,
         rate: None,
         rules: vec![conditional_write(0)],
+        opcua_users: Vec::new(),
+        opcua_user_certificates: Vec::new(),
         origin: Origin::unknown(),
     });
     config

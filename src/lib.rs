@@ -12,5 +12,6 @@ pub mod events;
 pub mod identity;
 pub mod metrics;
 pub mod modbus;
+pub mod opcua;
 pub mod policy;
 pub mod state;

@@ -109,7 +109,7 @@ pub(super) fn load(
             }
         }
         let written = file.vendor.sources.as_deref().unwrap_or_default();
-        if !vendor.certificate_matchers {
+        if !vendor.certificate_matchers && !vendor.has_opcua_identity() {
             for (index, text) in written.iter().enumerate() {
                 let Some(net) = parse_net(text.get_ref().trim()) else {
                     continue;
@@ -225,17 +225,17 @@ impl RuleChecker<'_> {
                 .map(|n| n as usize)
         });
 
-        for (key, value) in [
-            ("opcua_users", &section.opcua_users),
-            ("opcua_user_certificates", &section.opcua_user_certificates),
-        ] {
-            if let Some(value) = value {
-                self.checker.error(
-                    value,
-                    format!("vendor.{key}: OPC UA is not supported by this build; remove the key"),
-                );
-            }
-        }
+        let opcua_users = self
+            .checker
+            .opcua_users(section.opcua_users.as_deref().unwrap_or_default());
+        let opcua_user_certificates = self.checker.opcua_user_certificates(
+            section
+                .opcua_user_certificates
+                .as_deref()
+                .unwrap_or_default(),
+            &self.gateway.base,
+        );
+        let opcua_identity = !opcua_users.is_empty() || !opcua_user_certificates.is_empty();
 
         let matchers = [
             &section.certificate_cn,
@@ -251,7 +251,7 @@ impl RuleChecker<'_> {
                 &section.name,
                 "vendor: certificate matchers apply only on modbus-tls listeners, which this build does not support, so this vendor never connects",
             );
-        } else if sources.is_empty() {
+        } else if sources.is_empty() && !opcua_identity {
             self.checker.warning(
                 &section.name,
                 "vendor.sources: missing or empty, so this vendor never connects; list its networks, as [\"10.50.0.0/16\"]",
@@ -280,6 +280,8 @@ impl RuleChecker<'_> {
             certificate_matchers,
             rate,
             rules,
+            opcua_users,
+            opcua_user_certificates,
             origin: self.checker.at(&section.name),
         }
     }
@@ -321,11 +323,18 @@ impl RuleChecker<'_> {
         allow: &raw::AllowSection,
         vendor_sources: &[IpNet],
     ) -> Option<RuleConfig> {
+        if self
+            .gateway
+            .opcua_device_names
+            .contains(allow.device.get_ref())
+        {
+            return self.opcua_rule(key, allow, vendor_sources);
+        }
         for (field, value) in [("services", &allow.services), ("nodes", &allow.nodes)] {
             if let Some(value) = value {
                 self.checker.error(
                     value,
-                    format!("{key}.{field}: OPC UA rules are not supported by this build; remove the key"),
+                    format!("{key}.{field}: an OPC UA key in a rule for a Modbus device; use functions and addresses"),
                 );
             }
         }
@@ -369,6 +378,7 @@ impl RuleChecker<'_> {
             quantity: quantity?,
             when: when?,
             rate,
+            opcua: None,
             origin: self.checker.at(&allow.device),
         };
         if !device_ok {
@@ -376,6 +386,32 @@ impl RuleChecker<'_> {
         }
         self.warn_unmatchable(key, allow, &rule);
         Some(rule)
+    }
+
+    /// Checks a rule for an OPC UA device: services, nodes, numeric values
+    /// and the same `when` conditions and rate limits as a Modbus rule.
+    fn opcua_rule(
+        &mut self,
+        key: &str,
+        allow: &raw::AllowSection,
+        vendor_sources: &[IpNet],
+    ) -> Option<RuleConfig> {
+        let opcua = self.checker.opcua_rule(key, allow);
+        let when = self.when(key, allow, vendor_sources);
+        let rate = self.rate(&format!("{key}.rate"), allow.rate.as_ref());
+        Some(RuleConfig {
+            device: allow.device.get_ref().clone(),
+            functions: Vec::new(),
+            addresses: Vec::new(),
+            values: None,
+            sub_functions: None,
+            mei_types: None,
+            quantity: None,
+            when: when?,
+            rate,
+            opcua: Some(opcua?),
+            origin: self.checker.at(&allow.device),
+        })
     }
 
     fn functions(&mut self, key: &str, allow: &raw::AllowSection) -> Option<Vec<u8>> {

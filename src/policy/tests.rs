@@ -810,9 +810,11 @@ fn built_config(vendors: Vec<VendorConfig>) -> Config {
             on_deny: OnDeny::Exception,
             target: config::ListenerTarget::Device("press-1".into()),
             limits: ListenerLimits::default(),
+            opcua: None,
             origin: Default::default(),
         }],
         devices: vec![device],
+        opcua_devices: Vec::new(),
         states: Vec::new(),
         audit: AuditConfig::new("audit".into()),
         metrics: None,
@@ -830,6 +832,8 @@ fn built_vendor(name: &str, source: &str, rules: Vec<RuleConfig>) -> VendorConfi
         certificate_matchers: false,
         rate: None,
         rules,
+        opcua_users: Vec::new(),
+        opcua_user_certificates: Vec::new(),
         origin: Default::default(),
     }
 }
