@@ -181,3 +181,22 @@ impl AuthManager for VendorAuthenticator {
 /// parameters of `password::hash_password`.
 const UNKNOWN_USER_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$YI9GbYkTtiPeD678GyxwIg$p4KmTluCkr8TvTAMwyqQBiQlhRO7mjYBKmRzVJZJkQU";
+
+#[cfg(test)]
+mod tests {
+    use super::UNKNOWN_USER_HASH;
+
+    #[test]
+    fn unknown_user_hash_is_argon2id() {
+        let hash = argon2::PasswordHash::new(UNKNOWN_USER_HASH).unwrap();
+        assert_eq!(hash.algorithm.as_str(), "argon2id");
+    }
+
+    #[test]
+    fn unknown_user_hash_rejects_empty_password() {
+        assert!(!super::super::password::verify_password(
+            "",
+            UNKNOWN_USER_HASH
+        ));
+    }
+}

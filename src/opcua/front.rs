@@ -1,7 +1,7 @@
 //! The TCP front of an OPC UA listener: accepts client connections on the
 //! listener's address and passes each byte stream to the async-opcua server
 //! on its internal loopback port. async-opcua 0.19 only serves a whole
-//! `TcpListener` (`Server::run_with`), so this is where sluice sees a
+//! `TcpListener` (`Server::run_with`), so this is where sluice reads a
 //! connection's bytes and peer address before the server does.
 
 use std::net::SocketAddr;

@@ -33,7 +33,7 @@ use upstream::{ClientIdentity, Upstream};
 
 /// Path of every endpoint the server offers.
 const ENDPOINT_PATH: &str = "/";
-/// Longest wait at start for the device's first session, so that the
+/// Maximum wait at start for the device's first session, so that the
 /// server starts with the device's namespaces.
 const FIRST_CONNECT_WAIT_MAX: Duration = Duration::from_secs(10);
 /// Interval of the bounded polls at start.
@@ -173,8 +173,8 @@ async fn advertise_public_port(handle: &opcua::server::ServerHandle, internal: u
     port.store(public, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The endpoints of a listener: SignAndEncrypt for each policy, and one
-/// without security when `allow_none` is set.
+/// Returns the endpoints of a listener: SignAndEncrypt for each policy,
+/// and one without security when `allow_none` is set.
 fn endpoints(policies: &[UaSecurityPolicy], allow_none: bool) -> Vec<(String, ServerEndpoint)> {
     let mut endpoints = Vec::new();
     for policy in policies {
@@ -250,11 +250,24 @@ fn prepare_pki(plan: &OpcuaListenerPlan, audit_path: &Path) -> Result<Pki, Start
             certificate_path.display()
         ))
     })?;
-    std::fs::write(&key_path, key)
+    write_private(&key_path, &key)
         .map_err(|e| error(format!("failed to write \"{}\": {e}", key_path.display())))?;
     Ok(Pki {
         dir,
         certificate: certificate_path,
         private_key: key_path,
     })
+}
+
+/// Writes a private key readable by the service account only.
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)
 }

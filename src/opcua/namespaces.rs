@@ -1,7 +1,7 @@
 //! Namespace index translation between sluice's server and one device.
-//! Namespace 0 is the OPC UA standard namespace on both sides and stays as
-//! it is; every other device namespace gets an index of sluice's own, found
-//! by its URI, so that clients never see the device's indexes.
+//! Namespace 0 is the OPC UA standard namespace on both sides and keeps its
+//! index. Every other device namespace gets an index of sluice's own, found
+//! by its URI, so clients never see the device's indexes.
 
 use std::collections::HashMap;
 use std::sync::Arc;

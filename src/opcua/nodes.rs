@@ -248,7 +248,7 @@ impl DeviceNodeManager {
     /// Returns whether the vendor's rules allow `service` on `node`, without
     /// recording an event; used to filter browse results.
     // NOTE: this takes a token from the vendor's rate limit per reference,
-    // so a rate-limited vendor sees fewer browse results.
+    // so a rate-limited vendor gets fewer browse results.
     fn peek(&self, context: &RequestContext, service: OpcuaService, node: &NodeId) -> bool {
         matches!(
             self.evaluate(&context.user_token().0, service, node, None),

@@ -86,7 +86,7 @@ impl Upstream {
 
     /// Opens one session and serves it until the connection is lost.
     async fn connect_once(
-        &self,
+        self: &Arc<Self>,
         device: &OpcuaDeviceConfig,
         identity: &ClientIdentity,
     ) -> Result<(), String> {
@@ -119,26 +119,45 @@ impl Upstream {
         .map_err(|_| format!("no answer from {} in time", device.endpoint))?
         .map_err(|error| error.to_string())?;
 
+        // The event loop must keep running while requests are in flight, so
+        // the namespace array is read by a task of its own.
+        let mut reader: Option<tokio::task::JoinHandle<()>> = None;
         let mut events = std::pin::pin!(event_loop.enter());
-        loop {
+        let ended = loop {
             match events.next().await {
                 Some(Ok(SessionPollResult::Reconnected(_))) => {
-                    let namespaces = session
-                        .read_namespace_array()
-                        .await
-                        .map_err(|error| format!("failed to read the namespace array: {error}"))?;
-                    tracing::info!(device = %self.device, "OPC UA device connected");
-                    self.current.store(Some(Arc::new(Connected {
-                        session: session.clone(),
-                        namespaces,
-                    })));
+                    if let Some(previous) = reader.take() {
+                        previous.abort();
+                    }
+                    reader = Some(tokio::spawn(self.clone().publish(session.clone())));
                 }
                 Some(Ok(SessionPollResult::ConnectionLost(status))) => {
-                    return Err(format!("connection lost: {status}"));
+                    break Err(format!("connection lost: {status}"));
                 }
                 Some(Ok(_)) => {}
-                Some(Err(status)) => return Err(format!("session ended: {status}")),
-                None => return Ok(()),
+                Some(Err(status)) => break Err(format!("session ended: {status}")),
+                None => break Ok(()),
+            }
+        };
+        if let Some(reader) = reader {
+            reader.abort();
+        }
+        ended
+    }
+
+    /// Reads the namespace array of a new session and makes the session
+    /// current.
+    async fn publish(self: Arc<Self>, session: Arc<Session>) {
+        match session.read_namespace_array().await {
+            Ok(namespaces) => {
+                tracing::info!(device = %self.device, "OPC UA device connected");
+                self.current.store(Some(Arc::new(Connected {
+                    session,
+                    namespaces,
+                })));
+            }
+            Err(error) => {
+                tracing::warn!(device = %self.device, %error, "failed to read the namespace array of the OPC UA device");
             }
         }
     }

@@ -1,7 +1,7 @@
 //! OPC UA decisions: the compiled OPC UA rules of the snapshot and
 //! `Policy::decide_opcua`, which shares the `when` conditions and rate
-//! limits with the Modbus `decide`. Identity lookups by user token live here
-//! too, so that the server only asks the policy who a user is.
+//! limits with the Modbus `decide`. The lookups of vendors by user token are
+//! here too, so that the server gets identities from the policy alone.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -143,7 +143,7 @@ impl Policy {
         &self.opcua.devices
     }
 
-    /// Returns the vendor whose `opcua_users` holds `username` and its
+    /// Returns the vendor whose `opcua_users` contains `username` and its
     /// argon2id hash. The caller verifies the password.
     pub fn opcua_user(&self, username: &str) -> Option<(VendorId, &str)> {
         self.opcua
@@ -154,7 +154,7 @@ impl Policy {
             .map(|(_, hash, vendor)| (*vendor, hash.as_str()))
     }
 
-    /// Returns the vendor whose `opcua_user_certificates` holds a certificate
+    /// Returns the vendor whose `opcua_user_certificates` contains a certificate
     /// with this SHA-1 thumbprint.
     pub fn opcua_certificate_vendor(&self, thumbprint: &[u8]) -> Option<VendorId> {
         self.opcua
@@ -163,15 +163,6 @@ impl Policy {
             .iter()
             .find(|(known, _)| known.as_slice() == thumbprint)
             .map(|(_, vendor)| *vendor)
-    }
-
-    /// Returns the vendors whose rules allow anything on `device`; a server
-    /// shows namespaces and the objects folder only to them.
-    pub fn opcua_vendor_has_rules(&self, vendor: VendorId, device: OpcuaDeviceId) -> bool {
-        self.opcua
-            .rules
-            .iter()
-            .any(|rule| rule.rule.vendor as usize == vendor && rule.device == device)
     }
 
     /// Decides one OPC UA operation of `vendor` on `device`. Default deny:

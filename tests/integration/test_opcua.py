@@ -1,0 +1,356 @@
+"""OPC UA termination with real peers: an asyncua server plays the
+plant's line controller (opcua_plant.py), an asyncua client is the vendor,
+and sluice sits between them with a SignAndEncrypt Basic256Sha256 endpoint.
+Writes depend on an operational state that sluice polls from the simulated
+Modbus PLC."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from asyncua import Client, ua
+from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+
+import harness
+from harness import modbus_client, vendor_rule_file, wait_for
+
+PLANT_NAMESPACE = "urn:plant:line1"
+SLUICE_URI = "urn:sluice:test-gw"
+VENDOR_URI = "urn:acme:engineering-laptop"
+PASSWORD = "correct horse battery staple"
+
+# A state change on the PLC must reach the policy within this time; the
+# state is polled every 100 ms.
+STATE_TIMEOUT = 5.0
+# Every OPC UA request of a test must complete within this time.
+REQUEST_TIMEOUT = 10.0
+
+
+def make_rsa_certificate(folder: Path, name: str, uri: str) -> tuple[Path, Path]:
+    """Create a self-signed RSA 2048 application instance certificate for
+    `uri` with the openssl command line tool; return (certificate, key)."""
+    certificate = folder / f"{name}.pem"
+    key = folder / f"{name}-key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256",
+         "-keyout", str(key), "-out", str(certificate), "-days", "2", "-subj", f"/CN={name}",
+         "-addext", f"subjectAltName=URI:{uri},DNS:localhost,IP:127.0.0.1",
+         "-addext", "keyUsage=critical,digitalSignature,nonRepudiation,keyEncipherment,dataEncipherment,keyCertSign",
+         "-addext", "extendedKeyUsage=serverAuth,clientAuth",
+         "-addext", "basicConstraints=critical,CA:FALSE"],
+        check=True, capture_output=True,
+    )
+    return certificate, key
+
+
+class Plant:
+    """opcua_plant.py on a free loopback port."""
+
+    def __init__(self, workdir: Path):
+        self.port = harness.free_port()
+        self.endpoint = f"opc.tcp://127.0.0.1:{self.port}/"
+        self.process = harness.Process(
+            [sys.executable, str(Path(__file__).with_name("opcua_plant.py")), str(self.port)],
+            stderr_path=workdir / "plant.stderr",
+        )
+        line = self.process.read_line(timeout=30.0)
+        if line != f"listening 127.0.0.1:{self.port}":
+            self.process.stop()
+            raise AssertionError(f"opcua_plant.py printed {line!r}")
+
+    def read(self, node: str):
+        """Read a node's value straight from the plant, bypassing sluice."""
+
+        async def read_value():
+            async with Client(self.endpoint, timeout=REQUEST_TIMEOUT) as client:
+                index = await client.get_namespace_index(PLANT_NAMESPACE)
+                return await client.get_node(ua.NodeId(node, index)).read_value()
+
+        return asyncio.run(read_value())
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def read_rule() -> dict:
+    return {
+        "device": "line1-ua",
+        "services": ["browse", "read"],
+        "nodes": [
+            f"nsu={PLANT_NAMESPACE};s=Line1",
+            f"nsu={PLANT_NAMESPACE};s=Line1.Press*",
+            f"nsu={PLANT_NAMESPACE};s=Line1.Setpoint",
+        ],
+    }
+
+
+def write_rule() -> dict:
+    return {
+        "device": "line1-ua",
+        "services": ["write"],
+        "nodes": [f"nsu={PLANT_NAMESPACE};s=Line1.Setpoint"],
+        "values": "0-100",
+        "when": {"state": {"press-1-mode": "maintenance"}},
+    }
+
+
+@pytest.fixture
+def setup(sluice_bin, plc_sim, tmp_path):
+    """The plant, the PLC for the state, and sluice with one OPC UA listener."""
+    folder = tmp_path / "opcua"
+    folder.mkdir()
+    plant = Plant(folder)
+    server_certificate, server_key = make_rsa_certificate(folder, "sluice", SLUICE_URI)
+    client_certificate, client_key = make_rsa_certificate(folder, "vendor", VENDOR_URI)
+    password_hash = subprocess.run(
+        [sluice_bin, "hash-password"], input=PASSWORD + "\n", capture_output=True, text=True,
+        check=True, timeout=REQUEST_TIMEOUT,
+    ).stdout.strip()
+    listener = {
+        "name": "ua",
+        "protocol": "opcua",
+        "bind": "127.0.0.1:0",
+        "device": "line1-ua",
+        "opcua": {
+            "application_uri": SLUICE_URI,
+            "certificate": str(server_certificate),
+            "private_key": str(server_key),
+            "security_policies": ["Basic256Sha256"],
+        },
+    }
+    devices = [
+        {"name": "line1-ua", "protocol": "opcua", "endpoint": plant.endpoint, "timeout_ms": 5000},
+        harness.device("press-1", plc_sim.address, timeout_ms=500),
+    ]
+    states = [{
+        "name": "press-1-mode",
+        "device": "press-1",
+        "holding_register": 900,
+        "poll_ms": 100,
+        "values": {0: "production", 1: "maintenance"},
+    }]
+    vendor = {"name": "acme", "opcua_users": [{"username": "acme-eng", "password_hash": password_hash}]}
+    rules = {"acme.toml": vendor_rule_file(vendor, [read_rule(), write_rule()])}
+    gateway_folder = folder / "gateway"
+    gateway_folder.mkdir()
+    gateway = harness.StateGateway(sluice_bin, gateway_folder, [listener], devices, states, rules)
+    plc = modbus_client(plc_sim.port)
+    yield {
+        "gateway": gateway,
+        "plant": plant,
+        "plc": plc,
+        "endpoint": f"opc.tcp://127.0.0.1:{gateway.port}/",
+        "client_certificate": client_certificate,
+        "client_key": client_key,
+    }
+    plc.close()
+    gateway.stop()
+    plant.stop()
+
+
+def vendor_client(setup, password: str = PASSWORD) -> Client:
+    """An asyncua client for the vendor on sluice's SignAndEncrypt endpoint."""
+    client = Client(setup["endpoint"], timeout=REQUEST_TIMEOUT)
+    client.application_uri = VENDOR_URI
+    client.set_user("acme-eng")
+    client.set_password(password)
+    return client
+
+
+async def secure(client: Client, setup) -> Client:
+    await client.set_security(
+        SecurityPolicyBasic256Sha256,
+        certificate=str(setup["client_certificate"]),
+        private_key=str(setup["client_key"]),
+        mode=ua.MessageSecurityMode.SignAndEncrypt,
+    )
+    return client
+
+
+def run(setup, session):
+    """Run `session(client, namespace_index)` in a connected vendor session."""
+
+    async def connect_and_run():
+        client = await secure(vendor_client(setup), setup)
+        async with client:
+            index = await client.get_namespace_index(PLANT_NAMESPACE)
+            return await session(client, index)
+
+    return asyncio.run(connect_and_run())
+
+
+def set_mode(setup, raw: int, name: str) -> None:
+    """Set the press mode register on the PLC and wait until sluice reads it."""
+    setup["plc"].write_register(900, raw)
+    setup["gateway"].wait_for_events(
+        lambda event: event.get("event_type") == "state" and (event.get("detail") or {}).get("new") == name,
+        what=f"state change to {name}",
+    )
+
+
+def opcua_decisions(gateway, service: str) -> list[dict]:
+    return [
+        event for event in gateway.events()
+        if event.get("event_type") == "decision" and event.get("opcua", {}).get("service") == service
+    ]
+
+
+def test_vendor_reads_allowed_nodes_with_exact_values(setup):
+    async def session(client, index):
+        temperature = await client.get_node(ua.NodeId("Line1.Press.Temperature", index)).read_value()
+        setpoint = await client.get_node(ua.NodeId("Line1.Setpoint", index)).read_value()
+        return temperature, setpoint
+
+    assert run(setup, session) == (21.5, 40.0)
+
+
+def test_read_of_forbidden_node_is_denied(setup):
+    async def session(client, index):
+        with pytest.raises(ua.uaerrors.BadUserAccessDenied):
+            await client.get_node(ua.NodeId("Line1.Recipe", index)).read_value()
+        # The allowed node in the same session still reads.
+        return await client.get_node(ua.NodeId("Line1.Setpoint", index)).read_value()
+
+    assert run(setup, session) == 40.0
+
+
+def test_mixed_read_denies_only_forbidden_operation(setup):
+    async def session(client, index):
+        nodes = [
+            ua.NodeId("Line1.Press.Temperature", index),
+            ua.NodeId("Line1.Recipe", index),
+        ]
+        parameters = ua.ReadParameters()
+        for node in nodes:
+            item = ua.ReadValueId()
+            item.NodeId = node
+            item.AttributeId = ua.AttributeIds.Value
+            parameters.NodesToRead.append(item)
+        return await client.uaclient.read(parameters)
+
+    results = run(setup, session)
+    assert results[0].StatusCode.value == ua.StatusCodes.Good
+    assert results[0].Value.Value == 21.5
+    assert results[1].StatusCode.value == ua.StatusCodes.BadUserAccessDenied
+
+
+def test_browse_hides_forbidden_nodes(setup):
+    async def session(client, index):
+        objects = await client.nodes.objects.get_children()
+        line = client.get_node(ua.NodeId("Line1", index))
+        children = await line.get_children()
+        names = []
+        for child in children:
+            names.append((await child.read_browse_name()).Name)
+        names.sort()
+        object_ids = [node.nodeid for node in objects]
+        return ua.NodeId("Line1", index) in object_ids, names
+
+    line_visible, names = run(setup, session)
+    assert line_visible
+    assert names == ["Press", "Setpoint"]
+
+
+def test_browse_of_forbidden_node_is_denied(setup):
+    async def session(client, index):
+        description = ua.BrowseDescription()
+        description.NodeId = ua.NodeId("Line1.Recipe", index)
+        description.BrowseDirection = ua.BrowseDirection.Forward
+        description.ReferenceTypeId = ua.NodeId(ua.ObjectIds.HierarchicalReferences)
+        description.IncludeSubtypes = True
+        description.ResultMask = ua.BrowseResultMask.All
+        parameters = ua.BrowseParameters()
+        # The null view: the whole address space.
+        parameters.View.Timestamp = ua.get_win_epoch()
+        parameters.NodesToBrowse.append(description)
+        return await client.uaclient.browse(parameters)
+
+    (result,) = run(setup, session)
+    assert result.StatusCode.value == ua.StatusCodes.BadUserAccessDenied
+    assert result.References == []
+
+
+def test_write_allowed_only_in_maintenance(setup):
+    def write(value: float):
+        async def session(client, index):
+            node = client.get_node(ua.NodeId("Line1.Setpoint", index))
+            await node.write_value(ua.DataValue(ua.Variant(value, ua.VariantType.Double)))
+
+        return run(setup, session)
+
+    set_mode(setup, 0, "production")
+    with pytest.raises(ua.uaerrors.BadUserAccessDenied):
+        write(55.0)
+    assert setup["plant"].read("Line1.Setpoint") == 40.0
+
+    set_mode(setup, 1, "maintenance")
+    write(55.0)
+    assert setup["plant"].read("Line1.Setpoint") == 55.0
+
+    with pytest.raises(ua.uaerrors.BadUserAccessDenied):
+        write(150.0)
+    assert setup["plant"].read("Line1.Setpoint") == 55.0
+
+
+def test_write_to_node_outside_rules_is_denied(setup):
+    set_mode(setup, 1, "maintenance")
+
+    async def session(client, index):
+        node = client.get_node(ua.NodeId("Line1.Recipe", index))
+        with pytest.raises(ua.uaerrors.BadUserAccessDenied):
+            await node.write_value(ua.DataValue(ua.Variant("R-99", ua.VariantType.String)))
+
+    run(setup, session)
+    assert setup["plant"].read("Line1.Recipe") == "R-17"
+
+
+def test_wrong_password_is_rejected(setup):
+    async def connect():
+        client = await secure(vendor_client(setup, password="wrong"), setup)
+        with pytest.raises(ua.uaerrors.BadUserAccessDenied):
+            await client.connect()
+        client.disconnect_socket()
+
+    asyncio.run(connect())
+    rejections = setup["gateway"].wait_for_events(
+        lambda event: event.get("event_type") == "session" and event.get("action") == "reject",
+        what="session rejection",
+    )
+    assert rejections[0]["reason"] == "unknown user or wrong password"
+    assert rejections[0]["listener"] == "ua"
+
+
+def test_every_operation_is_a_decision_event(setup):
+    async def session(client, index):
+        await client.get_node(ua.NodeId("Line1.Press.Temperature", index)).read_value()
+        with pytest.raises(ua.uaerrors.BadUserAccessDenied):
+            await client.get_node(ua.NodeId("Line1.Recipe", index)).read_value()
+
+    run(setup, session)
+    gateway = setup["gateway"]
+    wait_for(lambda: len(opcua_decisions(gateway, "read")) >= 2, what="two read decisions")
+    allowed, denied = opcua_decisions(gateway, "read")[:2]
+
+    assert allowed["decision"] == "allow"
+    assert allowed["vendor"] == "acme"
+    assert allowed["listener"] == "ua"
+    assert allowed["device"] == "line1-ua"
+    assert allowed["rule"] == "acme.toml#1"
+    assert allowed["opcua"] == {
+        "service": "read",
+        "node_id": "nsu=urn:plant:line1;s=Line1.Press.Temperature",
+        "status": "Good",
+    }
+
+    assert denied["decision"] == "deny"
+    assert denied["reason"] == "node outside allowed nodes"
+    assert denied["opcua"] == {
+        "service": "read",
+        "node_id": "nsu=urn:plant:line1;s=Line1.Recipe",
+        "status": "BadUserAccessDenied",
+    }
+    assert "rule" not in denied
