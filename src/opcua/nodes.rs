@@ -1,8 +1,8 @@
 //! The node manager that mirrors a device's address space: every Browse,
-//! Read and Write operation on a device node is decided against the
-//! vendor's rules, recorded, and, if allowed, sent through sluice's own
-//! client session. Denied operations get `BadUserAccessDenied`; the others
-//! in the same request still go through.
+//! TranslateBrowsePathsToNodeIds hop, Read and Write operation on a device
+//! node is decided against the vendor's rules, recorded, and, if allowed,
+//! sent through sluice's own client session. Denied operations get
+//! `BadUserAccessDenied`; the others in the same request still go through.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,7 +11,8 @@ use async_trait::async_trait;
 use opcua::nodes::DefaultTypeTree;
 use opcua::server::diagnostics::NamespaceMetadata;
 use opcua::server::node_manager::{
-    BrowseNode, NodeManager, ReadNode, RequestContext, ServerContext, WriteNode,
+    impl_translate_browse_paths_using_browse, BrowseNode, BrowsePathItem, NodeManager, ReadNode,
+    RequestContext, ServerContext, WriteNode,
 };
 use opcua::sync::RwLock;
 use opcua::types::{
@@ -374,6 +375,16 @@ impl NodeManager for DeviceNodeManager {
             }
         }
         Ok(())
+    }
+
+    /// Translates browse paths by browsing hop by hop, so each hop is a
+    /// `browse` decision and hidden nodes never match.
+    async fn translate_browse_paths_to_node_ids(
+        &self,
+        context: &RequestContext,
+        nodes: &mut [&mut BrowsePathItem],
+    ) -> Result<(), StatusCode> {
+        impl_translate_browse_paths_using_browse(self, context, nodes).await
     }
 
     async fn read(

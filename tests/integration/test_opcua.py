@@ -13,7 +13,11 @@ from pathlib import Path
 
 import pytest
 from asyncua import Client, ua
-from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+from asyncua.crypto.security_policies import (
+    SecurityPolicyAes128Sha256RsaOaep,
+    SecurityPolicyAes256Sha256RsaPss,
+    SecurityPolicyBasic256Sha256,
+)
 
 import harness
 from harness import modbus_client, vendor_rule_file, wait_for
@@ -106,10 +110,12 @@ def setup(sluice_bin, plc_sim, tmp_path):
     plant = Plant(folder)
     server_certificate, server_key = make_rsa_certificate(folder, "sluice", SLUICE_URI)
     client_certificate, client_key = make_rsa_certificate(folder, "vendor", VENDOR_URI)
+
     password_hash = subprocess.run(
         [sluice_bin, "hash-password"], input=PASSWORD + "\n", capture_output=True, text=True,
         check=True, timeout=REQUEST_TIMEOUT,
     ).stdout.strip()
+
     listener = {
         "name": "ua",
         "protocol": "opcua",
@@ -119,7 +125,7 @@ def setup(sluice_bin, plc_sim, tmp_path):
             "application_uri": SLUICE_URI,
             "certificate": str(server_certificate),
             "private_key": str(server_key),
-            "security_policies": ["Basic256Sha256"],
+            "security_policies": ["Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"],
         },
     }
     devices = [
@@ -135,6 +141,7 @@ def setup(sluice_bin, plc_sim, tmp_path):
     }]
     vendor = {"name": "acme", "opcua_users": [{"username": "acme-eng", "password_hash": password_hash}]}
     rules = {"acme.toml": vendor_rule_file(vendor, [read_rule(), write_rule()])}
+
     gateway_folder = folder / "gateway"
     gateway_folder.mkdir()
     gateway = harness.StateGateway(sluice_bin, gateway_folder, [listener], devices, states, rules)
@@ -161,9 +168,9 @@ def vendor_client(setup, password: str = PASSWORD) -> Client:
     return client
 
 
-async def secure(client: Client, setup) -> Client:
+async def secure(client: Client, setup, policy=SecurityPolicyBasic256Sha256) -> Client:
     await client.set_security(
-        SecurityPolicyBasic256Sha256,
+        policy,
         certificate=str(setup["client_certificate"]),
         private_key=str(setup["client_key"]),
         mode=ua.MessageSecurityMode.SignAndEncrypt,
@@ -171,11 +178,11 @@ async def secure(client: Client, setup) -> Client:
     return client
 
 
-def run(setup, session):
+def run(setup, session, policy=SecurityPolicyBasic256Sha256):
     """Run `session(client, namespace_index)` in a connected vendor session."""
 
     async def connect_and_run():
-        client = await secure(vendor_client(setup), setup)
+        client = await secure(vendor_client(setup), setup, policy)
         async with client:
             index = await client.get_namespace_index(PLANT_NAMESPACE)
             return await session(client, index)
@@ -206,6 +213,61 @@ def test_vendor_reads_allowed_nodes_with_exact_values(setup):
         return temperature, setpoint
 
     assert run(setup, session) == (21.5, 40.0)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [SecurityPolicyBasic256Sha256, SecurityPolicyAes128Sha256RsaOaep, SecurityPolicyAes256Sha256RsaPss],
+    ids=["Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"],
+)
+def test_every_policy_reads_with_sign_and_encrypt(setup, policy):
+    async def session(client, index):
+        return await client.get_node(ua.NodeId("Line1.Press.Temperature", index)).read_value()
+
+    assert run(setup, session, policy) == 21.5
+
+
+def test_endpoints_name_the_public_port(setup):
+    async def endpoints():
+        client = Client(setup["endpoint"], timeout=REQUEST_TIMEOUT)
+        return await client.connect_and_get_server_endpoints()
+
+    found = asyncio.run(endpoints())
+    offered = sorted(
+        (endpoint.EndpointUrl, endpoint.SecurityPolicyUri.split("#")[1], endpoint.SecurityMode.name)
+        for endpoint in found
+    )
+    url = setup["endpoint"]
+    assert offered == [
+        (url, "Aes128_Sha256_RsaOaep", "SignAndEncrypt"),
+        (url, "Aes256_Sha256_RsaPss", "SignAndEncrypt"),
+        (url, "Basic256Sha256", "SignAndEncrypt"),
+    ]
+
+
+def test_anonymous_session_is_rejected(setup):
+    # sluice offers no anonymous token policy, so async-opcua rejects the
+    # token before it reaches the authenticator.
+    async def connect():
+        client = await secure(Client(setup["endpoint"], timeout=REQUEST_TIMEOUT), setup)
+        client.application_uri = VENDOR_URI
+        with pytest.raises(ua.uaerrors.BadIdentityTokenInvalid):
+            await client.connect()
+        client.disconnect_socket()
+
+    asyncio.run(connect())
+
+
+def test_browse_path_reaches_allowed_nodes_only(setup):
+    async def session(client, index):
+        line = client.get_node(ua.NodeId("Line1", index))
+        temperature = await line.get_child([f"{index}:Press", f"{index}:Temperature"])
+        with pytest.raises(ua.uaerrors.BadNoMatch):
+            await line.get_child([f"{index}:Recipe"])
+        return temperature.nodeid, index
+
+    found, index = run(setup, session)
+    assert found == ua.NodeId("Line1.Press.Temperature", index)
 
 
 def test_read_of_forbidden_node_is_denied(setup):
