@@ -110,6 +110,7 @@ def setup(sluice_bin, plc_sim, tmp_path):
     plant = Plant(folder)
     server_certificate, server_key = make_rsa_certificate(folder, "sluice", SLUICE_URI)
     client_certificate, client_key = make_rsa_certificate(folder, "vendor", VENDOR_URI)
+    user_certificate, user_key = make_rsa_certificate(folder, "beta-user", "urn:beta:operator")
 
     password_hash = subprocess.run(
         [sluice_bin, "hash-password"], input=PASSWORD + "\n", capture_output=True, text=True,
@@ -140,7 +141,16 @@ def setup(sluice_bin, plc_sim, tmp_path):
         "values": {0: "production", 1: "maintenance"},
     }]
     vendor = {"name": "acme", "opcua_users": [{"username": "acme-eng", "password_hash": password_hash}]}
-    rules = {"acme.toml": vendor_rule_file(vendor, [read_rule(), write_rule()])}
+    beta = {"name": "beta", "opcua_user_certificates": [str(user_certificate)]}
+    beta_read = {
+        "device": "line1-ua",
+        "services": ["read"],
+        "nodes": [f"nsu={PLANT_NAMESPACE};s=Line1.Press.Temperature"],
+    }
+    rules = {
+        "acme.toml": vendor_rule_file(vendor, [read_rule(), write_rule()]),
+        "beta.toml": vendor_rule_file(beta, [beta_read]),
+    }
 
     gateway_folder = folder / "gateway"
     gateway_folder.mkdir()
@@ -153,6 +163,8 @@ def setup(sluice_bin, plc_sim, tmp_path):
         "endpoint": f"opc.tcp://127.0.0.1:{gateway.port}/",
         "client_certificate": client_certificate,
         "client_key": client_key,
+        "user_certificate": user_certificate,
+        "user_key": user_key,
     }
     plc.close()
     gateway.stop()
@@ -368,6 +380,29 @@ def test_write_to_node_outside_rules_is_denied(setup):
 
     run(setup, session)
     assert setup["plant"].read("Line1.Recipe") == "R-17"
+
+
+def test_user_certificate_identifies_its_vendor(setup):
+    async def session():
+        client = await secure(Client(setup["endpoint"], timeout=REQUEST_TIMEOUT), setup)
+        client.application_uri = VENDOR_URI
+        await client.load_client_certificate(str(setup["user_certificate"]))
+        await client.load_private_key(setup["user_key"])
+        async with client:
+            index = await client.get_namespace_index(PLANT_NAMESPACE)
+            temperature = await client.get_node(ua.NodeId("Line1.Press.Temperature", index)).read_value()
+            with pytest.raises(ua.uaerrors.BadUserAccessDenied):
+                await client.get_node(ua.NodeId("Line1.Setpoint", index)).read_value()
+            return temperature
+
+    assert asyncio.run(session()) == 21.5
+    decisions = setup["gateway"].wait_for_events(
+        lambda event: event.get("vendor") == "beta" and event.get("event_type") == "decision",
+        count=2,
+        what="two decisions of vendor beta",
+    )
+    assert [event["decision"] for event in decisions] == ["allow", "deny"]
+    assert decisions[0]["rule"] == "beta.toml#1"
 
 
 def test_wrong_password_is_rejected(setup):
