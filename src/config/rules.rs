@@ -74,6 +74,7 @@ pub(super) fn load(
     let mut vendors = Vec::new();
     let mut vendor_names: HashMap<String, Origin> = HashMap::new();
     let mut sources = Vec::new();
+    let mut opcua_users: HashMap<String, (String, Origin)> = HashMap::new();
     for path in paths {
         files.push(path.clone());
         let text = match std::fs::read_to_string(&path) {
@@ -103,6 +104,7 @@ pub(super) fn load(
             &mut vendor_names,
         );
         let vendor = check.vendor(&path, &file);
+        check.unique_opcua_users(&vendor, &file.vendor, &mut opcua_users);
         if let Some(section) = &file.vendor.on_anomaly {
             if let Some(containment) = check.checker.on_anomaly(section) {
                 on_anomaly.push((vendor.name.clone(), containment));
@@ -213,6 +215,33 @@ struct RuleChecker<'a> {
 }
 
 impl RuleChecker<'_> {
+    /// Reports an OPC UA username that an earlier vendor already has: a
+    /// session must identify exactly one vendor.
+    fn unique_opcua_users(
+        &mut self,
+        vendor: &VendorConfig,
+        section: &raw::VendorSection,
+        seen: &mut HashMap<String, (String, Origin)>,
+    ) {
+        for (index, entry) in section.opcua_users.iter().flatten().enumerate() {
+            let username = &entry.get_ref().username;
+            let at = self.checker.at(username);
+            match seen.get(username.get_ref()) {
+                Some((owner, first)) => self.checker.report.error(
+                    &at,
+                    format!(
+                        "vendor.opcua_users[{}].username: \"{}\" is already a user of vendor \"{owner}\" at {first}; give every OPC UA user to one vendor",
+                        index + 1,
+                        username.get_ref()
+                    ),
+                ),
+                None => {
+                    seen.insert(username.get_ref().clone(), (vendor.name.clone(), at));
+                }
+            }
+        }
+    }
+
     fn vendor(&mut self, path: &Path, file: &raw::RuleFile) -> VendorConfig {
         let section = &file.vendor;
         let sources = match &section.sources {

@@ -1097,3 +1097,17 @@ fn invalid_detection_settings_are_errors() {
         ]
     );
 }
+
+#[test]
+fn opcua_username_of_two_vendors_is_an_error() {
+    let user =
+        format!("opcua_users = [{{ username = \"shared\", password_hash = \"{SECRET_HASH}\" }}]\n");
+    let acme = format!("[vendor]\nname = \"acme\"\n{user}");
+    let beta = format!("[vendor]\nname = \"beta\"\n{user}");
+    let dir = write(OPCUA_GATEWAY, &[("acme.toml", &acme), ("beta.toml", &beta)]);
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        ["rules/beta.toml:3:29: vendor.opcua_users[1].username: \"shared\" is already a user of vendor \"acme\" at rules/acme.toml:3:29; give every OPC UA user to one vendor"]
+    );
+}
