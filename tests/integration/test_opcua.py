@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,14 +53,14 @@ def make_rsa_certificate(folder: Path, name: str, uri: str) -> tuple[Path, Path]
 
 
 class Plant:
-    """opcua_plant.py on a free loopback port."""
+    """opcua_plant.py on a free loopback port, or on `port`."""
 
-    def __init__(self, workdir: Path):
-        self.port = harness.free_port()
+    def __init__(self, workdir: Path, port: int | None = None):
+        self.port = port or harness.free_port()
         self.endpoint = f"opc.tcp://127.0.0.1:{self.port}/"
         self.process = harness.Process(
             [sys.executable, str(Path(__file__).with_name("opcua_plant.py")), str(self.port)],
-            stderr_path=workdir / "plant.stderr",
+            stderr_path=workdir / f"plant-{self.port}-{time.monotonic_ns()}.stderr",
         )
         line = self.process.read_line(timeout=30.0)
         if line != f"listening 127.0.0.1:{self.port}":
@@ -156,7 +157,8 @@ def setup(sluice_bin, plc_sim, tmp_path):
     gateway_folder.mkdir()
     gateway = harness.StateGateway(sluice_bin, gateway_folder, [listener], devices, states, rules)
     plc = modbus_client(plc_sim.port)
-    yield {
+    state = {
+        "folder": folder,
         "gateway": gateway,
         "plant": plant,
         "plc": plc,
@@ -166,9 +168,10 @@ def setup(sluice_bin, plc_sim, tmp_path):
         "user_certificate": user_certificate,
         "user_key": user_key,
     }
+    yield state
     plc.close()
     gateway.stop()
-    plant.stop()
+    state["plant"].stop()
 
 
 def vendor_client(setup, password: str = PASSWORD) -> Client:
@@ -451,3 +454,27 @@ def test_every_operation_is_a_decision_event(setup):
         "status": "BadUserAccessDenied",
     }
     assert "rule" not in denied
+
+
+def test_device_session_reconnects_after_restart(setup):
+    def read_temperature():
+        async def session(client, index):
+            node = client.get_node(ua.NodeId("Line1.Press.Temperature", index))
+            return (await node.read_data_value(raise_on_bad_status=False)).StatusCode.value
+
+        return run(setup, session)
+
+    assert read_temperature() == ua.StatusCodes.Good
+    port = setup["plant"].port
+    setup["plant"].stop()
+    assert wait_for(
+        lambda: read_temperature() == ua.StatusCodes.BadNotConnected,
+        what="reads to fail while the device is down",
+    )
+
+    setup["plant"] = Plant(setup["folder"], port)
+    assert wait_for(
+        lambda: read_temperature() == ua.StatusCodes.Good,
+        timeout=30.0,
+        what="reads to succeed after the device is back",
+    )
