@@ -1,8 +1,9 @@
-//! The node manager that mirrors a device's address space: every Browse,
-//! TranslateBrowsePathsToNodeIds hop, Read and Write operation on a device
-//! node is decided against the vendor's rules, recorded, and, if allowed,
-//! sent through sluice's own client session. Denied operations get
-//! `BadUserAccessDenied`; the others in the same request still go through.
+//! The node manager that mirrors a device's address space. Every Browse,
+//! TranslateBrowsePathsToNodeIds hop, Read, Write and Call operation on a
+//! device node is decided against the vendor's rules and recorded. An
+//! allowed operation goes through sluice's own client session, and a denied
+//! one gets `BadUserAccessDenied` while the others in its request still go
+//! through.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,13 +12,13 @@ use async_trait::async_trait;
 use opcua::nodes::DefaultTypeTree;
 use opcua::server::diagnostics::NamespaceMetadata;
 use opcua::server::node_manager::{
-    impl_translate_browse_paths_using_browse, BrowseNode, BrowsePathItem, NodeManager, ReadNode,
-    RequestContext, ServerContext, WriteNode,
+    impl_translate_browse_paths_using_browse, BrowseNode, BrowsePathItem, MethodCall, NodeManager,
+    ReadNode, RequestContext, ServerContext, WriteNode,
 };
 use opcua::sync::RwLock;
 use opcua::types::{
-    AttributeId, BrowseDescription, DataEncoding, NodeId, ObjectId, QualifiedName, ReadValueId,
-    StatusCode, TimestampsToReturn, Variant, WriteValue,
+    AttributeId, BrowseDescription, CallMethodRequest, CallMethodResult, DataEncoding, NodeId,
+    ObjectId, QualifiedName, ReadValueId, StatusCode, TimestampsToReturn, Variant, WriteValue,
 };
 
 use crate::config::{Mode, OpcuaService};
@@ -138,6 +139,21 @@ impl DeviceNodeManager {
                 operation.enforced = !forward;
                 Verdict { forward, operation }
             }
+        }
+    }
+
+    /// Awaits a device request for `expected` operations, bounded by the
+    /// device timeout, and checks that it returned one result for each.
+    async fn device_results<T>(
+        &self,
+        expected: usize,
+        request: impl std::future::Future<Output = Result<Vec<T>, opcua::types::Error>>,
+    ) -> Result<Vec<T>, StatusCode> {
+        match tokio::time::timeout(self.upstream.timeout, request).await {
+            Ok(Ok(results)) if results.len() == expected => Ok(results),
+            Ok(Ok(_)) => Err(StatusCode::BadUnexpectedError),
+            Ok(Err(error)) => Err(error.status()),
+            Err(_) => Err(StatusCode::BadTimeout),
         }
     }
 
@@ -302,6 +318,15 @@ impl DeviceNodeManager {
     }
 }
 
+/// Returns the status of an operation that is not forwarded: denied, or
+/// allowed while the device is not connected.
+fn refusal_status(forward: bool) -> StatusCode {
+    match forward {
+        false => StatusCode::BadUserAccessDenied,
+        true => StatusCode::BadNotConnected,
+    }
+}
+
 /// Returns a written value as a number, for rules with `values`.
 fn numeric(value: &Variant) -> Option<f64> {
     match value {
@@ -430,12 +455,7 @@ impl NodeManager for DeviceNodeManager {
             let request = connected
                 .session
                 .read(&requests, timestamps_to_return, max_age);
-            let results = match tokio::time::timeout(self.upstream.timeout, request).await {
-                Ok(Ok(values)) if values.len() == requests.len() => Ok(values),
-                Ok(Ok(_)) => Err(StatusCode::BadUnexpectedError),
-                Ok(Err(error)) => Err(error.status()),
-                Err(_) => Err(StatusCode::BadTimeout),
-            };
+            let results = self.device_results(requests.len(), request).await;
             let translator = self.translator(connected);
             match results {
                 Ok(values) => {
@@ -492,10 +512,7 @@ impl NodeManager for DeviceNodeManager {
                     });
                 }
                 (forward, _) => {
-                    let status = match forward {
-                        false => StatusCode::BadUserAccessDenied,
-                        true => StatusCode::BadNotConnected,
-                    };
+                    let status = refusal_status(forward);
                     node.set_status(status);
                     operation.status = status;
                 }
@@ -505,12 +522,7 @@ impl NodeManager for DeviceNodeManager {
 
         if let (Some(connected), false) = (&connected, requests.is_empty()) {
             let request = connected.session.write(&requests);
-            let results = match tokio::time::timeout(self.upstream.timeout, request).await {
-                Ok(Ok(statuses)) if statuses.len() == requests.len() => Ok(statuses),
-                Ok(Ok(_)) => Err(StatusCode::BadUnexpectedError),
-                Ok(Err(error)) => Err(error.status()),
-                Err(_) => Err(StatusCode::BadTimeout),
-            };
+            let results = self.device_results(requests.len(), request).await;
             for (index, (position, operation)) in forwarded.into_iter().enumerate() {
                 let status = match &results {
                     Ok(statuses) => statuses[index],
@@ -525,4 +537,87 @@ impl NodeManager for DeviceNodeManager {
         }
         Ok(())
     }
+
+    /// Calls methods; each call is decided as `call` on the method node.
+    async fn call(
+        &self,
+        context: &RequestContext,
+        methods_to_call: &mut [&mut MethodCall],
+    ) -> Result<(), StatusCode> {
+        let connected = self.upstream.connected();
+        let mut forwarded = Vec::new();
+        let mut requests = Vec::new();
+        let mut operations = Vec::new();
+        for (position, method) in methods_to_call.iter_mut().enumerate() {
+            let verdict = self.decide(context, OpcuaService::Call, method.method_id(), None);
+            let mut operation = verdict.operation;
+            let translated = connected.as_ref().and_then(|connected| {
+                let translator = self.translator(connected);
+                Some(CallMethodRequest {
+                    object_id: translator.to_device(method.object_id())?,
+                    method_id: translator.to_device(method.method_id())?,
+                    input_arguments: Some(method.arguments().to_vec()),
+                })
+            });
+            match (verdict.forward, translated) {
+                (true, Some(request)) => {
+                    forwarded.push((position, operations.len()));
+                    requests.push(request);
+                }
+                (forward, _) => {
+                    let status = refusal_status(forward);
+                    method.set_status(status);
+                    operation.status = status;
+                }
+            }
+            operations.push(operation);
+        }
+
+        if let (Some(connected), false) = (&connected, requests.is_empty()) {
+            let request = connected.session.call(requests.clone());
+            let results = self.device_results(requests.len(), request).await;
+            let translator = self.translator(connected);
+            for (index, (position, operation)) in forwarded.into_iter().enumerate() {
+                let status = match &results {
+                    Ok(results) => {
+                        apply_call_result(&translator, methods_to_call[position], &results[index])
+                    }
+                    Err(status) => {
+                        methods_to_call[position].set_status(*status);
+                        *status
+                    }
+                };
+                operations[operation].status = status;
+            }
+        }
+        for operation in operations {
+            self.finish(operation).await;
+        }
+        Ok(())
+    }
+}
+
+/// Copies a device's method result to the client's call; returns its status.
+fn apply_call_result(
+    translator: &Translator<'_>,
+    method: &mut MethodCall,
+    result: &CallMethodResult,
+) -> StatusCode {
+    let argument_results = result.input_argument_results.clone().unwrap_or_default();
+    if result.status_code == StatusCode::BadInvalidArgument
+        && argument_results.len() == method.arguments().len()
+    {
+        method.set_argument_error(argument_results);
+        return StatusCode::BadInvalidArgument;
+    }
+    let outputs = result
+        .output_arguments
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|value| translator.value_to_local(value))
+        .collect();
+    method.set_outputs(outputs);
+    method.set_status(result.status_code);
+    result.status_code
 }

@@ -1,11 +1,12 @@
 """A small OPC UA server that plays a plant's line controller.
 
-Run as `python opcua_plant.py PORT`: it serves, without security and for
-anonymous clients, the namespace `urn:plant:line1` with string node ids
-Line1, Line1.Press, Line1.Press.Temperature (21.5), Line1.Setpoint (40.0,
-writable) and Line1.Recipe ("R-17", writable) on 127.0.0.1:PORT. It prints
-`listening 127.0.0.1:PORT` once it accepts connections and runs until it
-is terminated.
+Run as `python opcua_plant.py PORT`. It serves the namespace
+`urn:plant:line1` on 127.0.0.1:PORT, without security and for anonymous
+clients. Its string node ids are Line1, Line1.Press, Line1.Press.Temperature
+(21.5), Line1.Setpoint (40.0, writable), Line1.Recipe ("R-17", writable),
+and the methods Line1.Scale (returns its Double argument times 2) and
+Line1.Purge (returns nothing). It prints `listening 127.0.0.1:PORT` once it
+accepts connections and runs until it is terminated.
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ import sys
 from asyncua import Server, ua
 
 NAMESPACE = "urn:plant:line1"
+
+
+def scale(parent, value):
+    return [ua.Variant(value.Value * 2, ua.VariantType.Double)]
+
+
+def purge(parent):
+    return []
 
 
 async def serve(port: int) -> None:
@@ -45,6 +54,14 @@ async def serve(port: int) -> None:
         ua.Variant("R-17", ua.VariantType.String),
     )
     await recipe.set_writable()
+    await line.add_method(
+        ua.NodeId("Line1.Scale", index),
+        ua.QualifiedName("Scale", index),
+        scale,
+        [ua.VariantType.Double],
+        [ua.VariantType.Double],
+    )
+    await line.add_method(ua.NodeId("Line1.Purge", index), ua.QualifiedName("Purge", index), purge, [], [])
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

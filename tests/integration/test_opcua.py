@@ -148,8 +148,13 @@ def setup(sluice_bin, plc_sim, tmp_path):
         "services": ["read"],
         "nodes": [f"nsu={PLANT_NAMESPACE};s=Line1.Press.Temperature"],
     }
+    call_rule = {
+        "device": "line1-ua",
+        "services": ["call"],
+        "nodes": [f"nsu={PLANT_NAMESPACE};s=Line1.Scale"],
+    }
     rules = {
-        "acme.toml": vendor_rule_file(vendor, [read_rule(), write_rule()]),
+        "acme.toml": vendor_rule_file(vendor, [read_rule(), write_rule(), call_rule]),
         "beta.toml": vendor_rule_file(beta, [beta_read]),
     }
 
@@ -478,3 +483,22 @@ def test_device_session_reconnects_after_restart(setup):
         timeout=30.0,
         what="reads to succeed after the device is back",
     )
+
+
+def test_call_allowed_method_only(setup):
+    async def session(client, index):
+        line = client.get_node(ua.NodeId("Line1", index))
+        doubled = await line.call_method(ua.NodeId("Line1.Scale", index), ua.Variant(4.0, ua.VariantType.Double))
+        with pytest.raises(ua.uaerrors.BadUserAccessDenied):
+            await line.call_method(ua.NodeId("Line1.Purge", index))
+        return doubled
+
+    assert run(setup, session) == 8.0
+    calls = setup["gateway"].wait_for_events(
+        lambda event: event.get("opcua", {}).get("service") == "call", count=2, what="two call decisions"
+    )
+    assert [(event["decision"], event["opcua"]["node_id"], event["opcua"]["status"]) for event in calls] == [
+        ("allow", "nsu=urn:plant:line1;s=Line1.Scale", "Good"),
+        ("deny", "nsu=urn:plant:line1;s=Line1.Purge", "BadUserAccessDenied"),
+    ]
+    assert calls[0]["rule"] == "acme.toml#3"
