@@ -27,6 +27,7 @@ mod namespaces;
 mod nodes;
 pub mod password;
 mod record;
+mod sampler;
 mod upstream;
 
 use upstream::{ClientIdentity, Upstream};
@@ -87,13 +88,16 @@ pub async fn start(
         let mode = plan.mode;
         let device = plan.device;
         let upstream = upstream.clone();
+        let stop = shutdown.clone();
         move |_context: opcua::server::node_manager::ServerContext| nodes::DeviceNodeManager {
             shared,
             listener,
             mode,
             device,
             upstream,
-            namespaces: RwLock::new(namespaces::Namespaces::default()),
+            namespaces: Arc::new(RwLock::new(namespaces::Namespaces::default())),
+            sampler: Arc::new(sampler::Sampler::default()),
+            stop,
         }
     };
     let authenticator = auth::VendorAuthenticator {

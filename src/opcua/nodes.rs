@@ -21,12 +21,17 @@ use opcua::types::{
     ObjectId, QualifiedName, ReadValueId, StatusCode, TimestampsToReturn, Variant, WriteValue,
 };
 
+use opcua::server::node_manager::MonitoredItemRef;
+use opcua::server::CreateMonitoredItem;
+use tokio_util::sync::CancellationToken;
+
 use crate::config::{Mode, OpcuaService};
 use crate::modbus::generation::Shared;
 use crate::policy::{Decision, OpcuaAccess, OpcuaContext, OpcuaDeviceId};
 
 use super::namespaces::{node_text, policy_node, Namespaces, Translator};
 use super::record::{record, Operation};
+use super::sampler::Sampler;
 use super::upstream::{Connected, Upstream};
 
 /// The mirror of one device on one listener.
@@ -36,7 +41,10 @@ pub struct DeviceNodeManager {
     pub mode: Mode,
     pub device: OpcuaDeviceId,
     pub upstream: Arc<Upstream>,
-    pub namespaces: RwLock<Namespaces>,
+    pub namespaces: Arc<RwLock<Namespaces>>,
+    pub sampler: Arc<Sampler>,
+    /// Stops the sampler with the listener.
+    pub stop: CancellationToken,
 }
 
 /// The outcome of deciding one operation.
@@ -381,6 +389,90 @@ impl NodeManager for DeviceNodeManager {
             }
         }
         namespaces.attach(context.type_tree.clone());
+        tokio::spawn(self.sampler.clone().run(
+            self.upstream.clone(),
+            self.namespaces.clone(),
+            context.subscriptions.clone(),
+            self.stop.clone(),
+        ));
+    }
+
+    /// Creates monitored items; each is decided as `subscribe` on its node
+    /// and starts with a value read from the device.
+    async fn create_monitored_items(
+        &self,
+        context: &RequestContext,
+        items: &mut [&mut CreateMonitoredItem],
+    ) -> Result<(), StatusCode> {
+        let connected = self.upstream.connected();
+        let mut operations = Vec::new();
+        let mut allowed = Vec::new();
+        let mut requests = Vec::new();
+        for (position, item) in items.iter_mut().enumerate() {
+            let read = item.item_to_monitor().clone();
+            let verdict = self.decide(context, OpcuaService::Subscribe, &read.node_id, None);
+            let mut operation = verdict.operation;
+            let device_node = connected
+                .as_ref()
+                .and_then(|connected| self.translator(connected).to_device(&read.node_id));
+            match (verdict.forward, device_node) {
+                (true, Some(device_node)) => {
+                    allowed.push((position, operations.len()));
+                    requests.push(ReadValueId {
+                        node_id: device_node,
+                        attribute_id: read.attribute_id as u32,
+                        index_range: read.index_range.clone(),
+                        data_encoding: QualifiedName::null(),
+                    });
+                }
+                (forward, _) => {
+                    let status = refusal_status(forward);
+                    item.set_status(status);
+                    operation.status = status;
+                }
+            }
+            operations.push(operation);
+        }
+
+        if let (Some(connected), false) = (&connected, requests.is_empty()) {
+            let request = connected
+                .session
+                .read(&requests, TimestampsToReturn::Both, 0.0);
+            let results = self.device_results(requests.len(), request).await;
+            let translator = self.translator(connected);
+            for (index, (position, operation)) in allowed.into_iter().enumerate() {
+                let item = &mut items[position];
+                match &results {
+                    Ok(values) => {
+                        let mut value = values[index].clone();
+                        value.value = value.value.map(|v| translator.value_to_local(v));
+                        item.set_initial_value(value);
+                        item.set_status(StatusCode::Good);
+                        let interval = std::time::Duration::from_secs_f64(
+                            (item.sampling_interval().max(0.0)) / 1000.0,
+                        );
+                        self.sampler
+                            .add(item.item_to_monitor(), item.handle(), interval);
+                        operations[operation].status = StatusCode::Good;
+                    }
+                    Err(status) => {
+                        item.set_status(*status);
+                        operations[operation].status = *status;
+                    }
+                }
+            }
+        }
+        for operation in operations {
+            self.finish(operation).await;
+        }
+        Ok(())
+    }
+
+    async fn delete_monitored_items(&self, _context: &RequestContext, items: &[&MonitoredItemRef]) {
+        for item in items {
+            self.sampler
+                .remove(item.node_id(), item.attribute(), item.handle());
+        }
     }
 
     async fn browse(

@@ -77,6 +77,17 @@ class Plant:
 
         return asyncio.run(read_value())
 
+    def write(self, node: str, value: float) -> None:
+        """Write a Double straight to the plant, bypassing sluice."""
+
+        async def write_value():
+            async with Client(self.endpoint, timeout=REQUEST_TIMEOUT) as client:
+                index = await client.get_namespace_index(PLANT_NAMESPACE)
+                variant = ua.Variant(value, ua.VariantType.Double)
+                await client.get_node(ua.NodeId(node, index)).write_value(ua.DataValue(variant))
+
+        asyncio.run(write_value())
+
     def stop(self) -> None:
         self.process.stop()
 
@@ -84,7 +95,7 @@ class Plant:
 def read_rule() -> dict:
     return {
         "device": "line1-ua",
-        "services": ["browse", "read"],
+        "services": ["browse", "read", "subscribe"],
         "nodes": [
             f"nsu={PLANT_NAMESPACE};s=Line1",
             f"nsu={PLANT_NAMESPACE};s=Line1.Press*",
@@ -502,3 +513,46 @@ def test_call_allowed_method_only(setup):
         ("deny", "nsu=urn:plant:line1;s=Line1.Purge", "BadUserAccessDenied"),
     ]
     assert calls[0]["rule"] == "acme.toml#3"
+
+
+class Changes:
+    """An asyncua subscription handler that keeps every data change."""
+
+    def __init__(self):
+        self.values: list = []
+
+    def datachange_notification(self, node, value, data) -> None:
+        self.values.append(value)
+
+
+def test_subscription_reports_device_changes(setup):
+    async def session(client, index):
+        changes = Changes()
+        subscription = await client.create_subscription(100, changes)
+        await subscription.subscribe_data_change(client.get_node(ua.NodeId("Line1.Setpoint", index)))
+        with pytest.raises(ua.uaerrors.BadUserAccessDenied):
+            await subscription.subscribe_data_change(client.get_node(ua.NodeId("Line1.Recipe", index)))
+        await wait_async(lambda: changes.values == [40.0], "the initial value")
+        await asyncio.to_thread(setup["plant"].write, "Line1.Setpoint", 42.0)
+        await wait_async(lambda: changes.values == [40.0, 42.0], "the changed value")
+        await subscription.delete()
+        return changes.values
+
+    assert run(setup, session) == [40.0, 42.0]
+    events = setup["gateway"].wait_for_events(
+        lambda event: event.get("opcua", {}).get("service") == "subscribe", count=2, what="two subscribe decisions"
+    )
+    subscribes = [(event["decision"], event["opcua"]["node_id"], event["opcua"]["status"]) for event in events]
+    assert subscribes == [
+        ("allow", "nsu=urn:plant:line1;s=Line1.Setpoint", "Good"),
+        ("deny", "nsu=urn:plant:line1;s=Line1.Recipe", "BadUserAccessDenied"),
+    ]
+
+
+async def wait_async(condition, what: str, timeout: float = harness.POLL_TIMEOUT) -> None:
+    """Poll `condition` inside a running event loop until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(harness.POLL_INTERVAL)
