@@ -115,8 +115,9 @@ def write_rule() -> dict:
 
 
 @pytest.fixture
-def setup(sluice_bin, plc_sim, tmp_path):
-    """The plant, the PLC for the state, and sluice with one OPC UA listener."""
+def setup(request, sluice_bin, plc_sim, tmp_path):
+    """The plant, the PLC for the state, and sluice with one OPC UA listener
+    in the mode given as the fixture's parameter, `enforce` by default."""
     folder = tmp_path / "opcua"
     folder.mkdir()
     plant = Plant(folder)
@@ -134,6 +135,7 @@ def setup(sluice_bin, plc_sim, tmp_path):
         "protocol": "opcua",
         "bind": "127.0.0.1:0",
         "device": "line1-ua",
+        "mode": getattr(request, "param", "enforce"),
         "opcua": {
             "application_uri": SLUICE_URI,
             "certificate": str(server_certificate),
@@ -556,3 +558,18 @@ async def wait_async(condition, what: str, timeout: float = harness.POLL_TIMEOUT
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(harness.POLL_INTERVAL)
+
+
+@pytest.mark.parametrize("setup", ["monitor"], indirect=True)
+def test_monitor_mode_forwards_denied_read(setup):
+    async def session(client, index):
+        return await client.get_node(ua.NodeId("Line1.Recipe", index)).read_value()
+
+    assert run(setup, session) == "R-17"
+    (denied,) = setup["gateway"].wait_for_events(
+        lambda event: event.get("opcua", {}).get("node_id") == "nsu=urn:plant:line1;s=Line1.Recipe",
+        what="the decision on Line1.Recipe",
+    )
+    assert denied["decision"] == "deny"
+    assert denied["enforced"] is False
+    assert denied["opcua"]["status"] == "Good"
