@@ -71,6 +71,10 @@ impl DeviceNodeManager {
         let vendor = policy
             .vendor_id(vendor_name)
             .ok_or("vendor not in the current policy")?;
+        // Quarantine also ends what open sessions may do, not only new ones.
+        if self.shared.quarantine.is_quarantined(vendor_name) {
+            return Err("vendor quarantined");
+        }
         let uri = self
             .namespaces
             .read()

@@ -7,8 +7,10 @@ Modbus PLC."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,6 +94,31 @@ class Plant:
         self.process.stop()
 
 
+class AdminGateway(harness.StateGateway):
+    """`sluice run` with states and a control socket in a short folder of
+    its own, because Unix socket paths are limited to 108 bytes."""
+
+    def __init__(self, sluice_bin, workdir, listeners, devices, states, rules):
+        self.workdir = workdir
+        self.name = "test-gw"
+        self.socket_folder = Path(tempfile.mkdtemp(prefix="sluice-ua-"))
+        self.config_path = harness.write_state_config(workdir, listeners, devices, states, rules)
+        admin = harness.toml_table("[admin]", {"socket": str(self.socket_folder / "control.sock")})
+        self.config_path.write_text(self.config_path.read_text() + "\n" + admin)
+        self.sluice_bin = sluice_bin
+        self._launch(sluice_bin, len(listeners))
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [self.sluice_bin, "ctl", "--config", str(self.config_path), *args],
+            capture_output=True, text=True, timeout=REQUEST_TIMEOUT,
+        )
+
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self.socket_folder, ignore_errors=True)
+
+
 def read_rule() -> dict:
     return {
         "device": "line1-ua",
@@ -173,7 +200,7 @@ def setup(request, sluice_bin, plc_sim, tmp_path):
 
     gateway_folder = folder / "gateway"
     gateway_folder.mkdir()
-    gateway = harness.StateGateway(sluice_bin, gateway_folder, [listener], devices, states, rules)
+    gateway = AdminGateway(sluice_bin, gateway_folder, [listener], devices, states, rules)
     plc = modbus_client(plc_sim.port)
     state = {
         "folder": folder,
@@ -573,3 +600,21 @@ def test_monitor_mode_forwards_denied_read(setup):
     assert denied["decision"] == "deny"
     assert denied["enforced"] is False
     assert denied["opcua"]["status"] == "Good"
+
+
+def test_quarantine_ends_open_session_access(setup):
+    async def session(client, index):
+        node = client.get_node(ua.NodeId("Line1.Press.Temperature", index))
+        before = await node.read_value()
+        quarantined = await asyncio.to_thread(setup["gateway"].ctl, "quarantine", "acme")
+        assert quarantined.returncode == 0, quarantined.stderr
+        with pytest.raises(ua.uaerrors.BadUserAccessDenied):
+            await node.read_value()
+        return before
+
+    assert run(setup, session) == 21.5
+    (denied,) = setup["gateway"].wait_for_events(
+        lambda event: event.get("reason") == "vendor quarantined",
+        what="the decision denied by the quarantine",
+    )
+    assert denied["opcua"]["status"] == "BadUserAccessDenied"
