@@ -47,11 +47,13 @@ fn base_config(devices: usize) -> Config {
             limits: ListenerLimits::default(),
             mirror_only: false,
             tls: None,
+            opcua: None,
             origin: Origin::unknown(),
         }],
         devices: (0..devices)
             .map(|i| DeviceConfig::new(&format!("device-{i}"), "127.0.0.1:5021".parse().unwrap()))
             .collect(),
+        opcua_devices: Vec::new(),
         states: Vec::new(),
         audit: AuditConfig::new("audit".into()),
         metrics: None,
@@ -85,6 +87,8 @@ fn config_with_rules(rules: usize) -> Config {
             certificate: Default::default(),
             rate: None,
             rules: vendor_rules,
+            opcua_users: Vec::new(),
+            opcua_user_certificates: Vec::new(),
             origin: Origin::unknown(),
         });
     }
@@ -143,6 +147,8 @@ fn config_with_conditions() -> Config {
         certificate: Default::default(),
         rate: None,
         rules: vec![conditional_write(0)],
+        opcua_users: Vec::new(),
+        opcua_user_certificates: Vec::new(),
         origin: Origin::unknown(),
     });
     config

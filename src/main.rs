@@ -64,6 +64,9 @@ enum Command {
         #[command(subcommand)]
         command: CtlCommand,
     },
+    /// Read a password on standard input and print its argon2id hash in PHC
+    /// form, for `password_hash` in a vendor's `opcua_users`.
+    HashPassword,
     /// Write the man page and the bash, zsh and fish completions into DIR.
     #[command(hide = true)]
     GenerateAssets { dir: PathBuf },
@@ -199,6 +202,7 @@ fn main() -> ExitCode {
             command.into_request(),
             json,
         )),
+        Command::HashPassword => hash_password(),
         Command::GenerateAssets { dir } => generate_assets(&dir),
         Command::Demo => run_async(sluice::demo::run()),
         Command::PlcSim { bind, log } => run_async(plc_sim(bind, log)),
@@ -215,6 +219,32 @@ fn main() -> ExitCode {
             client_ca,
             out,
         })),
+    }
+}
+
+/// Reads one line from standard input, without its line ending, and prints
+/// its hash. An empty password is refused: it would let anyone in.
+fn hash_password() -> ExitCode {
+    let mut line = String::new();
+    if let Err(error) = std::io::stdin().read_line(&mut line) {
+        eprintln!("error: failed to read the password from standard input: {error}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        eprintln!("error: empty password; write the password on standard input");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    match sluice::opcua::password::hash_password(password) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: failed to hash the password: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -15,7 +15,8 @@ use super::syntax::parse_range;
 use super::tls::ListenerTls;
 use super::{
     AuditConfig, AuditSync, DeviceConfig, GatewayConfig, ListenerConfig, ListenerLimits,
-    ListenerTarget, MetricsConfig, Mode, OnDeny, StateConfig, StateKind, StateValueConfig,
+    ListenerTarget, MetricsConfig, Mode, OnDeny, OpcuaDeviceConfig, StateConfig, StateKind,
+    StateValueConfig,
 };
 
 /// The time zone of plants this gateway was first built for; any IANA name
@@ -31,9 +32,14 @@ pub(super) struct LoadedGateway {
     pub gateway: GatewayConfig,
     pub listeners: Vec<ListenerConfig>,
     pub devices: Vec<DeviceConfig>,
+    pub opcua_devices: Vec<OpcuaDeviceConfig>,
     pub states: Vec<StateConfig>,
     pub audit: AuditConfig,
     pub metrics: Option<MetricsConfig>,
+    /// Names of the devices with `protocol = "opcua"`, valid or not.
+    pub opcua_device_names: Vec<String>,
+    /// The folder of the gateway file, which relative paths start from.
+    pub base: std::path::PathBuf,
     /// Every device name written, valid or not, so that a device with a bad
     /// setting does not also make every rule naming it fail.
     pub device_names: Vec<String>,
@@ -76,8 +82,14 @@ pub(super) fn load(path: &Path, report: &mut Report) -> Option<LoadedGateway> {
         .iter()
         .map(|d| d.name.get_ref().clone())
         .collect();
-    let devices = check.devices(&file.device, base);
-    let listeners = check.listeners(&file.listener, &device_names, base);
+    let opcua_device_names: Vec<String> = file
+        .device
+        .iter()
+        .filter(|d| d.protocol.as_ref().is_some_and(|p| p.get_ref() == "opcua"))
+        .map(|d| d.name.get_ref().clone())
+        .collect();
+    let (devices, opcua_devices) = check.devices(&file.device, base);
+    let listeners = check.listeners(&file.listener, &device_names, &opcua_device_names, base);
     check.mirror_only_targets(&file.listener, &file.device);
     let (states, state_values) = check.states(&file.state, &device_names);
     let mut audit = check.audit(file.audit.as_ref(), base);
@@ -104,9 +116,12 @@ pub(super) fn load(path: &Path, report: &mut Report) -> Option<LoadedGateway> {
         tls_listener_written,
         listeners,
         devices,
+        opcua_devices,
         states,
         audit,
         metrics,
+        opcua_device_names,
+        base: base.to_path_buf(),
         device_names,
         state_values,
         rules_origin,
@@ -291,6 +306,7 @@ impl Checker<'_> {
         &mut self,
         sections: &[raw::ListenerSection],
         device_names: &[String],
+        opcua_device_names: &[String],
         base: &Path,
     ) -> Vec<ListenerConfig> {
         let mut names = HashMap::new();
@@ -323,9 +339,15 @@ impl Checker<'_> {
                 OnDeny::Exception,
             );
             let target = self.listener_target(&key, section, device_names);
+            let target =
+                target.filter(|target| self.target_kind(&key, section, target, opcua_device_names));
+            let opcua = match &section.opcua {
+                Some(table) if protocol_ok => self.opcua_listener(&key, table, base).map(Some),
+                _ => Some(None),
+            };
             let limits = self.limits(&key, section.limits.as_ref());
-            if let (true, Some(bind), Some(mode), Some(on_deny), Some(target)) =
-                (protocol_ok, bind, mode, on_deny, target)
+            if let (true, Some(bind), Some(mode), Some(on_deny), Some(target), Some(opcua)) =
+                (protocol_ok, bind, mode, on_deny, target, opcua)
             {
                 listeners.push(ListenerConfig {
                     name: section.name.get_ref().clone(),
@@ -336,6 +358,7 @@ impl Checker<'_> {
                     limits,
                     mirror_only: section.mirror_only.as_ref().is_some_and(|v| *v.get_ref()),
                     tls,
+                    opcua,
                     origin: self.at(&section.name),
                 });
             }
@@ -352,33 +375,40 @@ impl Checker<'_> {
         base: &Path,
     ) -> (bool, Option<ListenerTls>) {
         let mut secure = false;
+        let mut is_opcua = false;
         if let Some(protocol) = &section.protocol {
             let name = protocol.get_ref();
-            let problem = match name.as_str() {
-                "modbus" => None,
-                "modbus-tls" => {
-                    secure = true;
-                    None
+            match name.as_str() {
+                "modbus" => {}
+                "modbus-tls" => secure = true,
+                "opcua" => is_opcua = true,
+                _ => {
+                    self.error(
+                        protocol,
+                        format!("{key}.protocol: unknown protocol \"{name}\"; use \"modbus\", \"modbus-tls\" or \"opcua\""),
+                    );
+                    return (false, None);
                 }
-                "opcua" => Some(format!("\"{name}\" is not supported by this build")),
-                _ => Some(format!("unknown protocol \"{name}\"")),
-            };
-            if let Some(problem) = problem {
-                self.error(
-                    protocol,
-                    format!("{key}.protocol: {problem}; use \"modbus\" or \"modbus-tls\""),
-                );
-                return (false, None);
             }
         }
 
         let mut ok = true;
-        if let Some(value) = &section.opcua {
-            self.error(
-                value,
-                format!("{key}.opcua: not supported by this build; remove the key"),
-            );
-            ok = false;
+        match (&section.opcua, is_opcua) {
+            (Some(value), false) => {
+                self.error(
+                    value,
+                    format!("{key}.opcua: only an \"opcua\" listener takes this key; set protocol = \"opcua\" or remove the key"),
+                );
+                ok = false;
+            }
+            (None, true) => {
+                self.error(
+                    &section.name,
+                    format!("{key}.opcua: missing; an \"opcua\" listener needs application_uri, certificate and private_key"),
+                );
+                ok = false;
+            }
+            _ => {}
         }
         match (&section.tls, secure) {
             (Some(tls), true) => {
@@ -400,6 +430,58 @@ impl Checker<'_> {
                 (false, None)
             }
             (None, false) => (ok, None),
+        }
+    }
+
+    /// Checks that a listener reaches devices of its own protocol: an OPC UA
+    /// listener mirrors one OPC UA device, a Modbus listener only Modbus devices.
+    fn target_kind(
+        &mut self,
+        key: &str,
+        section: &raw::ListenerSection,
+        target: &ListenerTarget,
+        opcua_device_names: &[String],
+    ) -> bool {
+        let is_opcua = section.opcua.is_some();
+        match target {
+            ListenerTarget::Device(device) => {
+                let problem = match (is_opcua, opcua_device_names.contains(device)) {
+                    (true, false) => {
+                        "is not an OPC UA device; name a device with protocol = \"opcua\""
+                    }
+                    (false, true) => {
+                        "is an OPC UA device; a \"modbus\" listener needs a Modbus device"
+                    }
+                    _ => return true,
+                };
+                let at = section
+                    .device
+                    .as_ref()
+                    .map_or_else(|| self.at(&section.name), |d| self.at(d));
+                self.report
+                    .error(&at, format!("{key}.device: \"{device}\" {problem}"));
+                false
+            }
+            ListenerTarget::Routes(_) if is_opcua => {
+                self.error(
+                    &section.name,
+                    format!("{key}.routes: an \"opcua\" listener mirrors one device; set device instead"),
+                );
+                false
+            }
+            ListenerTarget::Routes(table) => {
+                let mut ok = true;
+                for (unit, device) in table {
+                    if opcua_device_names.contains(device) {
+                        self.error(
+                            &section.name,
+                            format!("{key}.routes.\"{unit}\": \"{device}\" is an OPC UA device; route unit ids to Modbus devices"),
+                        );
+                        ok = false;
+                    }
+                }
+                ok
+            }
         }
     }
 
@@ -592,17 +674,28 @@ impl Checker<'_> {
         }
     }
 
-    fn devices(&mut self, sections: &[raw::DeviceSection], base: &Path) -> Vec<DeviceConfig> {
+    fn devices(
+        &mut self,
+        sections: &[raw::DeviceSection],
+        base: &Path,
+    ) -> (Vec<DeviceConfig>, Vec<OpcuaDeviceConfig>) {
         let mut names = HashMap::new();
         let mut devices = Vec::new();
+        let mut opcua_devices = Vec::new();
         for (index, section) in sections.iter().enumerate() {
             let key = format!("device[{}]", index + 1);
             self.unique_name(&format!("{key}.name"), "device", &section.name, &mut names);
-            if let Some(device) = self.device(&key, section, base) {
+            let is_opcua = section
+                .protocol
+                .as_ref()
+                .is_some_and(|p| p.get_ref() == "opcua");
+            if is_opcua {
+                opcua_devices.extend(self.opcua_device(&key, section, base));
+            } else if let Some(device) = self.device(&key, section, base) {
                 devices.push(device);
             }
         }
-        devices
+        (devices, opcua_devices)
     }
 
     fn device(
@@ -613,18 +706,35 @@ impl Checker<'_> {
     ) -> Option<DeviceConfig> {
         if let Some(protocol) = &section.protocol {
             let name = protocol.get_ref();
-            let problem = match name.as_str() {
-                "modbus" => None,
-                "opcua" => Some(format!("\"{name}\" is not supported by this build")),
-                _ => Some(format!("unknown protocol \"{name}\"")),
-            };
-            if let Some(problem) = problem {
+            if name != "modbus" {
                 self.error(
                     protocol,
-                    format!("{key}.protocol: {problem}; use \"modbus\""),
+                    format!(
+                        "{key}.protocol: unknown protocol \"{name}\"; use \"modbus\" or \"opcua\""
+                    ),
                 );
                 return None;
             }
+        }
+        let opcua_keys = [
+            ("endpoint", &section.endpoint),
+            ("security_policy", &section.security_policy),
+            ("security_mode", &section.security_mode),
+            ("username", &section.username),
+            ("password_file", &section.password_file),
+        ];
+        let mut opcua_key_found = false;
+        for (field, value) in opcua_keys {
+            if let Some(value) = value {
+                self.error(
+                    value,
+                    format!("{key}.{field}: an OPC UA key on a Modbus device; set protocol = \"opcua\" or remove the key"),
+                );
+                opcua_key_found = true;
+            }
+        }
+        if opcua_key_found {
+            return None;
         }
 
         let address = match &section.address {

@@ -14,6 +14,7 @@ mod detect;
 mod diagnostic;
 mod gateway;
 mod mirror;
+mod opcua;
 mod raw;
 mod rules;
 mod service;
@@ -27,6 +28,11 @@ pub use detect::{
 };
 pub use diagnostic::{Diagnostic, Diagnostics, Origin};
 pub use mirror::kind_name;
+pub use opcua::{
+    certificate_der, certificate_thumbprint, NodeIdPattern, NodePattern, OpcuaDeviceConfig,
+    OpcuaListenerConfig, OpcuaRuleConfig, OpcuaService, OpcuaUser, UaSecurityMode,
+    UaSecurityPolicy, ValueRange,
+};
 pub use service::{load_service, AdminConfig, ServiceConfig, MAX_SOCKET_PATH};
 pub use syntax::{function_code, function_name, MAX_FUNCTION_CODE};
 pub use tls::{DeviceTls, ExpiryKind, ListenerTls, TlsClient, TlsExpiry, TlsServer};
@@ -38,6 +44,8 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub listeners: Vec<ListenerConfig>,
     pub devices: Vec<DeviceConfig>,
+    /// Devices with `protocol = "opcua"`.
+    pub opcua_devices: Vec<OpcuaDeviceConfig>,
     pub states: Vec<StateConfig>,
     pub audit: AuditConfig,
     pub metrics: Option<MetricsConfig>,
@@ -124,6 +132,8 @@ pub struct ListenerConfig {
     /// Set on a `modbus-tls` listener, which identifies vendors by their
     /// client certificate.
     pub tls: Option<ListenerTls>,
+    /// The server settings of an `opcua` listener; `None` for Modbus.
+    pub opcua: Option<OpcuaListenerConfig>,
     pub origin: Origin,
 }
 
@@ -345,7 +355,19 @@ pub struct VendorConfig {
     /// Limits on every request of this vendor, decided or denied.
     pub rate: Option<RateConfig>,
     pub rules: Vec<RuleConfig>,
+    /// Users identified by username and password on OPC UA listeners.
+    pub opcua_users: Vec<OpcuaUser>,
+    /// SHA-1 thumbprints of X.509 user certificates on OPC UA listeners.
+    pub opcua_user_certificates: Vec<[u8; 20]>,
     pub origin: Origin,
+}
+
+impl VendorConfig {
+    /// Returns true when the vendor is identified on OPC UA listeners by a
+    /// user token.
+    pub fn has_opcua_identity(&self) -> bool {
+        !self.opcua_users.is_empty() || !self.opcua_user_certificates.is_empty()
+    }
 }
 
 /// A request rate in thousandths of a request per second, so that limits
@@ -470,6 +492,9 @@ pub struct RuleConfig {
     pub when: WhenConfig,
     /// Limits on the requests this rule allows.
     pub rate: Option<RateConfig>,
+    /// The services and nodes of a rule for an OPC UA device, whose Modbus
+    /// fields are then empty.
+    pub opcua: Option<OpcuaRuleConfig>,
     pub origin: Origin,
 }
 
@@ -486,6 +511,7 @@ impl RuleConfig {
             quantity: None,
             when: WhenConfig::default(),
             rate: None,
+            opcua: None,
             origin: Origin::unknown(),
         }
     }
@@ -522,6 +548,7 @@ pub fn load_with_detection(
         gateway: gateway.gateway,
         listeners: gateway.listeners,
         devices: gateway.devices,
+        opcua_devices: gateway.opcua_devices,
         states: gateway.states,
         audit: gateway.audit,
         metrics: gateway.metrics,

@@ -55,8 +55,20 @@ pub(super) struct ListenerSection {
     pub routes: Option<SpannedMap>,
     pub limits: Option<LimitsSection>,
     pub tls: Option<Spanned<ListenerTlsSection>>,
-    pub opcua: Option<Spanned<toml::Value>>,
+    pub opcua: Option<Spanned<OpcuaListenerSection>>,
     pub mirror_only: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct OpcuaListenerSection {
+    pub application_uri: Option<Spanned<String>>,
+    pub certificate: Option<Spanned<String>>,
+    pub private_key: Option<Spanned<String>>,
+    pub client_ca: Option<Spanned<String>>,
+    pub crl: Option<Vec<Spanned<String>>>,
+    pub security_policies: Option<Spanned<Vec<Spanned<String>>>>,
+    pub allow_none: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +106,11 @@ pub(super) struct DeviceSection {
     pub backoff_max_ms: Option<Spanned<i64>>,
     pub mirror: Option<Vec<Spanned<MirrorSection>>>,
     pub tls: Option<Spanned<DeviceTlsSection>>,
+    pub endpoint: Option<Spanned<String>>,
+    pub security_policy: Option<Spanned<String>>,
+    pub security_mode: Option<Spanned<String>>,
+    pub username: Option<Spanned<String>>,
+    pub password_file: Option<Spanned<String>>,
 }
 
 /// One block of a device's `mirror` list.
@@ -197,8 +214,8 @@ pub(super) struct VendorSection {
     pub certificate_san: Option<Vec<Spanned<String>>>,
     pub certificate_sha256: Option<Vec<Spanned<String>>>,
     pub modbus_role: Option<Vec<Spanned<String>>>,
-    pub opcua_users: Option<Spanned<toml::Value>>,
-    pub opcua_user_certificates: Option<Spanned<toml::Value>>,
+    pub opcua_users: Option<Vec<Spanned<OpcuaUserSection>>>,
+    pub opcua_user_certificates: Option<Vec<Spanned<String>>>,
     pub rate: Option<Spanned<RateSection>>,
     pub on_anomaly: Option<OnAnomalySection>,
 }
@@ -244,8 +261,15 @@ pub(super) struct AllowSection {
     pub quantity: Option<Spanned<Scalar>>,
     pub when: Option<WhenSection>,
     pub rate: Option<Spanned<RateSection>>,
-    pub services: Option<Spanned<toml::Value>>,
-    pub nodes: Option<Spanned<toml::Value>>,
+    pub services: Option<Spanned<Vec<Spanned<String>>>>,
+    pub nodes: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct OpcuaUserSection {
+    pub username: Spanned<String>,
+    pub password_hash: Spanned<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -75,6 +75,7 @@ pub(super) fn load(
     let mut vendors = Vec::new();
     let mut vendor_names: HashMap<String, Origin> = HashMap::new();
     let mut sources = Vec::new();
+    let mut opcua_users: HashMap<String, (String, Origin)> = HashMap::new();
     for path in paths {
         files.push(path.clone());
         let text = match std::fs::read_to_string(&path) {
@@ -104,13 +105,14 @@ pub(super) fn load(
             &mut vendor_names,
         );
         let vendor = check.vendor(&path, &file);
+        check.unique_opcua_users(&vendor, &file.vendor, &mut opcua_users);
         if let Some(section) = &file.vendor.on_anomaly {
             if let Some(containment) = check.checker.on_anomaly(section) {
                 on_anomaly.push((vendor.name.clone(), containment));
             }
         }
         let written = file.vendor.sources.as_deref().unwrap_or_default();
-        if vendor.certificate.is_empty() {
+        if vendor.certificate.is_empty() && !vendor.has_opcua_identity() {
             for (index, text) in written.iter().enumerate() {
                 let Some(net) = parse_net(text.get_ref().trim()) else {
                     continue;
@@ -266,6 +268,33 @@ struct RuleChecker<'a> {
 }
 
 impl RuleChecker<'_> {
+    /// Reports an OPC UA username that an earlier vendor already has: a
+    /// session must identify exactly one vendor.
+    fn unique_opcua_users(
+        &mut self,
+        vendor: &VendorConfig,
+        section: &raw::VendorSection,
+        seen: &mut HashMap<String, (String, Origin)>,
+    ) {
+        for (index, entry) in section.opcua_users.iter().flatten().enumerate() {
+            let username = &entry.get_ref().username;
+            let at = self.checker.at(username);
+            match seen.get(username.get_ref()) {
+                Some((owner, first)) => self.checker.report.error(
+                    &at,
+                    format!(
+                        "vendor.opcua_users[{}].username: \"{}\" is already a user of vendor \"{owner}\" at {first}; give every OPC UA user to one vendor",
+                        index + 1,
+                        username.get_ref()
+                    ),
+                ),
+                None => {
+                    seen.insert(username.get_ref().clone(), (vendor.name.clone(), at));
+                }
+            }
+        }
+    }
+
     fn vendor(&mut self, path: &Path, file: &raw::RuleFile) -> VendorConfig {
         let section = &file.vendor;
         let sources = match &section.sources {
@@ -278,17 +307,17 @@ impl RuleChecker<'_> {
                 .map(|n| n as usize)
         });
 
-        for (key, value) in [
-            ("opcua_users", &section.opcua_users),
-            ("opcua_user_certificates", &section.opcua_user_certificates),
-        ] {
-            if let Some(value) = value {
-                self.checker.error(
-                    value,
-                    format!("vendor.{key}: OPC UA is not supported by this build; remove the key"),
-                );
-            }
-        }
+        let opcua_users = self
+            .checker
+            .opcua_users(section.opcua_users.as_deref().unwrap_or_default());
+        let opcua_user_certificates = self.checker.opcua_user_certificates(
+            section
+                .opcua_user_certificates
+                .as_deref()
+                .unwrap_or_default(),
+            &self.gateway.base,
+        );
+        let opcua_identity = !opcua_users.is_empty() || !opcua_user_certificates.is_empty();
 
         let certificate = self.certificate_matchers(section);
         if !certificate.is_empty() {
@@ -298,7 +327,7 @@ impl RuleChecker<'_> {
                     "vendor: certificate matchers apply only on modbus-tls listeners and gateway.toml has none, so this vendor never connects",
                 );
             }
-        } else if sources.is_empty() {
+        } else if sources.is_empty() && !opcua_identity {
             self.checker.warning(
                 &section.name,
                 "vendor.sources: missing or empty, so this vendor never connects; list its networks, as [\"10.50.0.0/16\"]",
@@ -327,6 +356,8 @@ impl RuleChecker<'_> {
             certificate,
             rate,
             rules,
+            opcua_users,
+            opcua_user_certificates,
             origin: self.checker.at(&section.name),
         }
     }
@@ -430,11 +461,18 @@ impl RuleChecker<'_> {
         allow: &raw::AllowSection,
         vendor_sources: &[IpNet],
     ) -> Option<RuleConfig> {
+        if self
+            .gateway
+            .opcua_device_names
+            .contains(allow.device.get_ref())
+        {
+            return self.opcua_rule(key, allow, vendor_sources);
+        }
         for (field, value) in [("services", &allow.services), ("nodes", &allow.nodes)] {
             if let Some(value) = value {
                 self.checker.error(
                     value,
-                    format!("{key}.{field}: OPC UA rules are not supported by this build; remove the key"),
+                    format!("{key}.{field}: an OPC UA key in a rule for a Modbus device; use functions and addresses"),
                 );
             }
         }
@@ -478,6 +516,7 @@ impl RuleChecker<'_> {
             quantity: quantity?,
             when: when?,
             rate,
+            opcua: None,
             origin: self.checker.at(&allow.device),
         };
         if !device_ok {
@@ -485,6 +524,32 @@ impl RuleChecker<'_> {
         }
         self.warn_unmatchable(key, allow, &rule);
         Some(rule)
+    }
+
+    /// Checks a rule for an OPC UA device: services, nodes, numeric values
+    /// and the same `when` conditions and rate limits as a Modbus rule.
+    fn opcua_rule(
+        &mut self,
+        key: &str,
+        allow: &raw::AllowSection,
+        vendor_sources: &[IpNet],
+    ) -> Option<RuleConfig> {
+        let opcua = self.checker.opcua_rule(key, allow);
+        let when = self.when(key, allow, vendor_sources);
+        let rate = self.rate(&format!("{key}.rate"), allow.rate.as_ref());
+        Some(RuleConfig {
+            device: allow.device.get_ref().clone(),
+            functions: Vec::new(),
+            addresses: Vec::new(),
+            values: None,
+            sub_functions: None,
+            mei_types: None,
+            quantity: None,
+            when: when?,
+            rate,
+            opcua: Some(opcua?),
+            origin: self.checker.at(&allow.device),
+        })
     }
 
     fn functions(&mut self, key: &str, allow: &raw::AllowSection) -> Option<Vec<u8>> {

@@ -678,7 +678,7 @@ fn missing_rules_folder_is_reported() {
 }
 
 #[test]
-fn unsupported_protocols_and_keys_are_named() {
+fn opcua_parts_mixed_with_modbus_are_named() {
     let gateway = GATEWAY.replace(
         "[[device]]\nname = \"oven-2\"",
         "[[device]]\nname = \"oven-2\"\nprotocol = \"opcua\"",
@@ -689,9 +689,136 @@ fn unsupported_protocols_and_keys_are_named() {
     assert_eq!(
         errors,
         [
-            "gateway.toml:15:12: device[2].protocol: \"opcua\" is not supported by this build; use \"modbus\"",
-            "rules/acme.toml:4:15: vendor.opcua_users: OPC UA is not supported by this build; remove the key",
-            "rules/acme.toml:10:9: allow[1].nodes: OPC UA rules are not supported by this build; remove the key",
+            "gateway.toml:16:11: device[2].address: a Modbus key on an OPC UA device; remove it",
+            "gateway.toml:17:8: device[2].unit: a Modbus key on an OPC UA device; remove it",
+            "gateway.toml:14:8: device[2].endpoint: missing; set endpoint = \"opc.tcp://HOST:PORT\"",
+            "gateway.toml:5:8: listener[1].routes.\"2\": \"oven-2\" is an OPC UA device; route unit ids to Modbus devices",
+            "rules/acme.toml:10:9: allow[1].nodes: an OPC UA key in a rule for a Modbus device; use functions and addresses",
+        ]
+    );
+}
+
+/// A gateway with one OPC UA listener mirroring one OPC UA device.
+const OPCUA_GATEWAY: &str = r#"[gateway]
+name = "edge-01"
+
+[[listener]]
+name = "ua"
+protocol = "opcua"
+bind = "127.0.0.1:4840"
+device = "line1-ua"
+opcua = { application_uri = "urn:sluice:edge-01", certificate = "pki/sluice-ua.crt", private_key = "pki/sluice-ua.key", security_policies = ["Basic256Sha256", "Aes256_Sha256_RsaPss"] }
+
+[[device]]
+name = "line1-ua"
+protocol = "opcua"
+endpoint = "opc.tcp://127.0.0.1:4841"
+timeout_ms = 1500
+
+[[state]]
+name = "line1-mode"
+device = "line1-ua"
+holding_register = 900
+values = { 0 = "production", 1 = "maintenance" }
+"#;
+
+/// An argon2id hash of "secret", made with `sluice hash-password`.
+const SECRET_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$aPTLRhxnnzv2bDxochbdsA$kBSPHWM0erQm2z0y69nORTzBce+jd2N6gmFV9eEOyK8";
+
+#[test]
+fn opcua_listener_device_and_rules_load() {
+    let rules = format!(
+        r#"[vendor]
+name = "acme"
+opcua_users = [{{ username = "acme-eng", password_hash = "{SECRET_HASH}" }}]
+
+[[allow]]
+device = "line1-ua"
+services = ["browse", "read"]
+nodes = ["nsu=urn:plant:line1;s=Line1.*", "nsu=urn:plant:line1;i=7"]
+
+[[allow]]
+device = "line1-ua"
+services = ["write"]
+nodes = ["nsu=urn:plant:line1;s=Line1.Setpoint"]
+values = "0-100"
+when.state = {{ "line1-mode" = "maintenance" }}
+"#
+    );
+    let dir = write(OPCUA_GATEWAY, &[("acme.toml", &rules)]);
+    let (config, warnings) = load(&dir.path().join("gateway.toml")).unwrap();
+    assert_eq!(lines(dir.path(), &warnings), Vec::<String>::new());
+
+    let listener = &config.listeners[0];
+    let server = listener.opcua.as_ref().unwrap();
+    assert_eq!(server.application_uri, "urn:sluice:edge-01");
+    assert_eq!(server.certificate, dir.path().join("pki/sluice-ua.crt"));
+    assert_eq!(
+        server.security_policies,
+        [
+            UaSecurityPolicy::Basic256Sha256,
+            UaSecurityPolicy::Aes256Sha256RsaPss
+        ]
+    );
+    assert!(!server.allow_none);
+    assert_eq!(listener.target, ListenerTarget::Device("line1-ua".into()));
+
+    assert_eq!(config.devices.len(), 0);
+    let device = &config.opcua_devices[0];
+    assert_eq!(device.endpoint, "opc.tcp://127.0.0.1:4841");
+    assert_eq!(device.security_policy, UaSecurityPolicy::None);
+    assert_eq!(device.security_mode, UaSecurityMode::None);
+    assert_eq!(device.timeout, std::time::Duration::from_millis(1500));
+
+    let vendor = &config.vendors[0];
+    assert_eq!(vendor.opcua_users[0].username, "acme-eng");
+    let read = vendor.rules[0].opcua.as_ref().unwrap();
+    assert_eq!(read.services, [OpcuaService::Browse, OpcuaService::Read]);
+    assert_eq!(read.nodes[1].id, NodeIdPattern::Numeric(7));
+    let write = vendor.rules[1].opcua.as_ref().unwrap();
+    assert_eq!(
+        write.values,
+        Some(vec![ValueRange {
+            low: 0.0,
+            high: 100.0
+        }])
+    );
+    assert_eq!(
+        vendor.rules[1].when.state,
+        [("line1-mode".to_owned(), "maintenance".to_owned())]
+    );
+}
+
+#[test]
+fn invalid_opcua_keys_are_reported_with_positions() {
+    let gateway = OPCUA_GATEWAY
+        .replace("\"Aes256_Sha256_RsaPss\"", "\"None\"")
+        .replace(
+            "timeout_ms = 1500",
+            "security_policy = \"Basic256Sha256\"\nsecurity_mode = \"None\"",
+        );
+    let rules = r#"[vendor]
+name = "acme"
+opcua_users = [{ username = "acme-eng", password_hash = "plain" }]
+
+[[allow]]
+device = "line1-ua"
+services = ["read", "delete"]
+nodes = ["ns=2;s=Line1"]
+functions = [3]
+"#;
+    let dir = write(&gateway, &[("acme.toml", rules)]);
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        [
+            "gateway.toml:16:17: device[1].security_mode: security policy and mode disagree; use policy \"None\" with mode \"None\", and any other policy with \"Sign\" or \"SignAndEncrypt\"",
+            "gateway.toml:9:160: listener[1].opcua.security_policies[2]: \"None\" is not a security policy for SignAndEncrypt; set allow_none = true to offer an endpoint without security",
+            "rules/acme.toml:3:57: vendor.opcua_users[1].password_hash: invalid PHC string (password hash string missing field); create the hash with `sluice hash-password`",
+            "rules/acme.toml:6:10: allow[1].functions: a Modbus key in a rule for an OPC UA device; use services and nodes",
+            "rules/acme.toml:7:21: allow[1].services[2]: invalid value \"delete\"; use one of \"browse\", \"read\", \"write\", \"call\", \"subscribe\", \"history_read\"",
+            "rules/acme.toml:8:10: allow[1].nodes[1]: invalid node pattern \"ns=2;s=Line1\"; write nsu=URI;s=GLOB or nsu=URI;i=NUMBER, such as \"nsu=urn:plant:line1;s=Line1.*\"",
         ]
     );
 }
@@ -1399,5 +1526,19 @@ address = "127.0.0.1:5022"
             "gateway.toml:20:96: device[1].mirror[7].max_age_ms: 500 is not longer than poll_ms 500, so the block is stale between polls; set it to at least 2 × poll_ms",
             "gateway.toml:8:15: listener[1].mirror_only: device \"oven-2\" has no mirror blocks, so every request to it is denied; add a mirror list to the device",
         ]
+    );
+}
+
+#[test]
+fn opcua_username_of_two_vendors_is_an_error() {
+    let user =
+        format!("opcua_users = [{{ username = \"shared\", password_hash = \"{SECRET_HASH}\" }}]\n");
+    let acme = format!("[vendor]\nname = \"acme\"\n{user}");
+    let beta = format!("[vendor]\nname = \"beta\"\n{user}");
+    let dir = write(OPCUA_GATEWAY, &[("acme.toml", &acme), ("beta.toml", &beta)]);
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        ["rules/beta.toml:3:29: vendor.opcua_users[1].username: \"shared\" is already a user of vendor \"acme\" at rules/acme.toml:3:29; give every OPC UA user to one vendor"]
     );
 }

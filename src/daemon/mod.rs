@@ -229,7 +229,8 @@ async fn serve(
             shutdown.clone(),
         ));
     }
-    let listener_addresses = spawn_listeners(bound.listeners, &shared, &shutdown, &tracker)?;
+    let mut listener_addresses = spawn_listeners(bound.listeners, &shared, &shutdown, &tracker)?;
+    listener_addresses.extend(start_opcua_listeners(bound.opcua, &shared, &shutdown).await?);
     probe.set_listeners_bound(true);
     let mut pollers = Pollers::start(&shared);
     let sampler = tokio::spawn(sample_metrics(shared.clone(), probe, shutdown.clone()));
@@ -371,6 +372,8 @@ async fn sample_metrics(
 struct Bound {
     metrics: Option<tokio::net::TcpListener>,
     listeners: Vec<(Arc<str>, tokio::net::TcpListener)>,
+    /// OPC UA listeners, by index in `Policy::opcua_listeners`.
+    opcua: Vec<(usize, tokio::net::TcpListener)>,
     admin: Option<AdminSocket>,
 }
 
@@ -394,10 +397,19 @@ async fn bind_sockets(
         readiness.listening(&plan.name, address);
         listeners.push((plan.name.clone(), socket));
     }
+    let mut opcua = Vec::new();
+    for (index, plan) in policy.opcua_listeners().iter().enumerate() {
+        let socket = listener::bind(&plan.name, plan.bind).await?;
+        let address = socket.local_addr()?;
+        tracing::info!(listener = %plan.name, %address, "listening");
+        readiness.listening(&plan.name, address);
+        opcua.push((index, socket));
+    }
     let admin = admin.map(crate::admin::bind).transpose()?;
     Ok(Bound {
         metrics,
         listeners,
+        opcua,
         admin,
     })
 }
@@ -419,6 +431,25 @@ fn spawn_listeners(
             shutdown.clone(),
             tracker.clone(),
         ));
+    }
+    Ok(addresses)
+}
+
+/// Starts the OPC UA servers on their bound sockets; returns their names and
+/// addresses. Listener and device settings of OPC UA listeners apply at
+/// start; a reload changes their rules and users only.
+async fn start_opcua_listeners(
+    sockets: Vec<(usize, tokio::net::TcpListener)>,
+    shared: &Arc<Shared>,
+    shutdown: &CancellationToken,
+) -> io::Result<Vec<(Arc<str>, SocketAddr)>> {
+    let mut addresses = Vec::new();
+    for (index, socket) in sockets {
+        let plan = shared.current.load().policy.opcua_listeners()[index].clone();
+        addresses.push((plan.name.clone(), socket.local_addr()?));
+        crate::opcua::start(&plan, socket, shared, shutdown)
+            .await
+            .map_err(io::Error::other)?;
     }
     Ok(addresses)
 }

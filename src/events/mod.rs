@@ -65,6 +65,19 @@ pub struct ModbusInfo {
     pub exception: Option<u8>,
 }
 
+/// The OPC UA part of an event: one operation of a service call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OpcuaInfo {
+    /// The service as rules name it: `browse`, `read`, `write`, ...
+    pub service: &'static str,
+    /// The node, as `nsu=URI;s=ID` or `nsu=URI;i=N`; absent when its
+    /// namespace is not one of the device's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// The OPC UA status code name the client received for the operation.
+    pub status: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Anomaly {
     pub kind: &'static str,
@@ -94,6 +107,8 @@ pub struct Event {
     pub device: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub modbus: Option<ModbusInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub opcua: Option<OpcuaInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decision: Option<DecisionKind>,
     /// Present and false only for a denial that monitor mode forwarded.
@@ -144,6 +159,7 @@ impl Event {
             src_port: None,
             device: None,
             modbus: None,
+            opcua: None,
             decision: None,
             enforced: None,
             served_by: None,

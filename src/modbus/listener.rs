@@ -27,7 +27,7 @@ use super::tls::{self, HandshakeSlot, HandshakeSlots, Rejection};
 
 /// Pause after an accept error such as EMFILE, so a full descriptor table
 /// does not turn the loop into a busy spin.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+pub(crate) const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Accepts connections on `socket` until `shutdown` is cancelled. Sessions
 /// are spawned on `tracker` so that a drain can wait for them.

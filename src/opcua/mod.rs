@@ -1,5 +1,280 @@
-//! OPC UA front end: the connection guard in front of the server.
+//! OPC UA termination: the north OPC UA server of each `opcua` listener (an
+//! async-opcua server), the client session to the device it mirrors, and
+//! the node manager that decides every operation against the policy.
+//!
+//! Connections reach the server through `front`, which accepts TCP on the
+//! listener's address and passes the byte stream on to the server on an
+//! internal loopback port.
 
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use opcua::server::{ServerBuilder, ServerEndpoint};
+use opcua::sync::RwLock;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::UaSecurityPolicy;
+use crate::modbus::generation::Shared;
+use crate::policy::OpcuaListenerPlan;
+
+mod auth;
 pub mod framing;
+mod front;
 pub mod guard;
+mod namespaces;
+mod nodes;
+pub mod password;
+mod record;
+mod sampler;
 pub mod trust;
+mod upstream;
+
+use upstream::{ClientIdentity, Upstream};
+
+/// Path of every endpoint the server offers.
+const ENDPOINT_PATH: &str = "/";
+/// Maximum wait at start for the device's first session, so that the
+/// server starts with the device's namespaces.
+const FIRST_CONNECT_WAIT_MAX: Duration = Duration::from_secs(10);
+/// Interval of the bounded polls at start.
+const START_POLL: Duration = Duration::from_millis(20);
+
+/// Failures to start an OPC UA listener.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("listener {listener}: {message}")]
+    Pki { listener: String, message: String },
+    #[error("listener {listener}: cannot start the OPC UA server: {message}")]
+    Server { listener: String, message: String },
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Starts the OPC UA listener `plan` on the bound `socket`. Returns once the
+/// server runs; it stops when `shutdown` is cancelled.
+pub async fn start(
+    plan: &OpcuaListenerPlan,
+    socket: TcpListener,
+    shared: &Arc<Shared>,
+    shutdown: &CancellationToken,
+) -> Result<(), StartError> {
+    let device = {
+        let generation = shared.current.load();
+        generation.policy.opcua_devices()[plan.device].clone()
+    };
+    let pki = prepare_pki(plan, &shared.current.load().policy.audit().path)?;
+
+    let upstream = Upstream::new(&device);
+    let identity = ClientIdentity {
+        application_uri: plan.server.application_uri.clone(),
+        pki_dir: pki.dir.join("client"),
+        certificate: pki.certificate.clone(),
+        private_key: pki.private_key.clone(),
+    };
+    tokio::spawn(
+        upstream
+            .clone()
+            .run(device.clone(), identity, shutdown.clone()),
+    );
+    wait_for_device(&upstream, device.timeout.min(FIRST_CONNECT_WAIT_MAX)).await;
+
+    let public = socket.local_addr()?;
+    let internal = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let internal_address = internal.local_addr()?;
+    let node_manager = {
+        let shared = shared.clone();
+        let listener = plan.name.clone();
+        let mode = plan.mode;
+        let device = plan.device;
+        let upstream = upstream.clone();
+        let stop = shutdown.clone();
+        move |_context: opcua::server::node_manager::ServerContext| nodes::DeviceNodeManager {
+            shared,
+            listener,
+            mode,
+            device,
+            upstream,
+            namespaces: Arc::new(RwLock::new(namespaces::Namespaces::default())),
+            sampler: Arc::new(sampler::Sampler::default()),
+            stop,
+        }
+    };
+    let authenticator = auth::VendorAuthenticator {
+        shared: shared.clone(),
+        listener: plan.name.clone(),
+    };
+    let mut builder = ServerBuilder::new()
+        .application_name("sluice")
+        .application_uri(&plan.server.application_uri)
+        .product_uri("urn:sluice")
+        .pki_dir(&pki.dir)
+        .certificate_path(&pki.certificate)
+        .private_key_path(&pki.private_key)
+        .create_sample_keypair(false)
+        // TODO: client application certificates are accepted here without a
+        // check; the check against client_ca and crl belongs in `front`,
+        // before the bytes reach the server.
+        .trust_client_certs(true)
+        .host(public.ip().to_string())
+        .port(public.port())
+        .discovery_urls(vec![ENDPOINT_PATH.to_owned()])
+        .with_authenticator(Arc::new(authenticator))
+        .with_node_manager(node_manager)
+        .diagnostics_enabled(false);
+    for (id, endpoint) in endpoints(&plan.server.security_policies, plan.server.allow_none) {
+        builder = builder.add_endpoint(id, endpoint);
+    }
+    let (server, handle) = builder.build().map_err(|message| StartError::Server {
+        listener: plan.name.to_string(),
+        message,
+    })?;
+    let name = plan.name.clone();
+    tokio::spawn(async move {
+        if let Err(error) = server.run_with(internal).await {
+            tracing::error!(listener = %name, %error, "OPC UA server stopped");
+        }
+    });
+    advertise_public_port(&handle, internal_address.port(), public.port()).await;
+
+    let stopper = handle.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        stop.cancelled().await;
+        stopper.cancel();
+    });
+    tokio::spawn(front::serve(
+        plan.name.clone(),
+        socket,
+        internal_address,
+        shutdown.clone(),
+    ));
+    Ok(())
+}
+
+/// Waits, bounded by `limit`, for the first device session.
+async fn wait_for_device(upstream: &Upstream, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while upstream.connected().is_none() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(START_POLL).await;
+    }
+    if upstream.connected().is_none() {
+        tracing::warn!(device = %upstream.device, "OPC UA device not connected at start; its namespaces appear once it is");
+    }
+}
+
+/// Makes the endpoint URLs the server hands out name the public port. The
+/// server stores the port of the listener it runs on once, at start, so
+/// the public port is stored after that.
+async fn advertise_public_port(handle: &opcua::server::ServerHandle, internal: u16, public: u16) {
+    let port = &handle.info().port;
+    let deadline = tokio::time::Instant::now() + FIRST_CONNECT_WAIT_MAX;
+    while port.load(std::sync::atomic::Ordering::Relaxed) != internal
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(START_POLL).await;
+    }
+    port.store(public, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Returns the endpoints of a listener: SignAndEncrypt for each policy,
+/// and one without security when `allow_none` is set.
+fn endpoints(policies: &[UaSecurityPolicy], allow_none: bool) -> Vec<(String, ServerEndpoint)> {
+    let mut endpoints = Vec::new();
+    for policy in policies {
+        let endpoint = match policy {
+            UaSecurityPolicy::None => continue,
+            UaSecurityPolicy::Basic256Sha256 => {
+                ServerEndpoint::new_basic256sha256_sign_encrypt(ENDPOINT_PATH, &[])
+            }
+            UaSecurityPolicy::Aes128Sha256RsaOaep => {
+                ServerEndpoint::new_aes128_sha256_rsaoaep_sign_encrypt(ENDPOINT_PATH, &[])
+            }
+            UaSecurityPolicy::Aes256Sha256RsaPss => {
+                ServerEndpoint::new_aes256_sha256_rsapss_sign_encrypt(ENDPOINT_PATH, &[])
+            }
+        };
+        endpoints.push((policy.name().to_owned(), endpoint));
+    }
+    if allow_none {
+        endpoints.push((
+            "None".to_owned(),
+            ServerEndpoint::new_none(ENDPOINT_PATH, &[]),
+        ));
+    }
+    endpoints
+}
+
+/// The PKI folder of one listener and the certificate files in it.
+struct Pki {
+    dir: PathBuf,
+    certificate: PathBuf,
+    private_key: PathBuf,
+}
+
+/// Creates the listener's PKI folder beside the audit folder and copies the
+/// configured certificate (as DER) and private key (PEM) into it, the forms
+/// async-opcua 0.19 reads.
+fn prepare_pki(plan: &OpcuaListenerPlan, audit_path: &Path) -> Result<Pki, StartError> {
+    let error = |message: String| StartError::Pki {
+        listener: plan.name.to_string(),
+        message,
+    };
+    let base = audit_path.parent().unwrap_or(Path::new("."));
+    let dir = base.join("opcua-pki").join(&*plan.name);
+    let own = dir.join("own");
+    let private = dir.join("private");
+    for folder in [&own, &private] {
+        std::fs::create_dir_all(folder)
+            .map_err(|e| error(format!("failed to create \"{}\": {e}", folder.display())))?;
+    }
+    let read = |path: &Path| {
+        std::fs::read(path)
+            .map_err(|e| error(format!("failed to read \"{}\": {e}", path.display())))
+    };
+    let certificate = read(&plan.server.certificate)?;
+    let der = crate::config::certificate_der(&certificate).map_err(|problem| {
+        error(format!(
+            "certificate \"{}\": {problem}",
+            plan.server.certificate.display()
+        ))
+    })?;
+    let key = read(&plan.server.private_key)?;
+    if !key.starts_with(b"-----BEGIN") {
+        return Err(error(format!(
+            "private key \"{}\" is not PEM; convert it with `openssl pkey -in KEY -out KEY.pem`",
+            plan.server.private_key.display()
+        )));
+    }
+    let certificate_path = own.join("cert.der");
+    let key_path = private.join("private.pem");
+    std::fs::write(&certificate_path, der).map_err(|e| {
+        error(format!(
+            "failed to write \"{}\": {e}",
+            certificate_path.display()
+        ))
+    })?;
+    write_private(&key_path, &key)
+        .map_err(|e| error(format!("failed to write \"{}\": {e}", key_path.display())))?;
+    Ok(Pki {
+        dir,
+        certificate: certificate_path,
+        private_key: key_path,
+    })
+}
+
+/// Writes a private key readable by the service account only.
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)
+}

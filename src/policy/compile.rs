@@ -11,10 +11,11 @@ use crate::config::{
 };
 use crate::identity::{SourceIndex, SourceSet};
 
+use super::opcua::{service_bit, CompiledOpcuaRule, OpcuaIdentities, OpcuaListenerPlan};
 use super::rate::{RateLimiter, RateScope};
 use super::{
-    CompiledRule, CompiledWhen, DevicePlan, FunctionTable, IntervalSet, ListenerPlan, Policy,
-    Routes, RuleRef, StatePlan, VendorPlan,
+    CompiledRule, CompiledWhen, DevicePlan, FunctionTable, IntervalSet, ListenerPlan, OpcuaPolicy,
+    Policy, Routes, RuleRef, StatePlan, VendorPlan,
 };
 
 /// Collects problems of names that refer to nothing. `config::load` reports
@@ -32,6 +33,7 @@ impl Problems {
 
 struct Names {
     devices: HashMap<String, usize>,
+    opcua_devices: HashMap<String, usize>,
     states: HashMap<String, usize>,
     /// Every role a `when.role` names, by role id.
     roles: Vec<Arc<str>>,
@@ -41,6 +43,7 @@ pub(super) fn compile(config: &Config) -> Result<(Policy, Vec<Diagnostic>), Diag
     let mut problems = Problems::default();
     let names = Names {
         devices: index_names(config.devices.iter().map(|d| d.name.as_str())),
+        opcua_devices: index_names(config.opcua_devices.iter().map(|d| d.name.as_str())),
         states: index_names(config.states.iter().map(|s| s.name.as_str())),
         roles: role_names(config),
     };
@@ -49,7 +52,13 @@ pub(super) fn compile(config: &Config) -> Result<(Policy, Vec<Diagnostic>), Diag
     let listeners = config
         .listeners
         .iter()
+        .filter(|listener| listener.opcua.is_none())
         .filter_map(|listener| listener_plan(listener, &names, &mut problems))
+        .collect();
+    let opcua_listeners = config
+        .listeners
+        .iter()
+        .filter_map(|listener| opcua_listener_plan(listener, &names, &mut problems))
         .collect();
     let states = config
         .states
@@ -61,6 +70,7 @@ pub(super) fn compile(config: &Config) -> Result<(Policy, Vec<Diagnostic>), Diag
     let epoch = Instant::now();
     let vendors: Vec<VendorPlan> = config.vendors.iter().map(vendor_plan).collect();
     let mut rules = Vec::new();
+    let mut opcua_rules = Vec::new();
     let mut placements = Vec::new();
     for (vendor, vendor_config) in config.vendors.iter().enumerate() {
         for (index, rule) in vendor_config.rules.iter().enumerate() {
@@ -69,16 +79,28 @@ pub(super) fn compile(config: &Config) -> Result<(Policy, Vec<Diagnostic>), Diag
                 index: index as u32,
             };
             let label = &vendors[vendor].rule_labels[index];
-            let Some(mut compiled) = compile_rule(rule, rule_ref, &names, &states, &mut problems)
-            else {
-                continue;
-            };
-            compiled.rate = rule.rate.as_ref().map(|rate| {
+            let rate = rule.rate.as_ref().map(|rate| {
                 let scope = RateScope::Rule {
                     label: label.clone(),
                 };
                 Box::new(RateLimiter::new(scope, rate, epoch))
             });
+            if rule.opcua.is_some() {
+                opcua_rules.extend(compile_opcua_rule(
+                    rule,
+                    rule_ref,
+                    rate,
+                    &names,
+                    &states,
+                    &mut problems,
+                ));
+                continue;
+            }
+            let Some(mut compiled) = compile_rule(rule, rule_ref, &names, &states, &mut problems)
+            else {
+                continue;
+            };
+            compiled.rate = rate;
             let device = names.devices[&rule.device];
             for &function in &rule.functions {
                 placements.push((
@@ -136,6 +158,12 @@ pub(super) fn compile(config: &Config) -> Result<(Policy, Vec<Diagnostic>), Diag
         candidates,
         files: config.files.clone(),
         unknown_name: Arc::from("unknown"),
+        opcua: OpcuaPolicy {
+            listeners: opcua_listeners,
+            devices: config.opcua_devices.clone(),
+            rules: opcua_rules,
+            identities: opcua_identities(&config.vendors),
+        },
     };
     Ok((policy, Vec::new()))
 }
@@ -381,7 +409,7 @@ fn build_identity(vendors: &[VendorConfig], problems: &mut Problems) -> SourceIn
     let entries = vendors
         .iter()
         .enumerate()
-        .filter(|(_, vendor)| vendor.certificate.is_empty())
+        .filter(|(_, vendor)| vendor.certificate.is_empty() && !vendor.has_opcua_identity())
         .flat_map(|(id, vendor)| vendor.sources.iter().map(move |net| (*net, id)));
     match SourceIndex::new(entries) {
         Ok(index) => index,
@@ -409,4 +437,79 @@ fn vendor_plan(vendor: &VendorConfig) -> VendorPlan {
             .map(|n| Arc::from(format!("{}#{n}", vendor.file_name)))
             .collect(),
     }
+}
+
+fn opcua_listener_plan(
+    listener: &crate::config::ListenerConfig,
+    names: &Names,
+    problems: &mut Problems,
+) -> Option<OpcuaListenerPlan> {
+    let server = listener.opcua.clone()?;
+    let ListenerTarget::Device(device) = &listener.target else {
+        problems.error(
+            &listener.origin,
+            "an opcua listener needs one device".to_owned(),
+        );
+        return None;
+    };
+    let Some(&device) = names.opcua_devices.get(device) else {
+        problems.error(
+            &listener.origin,
+            format!("unknown OPC UA device \"{device}\""),
+        );
+        return None;
+    };
+    Some(OpcuaListenerPlan {
+        name: Arc::from(listener.name.as_str()),
+        bind: listener.bind,
+        mode: listener.mode,
+        device,
+        limits: listener.limits,
+        server,
+    })
+}
+
+fn compile_opcua_rule(
+    rule: &RuleConfig,
+    rule_ref: RuleRef,
+    rate: Option<Box<RateLimiter>>,
+    names: &Names,
+    states: &[StatePlan],
+    problems: &mut Problems,
+) -> Option<CompiledOpcuaRule> {
+    let opcua = rule.opcua.as_ref()?;
+    let Some(&device) = names.opcua_devices.get(&rule.device) else {
+        problems.error(
+            &rule.origin,
+            format!("unknown OPC UA device \"{}\"", rule.device),
+        );
+        return None;
+    };
+    Some(CompiledOpcuaRule {
+        rule: rule_ref,
+        device,
+        services: opcua
+            .services
+            .iter()
+            .fold(0, |bits, service| bits | service_bit(*service)),
+        nodes: opcua.nodes.clone().into_boxed_slice(),
+        values: opcua.values.clone().map(Vec::into_boxed_slice),
+        when: compile_when(rule, names, states, problems)?,
+        rate,
+    })
+}
+
+fn opcua_identities(vendors: &[VendorConfig]) -> OpcuaIdentities {
+    let mut identities = OpcuaIdentities::default();
+    for (id, vendor) in vendors.iter().enumerate() {
+        for user in &vendor.opcua_users {
+            identities
+                .users
+                .push((user.username.clone(), user.password_hash.clone(), id));
+        }
+        for thumbprint in &vendor.opcua_user_certificates {
+            identities.certificates.push((*thumbprint, id));
+        }
+    }
+    identities
 }

@@ -805,7 +805,11 @@ impl Policy {
                 format!("when.state {state} is unknown, rule needs {required}")
             }
             DenyReason::RateLimited { limit, .. } => format!("rate limit reached: {limit}"),
-            DenyReason::NoRuleForDevice | DenyReason::FunctionNotAllowed { .. } => reason.to_string(),
+            DenyReason::NoRuleForDevice
+            | DenyReason::FunctionNotAllowed { .. }
+            | DenyReason::ServiceNotAllowed { .. }
+            | DenyReason::NodeNotAllowed
+            | DenyReason::WrittenValueNotAllowed { .. } => reason.to_string(),
         }
     }
 
@@ -874,6 +878,9 @@ impl Policy {
                         windows.join(", ")
                     ),
                 }
+            }
+            Condition::SourceUnknown => {
+                "when.sources cannot match because the client's address is unknown".to_owned()
             }
         }
     }

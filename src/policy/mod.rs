@@ -20,6 +20,7 @@ use crate::identity::{SourceIndex, SourceSet};
 mod compile;
 mod explain;
 pub mod interval;
+mod opcua;
 pub mod quarantine;
 mod rate;
 mod reason;
@@ -32,6 +33,9 @@ pub use crate::config::{AuditSync, ListenerLimits, Mode, OnDeny, StateKind};
 pub use explain::{ExplainQuery, Explanation, QueryError};
 pub use interval::IntervalSet;
 pub use rate::{Bucket as TokenBucket, RateKind, RateLimit, RateScope};
+pub use opcua::{
+    glob_matches, NodeIdRef, OpcuaAccess, OpcuaContext, OpcuaDeviceId, OpcuaListenerPlan, OpcuaNode,
+};
 pub use reason::{Condition, DenyReason};
 pub use state::{Reading, StateTable};
 
@@ -313,6 +317,17 @@ pub struct Policy {
     files: Vec<PathBuf>,
     /// Returned for a vendor id that is not in this policy.
     unknown_name: Arc<str>,
+    opcua: OpcuaPolicy,
+}
+
+/// The OPC UA part of the snapshot: listeners, devices, rules and the user
+/// tokens that identify vendors.
+#[derive(Debug, Default)]
+struct OpcuaPolicy {
+    listeners: Vec<OpcuaListenerPlan>,
+    devices: Vec<crate::config::OpcuaDeviceConfig>,
+    rules: Vec<opcua::CompiledOpcuaRule>,
+    identities: opcua::OpcuaIdentities,
 }
 
 impl Policy {

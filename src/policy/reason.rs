@@ -32,6 +32,9 @@ pub enum Condition {
     Window,
     /// The session's certificate role is missing or not in `when.role`.
     Role,
+    /// The rule names source networks, but the listener cannot see the
+    /// client's address (OPC UA).
+    SourceUnknown,
 }
 
 /// The reason a request was denied. When several rules were candidates, the reason
@@ -67,6 +70,12 @@ pub enum DenyReason {
     /// A rate limit was reached: the vendor's, checked on every request, or
     /// that of the rule that would allow the request.
     RateLimited { scope: RateScope, limit: RateLimit },
+    /// No OPC UA rule of the vendor for the device names the service.
+    ServiceNotAllowed { service: &'static str },
+    /// OPC UA rules name the service but none names the node.
+    NodeNotAllowed,
+    /// An OPC UA write of a value outside the rule's `values`.
+    WrittenValueNotAllowed { value: String },
 }
 
 impl DenyReason {
@@ -78,9 +87,13 @@ impl DenyReason {
             | DenyReason::SubFunctionNotAllowed { .. }
             | DenyReason::MeiTypeNotAllowed { .. }
             | DenyReason::ConditionFailed { .. }
-            | DenyReason::StateUnknown { .. } => ILLEGAL_FUNCTION,
-            DenyReason::AddressNotAllowed { .. } => ILLEGAL_DATA_ADDRESS,
-            DenyReason::QuantityNotAllowed { .. }
+            | DenyReason::StateUnknown { .. }
+            | DenyReason::ServiceNotAllowed { .. } => ILLEGAL_FUNCTION,
+            DenyReason::AddressNotAllowed { .. } | DenyReason::NodeNotAllowed => {
+                ILLEGAL_DATA_ADDRESS
+            }
+            DenyReason::WrittenValueNotAllowed { .. }
+            | DenyReason::QuantityNotAllowed { .. }
             | DenyReason::ValueNotAllowed { .. }
             | DenyReason::MaskNotAllowed { .. } => ILLEGAL_DATA_VALUE,
             DenyReason::RateLimited { .. } => SERVER_DEVICE_BUSY,
@@ -94,9 +107,11 @@ impl DenyReason {
             DenyReason::NoRuleForDevice => 0,
             DenyReason::FunctionNotAllowed { .. }
             | DenyReason::SubFunctionNotAllowed { .. }
-            | DenyReason::MeiTypeNotAllowed { .. } => 1,
-            DenyReason::AddressNotAllowed { .. } => 2,
-            DenyReason::QuantityNotAllowed { .. }
+            | DenyReason::MeiTypeNotAllowed { .. }
+            | DenyReason::ServiceNotAllowed { .. } => 1,
+            DenyReason::AddressNotAllowed { .. } | DenyReason::NodeNotAllowed => 2,
+            DenyReason::WrittenValueNotAllowed { .. }
+            | DenyReason::QuantityNotAllowed { .. }
             | DenyReason::ValueNotAllowed { .. }
             | DenyReason::MaskNotAllowed { .. } => 3,
             DenyReason::ConditionFailed { .. } | DenyReason::StateUnknown { .. } => 4,
@@ -144,10 +159,20 @@ impl fmt::Display for DenyReason {
                 Condition::Schedule => f.write_str("outside the rule's schedule"),
                 Condition::Window => f.write_str("outside the rule's dated windows"),
                 Condition::Role => f.write_str("certificate role not in the rule's roles"),
+                Condition::SourceUnknown => {
+                    f.write_str("rule names sources, but the client's address is unknown")
+                }
             },
             DenyReason::StateUnknown { state } => write!(f, "state {state} unknown"),
             DenyReason::RateLimited { scope, limit } => {
                 write!(f, "rate limit of {scope} reached: {limit}")
+            }
+            DenyReason::ServiceNotAllowed { service } => {
+                write!(f, "service {service} not allowed")
+            }
+            DenyReason::NodeNotAllowed => f.write_str("node outside allowed nodes"),
+            DenyReason::WrittenValueNotAllowed { value } => {
+                write!(f, "value {value} outside allowed values")
             }
         }
     }

@@ -813,9 +813,11 @@ fn built_config(vendors: Vec<VendorConfig>) -> Config {
             limits: ListenerLimits::default(),
             mirror_only: false,
             tls: None,
+            opcua: None,
             origin: Default::default(),
         }],
         devices: vec![device],
+        opcua_devices: Vec::new(),
         states: Vec::new(),
         audit: AuditConfig::new("audit".into()),
         metrics: None,
@@ -833,6 +835,8 @@ fn built_vendor(name: &str, source: &str, rules: Vec<RuleConfig>) -> VendorConfi
         certificate: Default::default(),
         rate: None,
         rules,
+        opcua_users: Vec::new(),
+        opcua_user_certificates: Vec::new(),
         origin: Default::default(),
     }
 }

@@ -1,0 +1,202 @@
+//! The authenticator of the OPC UA server: maps a user token (username and
+//! password, or an X.509 user certificate) to a vendor of the current
+//! policy. The user token async-opcua keeps for the session is the vendor's
+//! name, so every later decision looks the vendor up again by name and a
+//! reload that removes the vendor denies its open sessions.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use opcua::crypto::{SecurityPolicy, Thumbprint};
+use opcua::server::authenticator::{
+    user_pass_security_policy_id, AuthManager, Password, UserToken,
+};
+use opcua::server::ServerEndpoint;
+use opcua::types::{Error, StatusCode, UAString, UserTokenPolicy, UserTokenType};
+
+use crate::events::{Event, EventType};
+use crate::modbus::generation::Shared;
+
+/// The policy id async-opcua 0.19 gives X.509 user tokens.
+const POLICY_ID_X509: &str = "x509";
+
+pub struct VendorAuthenticator {
+    pub shared: Arc<Shared>,
+    pub listener: Arc<str>,
+}
+
+impl VendorAuthenticator {
+    /// Checks that a vendor found by its user token may connect now.
+    async fn admit(&self, vendor: usize, method: &'static str) -> Result<UserToken, Error> {
+        let name = {
+            let generation = self.shared.current.load();
+            let policy = &generation.policy;
+            let name = policy.vendor_name(vendor).clone();
+            // The client's address is not known here, so a vendor limited to
+            // source networks cannot be checked and is rejected.
+            let sources_limited = policy
+                .vendors()
+                .get(vendor)
+                .is_some_and(|plan| !plan.sources.is_empty());
+            if sources_limited {
+                self.record_rejection(
+                    Some(name.clone()),
+                    method,
+                    "vendor.sources cannot be checked on OPC UA listeners",
+                )
+                .await;
+                return Err(Error::new(
+                    StatusCode::BadUserAccessDenied,
+                    "vendor is limited to source networks",
+                ));
+            }
+            name
+        };
+        if self.shared.quarantine.is_quarantined(&name) {
+            self.record_rejection(Some(name), method, "vendor quarantined")
+                .await;
+            return Err(Error::new(
+                StatusCode::BadUserAccessDenied,
+                "vendor quarantined",
+            ));
+        }
+        let mut event = Event::new(EventType::Session);
+        event.action = Some("open");
+        event.listener = Some(self.listener.clone());
+        event.vendor = Some(name.clone());
+        event.detail = Some(serde_json::json!({ "identity": method }));
+        if let Err(error) = self.shared.emitter.emit(event).await {
+            tracing::error!(%error, "event not recorded");
+        }
+        Ok(UserToken(name.to_string()))
+    }
+
+    async fn record_rejection(&self, vendor: Option<Arc<str>>, method: &'static str, reason: &str) {
+        tracing::debug!(listener = %self.listener, method, reason, "OPC UA user token rejected");
+        let mut event = Event::new(EventType::Session);
+        event.action = Some("reject");
+        event.listener = Some(self.listener.clone());
+        event.vendor = vendor;
+        event.reason = Some(reason.to_owned());
+        event.detail = Some(serde_json::json!({ "identity": method }));
+        if let Err(error) = self.shared.emitter.emit(event).await {
+            tracing::error!(%error, "event not recorded");
+        }
+    }
+}
+
+#[async_trait]
+impl AuthManager for VendorAuthenticator {
+    async fn authenticate_anonymous_token(&self, _endpoint: &ServerEndpoint) -> Result<(), Error> {
+        self.record_rejection(None, "anonymous", "anonymous sessions are not allowed")
+            .await;
+        Err(Error::new(
+            StatusCode::BadIdentityTokenRejected,
+            "anonymous sessions are not allowed",
+        ))
+    }
+
+    async fn authenticate_username_identity_token(
+        &self,
+        _endpoint: &ServerEndpoint,
+        username: &str,
+        password: &Password,
+    ) -> Result<UserToken, Error> {
+        let found = {
+            let generation = self.shared.current.load();
+            generation
+                .policy
+                .opcua_user(username)
+                .map(|(vendor, hash)| (vendor, hash.to_owned()))
+        };
+        // An unknown user is checked against a fixed hash, so that the time
+        // taken does not tell which usernames exist.
+        let (vendor, hash) = match found {
+            Some((vendor, hash)) => (Some(vendor), hash),
+            None => (None, UNKNOWN_USER_HASH.to_owned()),
+        };
+        let password = password.get().to_owned();
+        let verified =
+            tokio::task::spawn_blocking(move || super::password::verify_password(&password, &hash))
+                .await
+                .unwrap_or(false);
+        match (vendor, verified) {
+            (Some(vendor), true) => self.admit(vendor, "username").await,
+            _ => {
+                self.record_rejection(None, "username", "unknown user or wrong password")
+                    .await;
+                Err(Error::new(
+                    StatusCode::BadUserAccessDenied,
+                    "unknown user or wrong password",
+                ))
+            }
+        }
+    }
+
+    async fn authenticate_x509_identity_token(
+        &self,
+        _endpoint: &ServerEndpoint,
+        signing_thumbprint: &Thumbprint,
+    ) -> Result<UserToken, Error> {
+        let vendor = self
+            .shared
+            .current
+            .load()
+            .policy
+            .opcua_certificate_vendor(signing_thumbprint.value());
+        match vendor {
+            Some(vendor) => self.admit(vendor, "x509").await,
+            None => {
+                self.record_rejection(None, "x509", "user certificate matches no vendor")
+                    .await;
+                Err(Error::new(
+                    StatusCode::BadUserAccessDenied,
+                    "user certificate matches no vendor",
+                ))
+            }
+        }
+    }
+
+    fn user_token_policies(&self, endpoint: &ServerEndpoint) -> Vec<UserTokenPolicy> {
+        vec![
+            UserTokenPolicy {
+                policy_id: user_pass_security_policy_id(endpoint),
+                token_type: UserTokenType::UserName,
+                issued_token_type: UAString::null(),
+                issuer_endpoint_url: UAString::null(),
+                security_policy_uri: UAString::null(),
+            },
+            UserTokenPolicy {
+                policy_id: UAString::from(POLICY_ID_X509),
+                token_type: UserTokenType::Certificate,
+                issued_token_type: UAString::null(),
+                issuer_endpoint_url: UAString::null(),
+                security_policy_uri: UAString::from(SecurityPolicy::Basic256Sha256.to_uri()),
+            },
+        ]
+    }
+}
+
+/// An argon2id hash of a random password nobody knows, with the default
+/// parameters of `password::hash_password`.
+const UNKNOWN_USER_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$YI9GbYkTtiPeD678GyxwIg$p4KmTluCkr8TvTAMwyqQBiQlhRO7mjYBKmRzVJZJkQU";
+
+#[cfg(test)]
+mod tests {
+    use super::UNKNOWN_USER_HASH;
+
+    #[test]
+    fn unknown_user_hash_is_argon2id() {
+        let hash = argon2::PasswordHash::new(UNKNOWN_USER_HASH).unwrap();
+        assert_eq!(hash.algorithm.as_str(), "argon2id");
+    }
+
+    #[test]
+    fn unknown_user_hash_rejects_empty_password() {
+        assert!(!super::super::password::verify_password(
+            "",
+            UNKNOWN_USER_HASH
+        ));
+    }
+}

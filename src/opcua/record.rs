@@ -1,0 +1,70 @@
+//! Decision events of OPC UA operations: one event per operation of a
+//! service call, allowed or denied, with the same common fields as Modbus
+//! decisions and an `opcua` object.
+
+use std::sync::Arc;
+
+use opcua::types::StatusCode;
+
+use crate::config::OpcuaService;
+use crate::events::{DecisionKind, Event, EventType, OpcuaInfo};
+use crate::modbus::generation::Shared;
+
+/// What is known about one operation when it is recorded.
+pub struct Operation {
+    pub service: OpcuaService,
+    pub node_id: Option<String>,
+    pub vendor: Option<Arc<str>>,
+    pub allowed: bool,
+    /// False for a denied operation that monitor mode forwarded.
+    pub enforced: bool,
+    pub rule: Option<String>,
+    pub reason: Option<String>,
+    /// The status the client received for this operation.
+    pub status: StatusCode,
+}
+
+impl Operation {
+    pub fn new(service: OpcuaService, node_id: Option<String>) -> Operation {
+        Operation {
+            service,
+            node_id,
+            vendor: None,
+            allowed: false,
+            enforced: true,
+            rule: None,
+            reason: None,
+            status: StatusCode::Good,
+        }
+    }
+}
+
+/// Records the decision event of one operation.
+pub async fn record(shared: &Shared, listener: &Arc<str>, device: &Arc<str>, operation: Operation) {
+    let mut event = Event::new(EventType::Decision);
+    event.listener = Some(listener.clone());
+    event.vendor = operation.vendor;
+    event.device = Some(device.clone());
+    event.decision = Some(match operation.allowed {
+        true => DecisionKind::Allow,
+        false => DecisionKind::Deny,
+    });
+    if !operation.enforced {
+        event.enforced = Some(false);
+    }
+    event.rule = operation.rule;
+    event.reason = operation.reason;
+    event.opcua = Some(OpcuaInfo {
+        service: operation.service.name(),
+        node_id: operation.node_id,
+        status: status_name(operation.status),
+    });
+    if let Err(error) = shared.emitter.emit(event).await {
+        tracing::error!(%error, "event not recorded");
+    }
+}
+
+/// Returns the symbolic name of a status code, such as `BadUserAccessDenied`.
+pub fn status_name(status: StatusCode) -> String {
+    status.to_string()
+}
