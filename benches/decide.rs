@@ -55,6 +55,7 @@ fn base_config(devices: usize) -> Config {
         states: Vec::new(),
         audit: AuditConfig::new("audit".into()),
         metrics: None,
+        tags: Vec::new(),
         vendors: Vec::new(),
         files: Vec::new(),
     }

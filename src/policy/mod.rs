@@ -311,6 +311,9 @@ pub struct Policy {
     /// Rule indices, grouped by vendor, device and function.
     candidates: Vec<u32>,
     files: Vec<PathBuf>,
+    /// The `[[tag]]` sections, from which each generation builds its
+    /// `TagMap`.
+    tags: Arc<[config::TagConfig]>,
     /// Returned for a vendor id that is not in this policy.
     unknown_name: Arc<str>,
 }
@@ -375,6 +378,10 @@ impl Policy {
 
     pub fn devices(&self) -> &[DevicePlan] {
         &self.devices
+    }
+
+    pub fn tags(&self) -> &[config::TagConfig] {
+        &self.tags
     }
 
     pub fn states(&self) -> &[StatePlan] {
