@@ -118,6 +118,7 @@ pub(super) struct TagSection {
     #[serde(rename = "type")]
     pub data_type: Option<Spanned<String>>,
     pub length: Option<Spanned<i64>>,
+    pub bit: Option<Spanned<i64>>,
     pub order: Option<Spanned<String>>,
     /// Integers and floats alike, so that `scale = 10` is accepted.
     pub scale: Option<Spanned<toml::Value>>,

@@ -111,6 +111,8 @@ pub struct TagConfig {
     pub address: u16,
     pub data_type: TagType,
     pub order: RegisterOrder,
+    /// The bit, 0 (least significant) to 15, of a `bool` tag on a register.
+    pub bit: Option<u8>,
     /// Engineering value = raw × `scale` + `offset`; never 0 or non-finite.
     pub scale: f64,
     pub offset: f64,
@@ -221,6 +223,7 @@ impl Checker<'_> {
         let data_type = self.tag_type(key, entry, section);
         let data_type =
             data_type.and_then(|data_type| self.type_fits_kind(key, section, data_type, kind));
+        let bit = self.register_bit(key, section, data_type, kind);
         let order = self.tag_order(key, section, data_type);
         let (scale, offset) = self.scale_offset(key, section, data_type);
         let access = self.choice(
@@ -265,6 +268,7 @@ impl Checker<'_> {
             address,
             data_type,
             order: order?,
+            bit: bit?,
             scale: scale?,
             offset: offset?,
             unit: section.unit.as_ref().map(|unit| unit.get_ref().clone()),
@@ -386,14 +390,15 @@ impl Checker<'_> {
     ) -> Option<TagType> {
         let kind = kind?;
         let bit_table = matches!(kind, StateKind::Coil | StateKind::DiscreteInput);
-        let fits = bit_table == (data_type == TagType::Bool);
+        let register_bit = data_type == TagType::Bool && section.bit.is_some();
+        let fits = register_bit || bit_table == (data_type == TagType::Bool);
         if fits {
             return Some(data_type);
         }
         let fix = if bit_table {
             "a coil or discrete input holds a bool; use type = \"bool\" or a register kind"
         } else {
-            "a bool tag reads a coil or discrete input; use kind = \"coil\" or \"discrete_input\", or a numeric type"
+            "a bool tag reads a coil, a discrete input or one bit of a register; use kind = \"coil\" or \"discrete_input\", or set bit = 0 to 15"
         };
         self.error(
             section.data_type.as_ref()?,
@@ -404,6 +409,33 @@ impl Checker<'_> {
             ),
         );
         None
+    }
+
+    /// Checks `bit`, which only a `bool` tag on a register takes. Returns
+    /// `Some(None)` for a tag without a bit.
+    fn register_bit(
+        &mut self,
+        key: &str,
+        section: &raw::TagSection,
+        data_type: Option<TagType>,
+        kind: Option<StateKind>,
+    ) -> Option<Option<u8>> {
+        let Some(value) = &section.bit else {
+            return Some(None);
+        };
+        let register = matches!(
+            kind,
+            Some(StateKind::HoldingRegister | StateKind::InputRegister)
+        );
+        if data_type != Some(TagType::Bool) || !register {
+            self.error(
+                value,
+                format!("{key}.bit: only a bool tag on a holding or input register takes a bit; remove the key"),
+            );
+            return None;
+        }
+        let bit = self.integer(&format!("{key}.bit"), Some(value), 0, (0, 15))?;
+        Some(Some(bit as u8))
     }
 
     /// Checks `order`, which only a type of more than one byte takes:

@@ -1445,12 +1445,21 @@ name = "Press1.Running"
 kind = "coil"
 address = 15
 type = "bool"
+
+[[tag]]
+device = "press-1"
+name = "Press1.Alarm"
+kind = "holding_register"
+address = 119
+type = "bool"
+bit = 15
+access = "read_write"
 "#
     );
     let dir = write(&gateway, &[("acme.toml", ACME)]);
     let (config, warnings) = load_ok(dir.path());
     assert!(warnings.is_empty(), "{warnings:?}");
-    assert_eq!(config.tags.len(), 3);
+    assert_eq!(config.tags.len(), 4);
     let temperature = &config.tags[0];
     assert_eq!(temperature.name, "Press1.Temperature");
     assert_eq!(temperature.device, "press-1");
@@ -1478,6 +1487,10 @@ type = "bool"
     assert_eq!(recipe.offset, 0.0);
     assert_eq!(recipe.access, TagAccess::Read);
     assert_eq!(config.tags[2].data_type, TagType::Bool);
+    assert_eq!(config.tags[2].bit, None);
+    assert_eq!(config.tags[3].data_type, TagType::Bool);
+    assert_eq!(config.tags[3].bit, Some(15));
+    assert_eq!(config.tags[3].access, TagAccess::ReadWrite);
 }
 
 #[test]
@@ -1540,6 +1553,22 @@ name = "G"
 kind = "holding_register"
 address = 100
 type = "string"
+
+[[tag]]
+device = "press-1"
+name = "H"
+kind = "holding_register"
+address = 100
+type = "uint16"
+bit = 3
+
+[[tag]]
+device = "press-1"
+name = "I"
+kind = "holding_register"
+address = 100
+type = "bool"
+bit = 16
 "#
     );
     let dir = write(&gateway, &[("acme.toml", ACME)]);
@@ -1549,7 +1578,7 @@ type = "string"
         [
             "gateway.toml:13:10: tag[1].device: unknown device \"press-2\"; use one of press-1",
             "gateway.toml:21:8: tag[2].name: duplicate tag \"A\", first defined at gateway.toml:14:8; tag names must be unique",
-            "gateway.toml:24:8: tag[2].type: \"bool\" does not fit kind \"input_register\"; a bool tag reads a coil or discrete input; use kind = \"coil\" or \"discrete_input\", or a numeric type",
+            "gateway.toml:24:8: tag[2].type: \"bool\" does not fit kind \"input_register\"; a bool tag reads a coil, a discrete input or one bit of a register; use kind = \"coil\" or \"discrete_input\", or set bit = 0 to 15",
             "gateway.toml:25:10: tag[2].access: input_register cannot be written; use access = \"read\" or kind = \"holding_register\"",
             "gateway.toml:31:11: tag[3]: holding_register 118-121 lies in no mirror block of device \"press-1\", and tags read their values from the mirror; add { kind = \"holding_register\", start = 118, count = 4 } to the device's mirror list, or widen a block to cover it",
             "gateway.toml:41:9: tag[4].scale: 0 maps every raw value to the offset; use a non-zero scale",
@@ -1558,6 +1587,8 @@ type = "string"
             "gateway.toml:58:9: tag[6].order: bool has no byte order; remove the key",
             "gateway.toml:59:9: tag[6].scale: only a numeric tag is scaled; remove the key",
             "gateway.toml:61:1: tag[7].length: missing; set length = 16, the number of characters, two per register",
+            "gateway.toml:74:7: tag[8].bit: only a bool tag on a holding or input register takes a bit; remove the key",
+            "gateway.toml:82:7: tag[9].bit: 16 outside 0..=15; set a value from 0 to 15",
         ]
     );
 }

@@ -71,6 +71,8 @@ impl TagValue {
 pub struct Encoding {
     pub data_type: TagType,
     pub order: RegisterOrder,
+    /// The bit of a `bool` on a register, 0 being the least significant.
+    pub bit: Option<u8>,
     pub scale: f64,
     pub offset: f64,
 }
@@ -133,7 +135,10 @@ impl Encoding {
         debug_assert_eq!(words.len(), usize::from(self.data_type.register_count()));
         let bytes = self.value_bytes(words);
         let raw = match self.data_type {
-            TagType::Bool => return TagValue::Bool(words[0] != 0),
+            TagType::Bool => {
+                let bit = self.bit.unwrap_or(0);
+                return TagValue::Bool(words[0] >> bit & 1 != 0);
+            }
             TagType::String { .. } => return TagValue::String(decode_ascii(&bytes)),
             TagType::Int16 => TagValue::Int16(i16::from_be_bytes(array(&bytes))),
             TagType::UInt16 => TagValue::UInt16(u16::from_be_bytes(array(&bytes))),
@@ -154,8 +159,8 @@ impl Encoding {
         }
     }
 
-    /// Encodes an engineering value into the registers, or the 0 or 1 of a
-    /// bit, that hold it. Inverts scale and offset and rounds to the nearest
+    /// Encodes an engineering value into the registers that contain it, or
+    /// into 0 or 1 for a `bool`, also one on a register bit. Inverts scale and offset and rounds to the nearest
     /// integer for integer types, halves away from zero.
     pub fn encode(&self, value: &TagValue) -> Result<Vec<u16>, EncodeError> {
         let bytes = match self.data_type {

@@ -16,6 +16,7 @@ fn encoding(data_type: TagType, order: RegisterOrder) -> Encoding {
     Encoding {
         data_type,
         order,
+        bit: None,
         scale: 1.0,
         offset: 0.0,
     }
@@ -150,6 +151,22 @@ fn bool_is_zero_or_one() {
     assert_eq!(encoding.encode(&TagValue::Bool(false)).unwrap(), [0]);
     assert_eq!(encoding.decode(&[1]), TagValue::Bool(true));
     assert_eq!(encoding.decode(&[0]), TagValue::Bool(false));
+}
+
+#[test]
+fn register_bit_reads_one_bit() {
+    let encoding = Encoding {
+        bit: Some(15),
+        ..encoding(TagType::Bool, RegisterOrder::Abcd)
+    };
+    assert_eq!(encoding.decode(&[0x8000]), TagValue::Bool(true));
+    assert_eq!(encoding.decode(&[0x7FFF]), TagValue::Bool(false));
+    let low = Encoding {
+        bit: Some(0),
+        ..encoding
+    };
+    assert_eq!(low.decode(&[0x0003]), TagValue::Bool(true));
+    assert_eq!(low.decode(&[0xFFFE]), TagValue::Bool(false));
 }
 
 #[test]

@@ -127,6 +127,7 @@ impl TagMap {
                 encoding: Encoding {
                     data_type: config.data_type,
                     order: config.order,
+                    bit: config.bit,
                     scale: config.scale,
                     offset: config.offset,
                 },
@@ -192,7 +193,8 @@ pub fn read_tag(tag: &Tag, mirror: &MirrorStore, now: Instant) -> TagReading {
 }
 
 /// Turns a write of `value` to `tag` into the Modbus request for the
-/// tag's device and unit. The caller decides the request with the vendor's
+/// tag's device and unit: as `write_request` builds it, or FC 22 for a bit
+/// of a register. The caller decides the request with the vendor's
 /// Modbus rules and sends it through the device's upstream pool.
 pub fn write_tag(tag: &Tag, value: &TagValue) -> Result<TagWrite, TagWriteError> {
     if tag.access != TagAccess::ReadWrite {
@@ -205,10 +207,14 @@ pub fn write_tag(tag: &Tag, value: &TagValue) -> Result<TagWrite, TagWriteError>
             tag: tag.name.clone(),
             source: Box::new(source),
         })?;
+    let request = match tag.encoding.bit {
+        Some(bit) => write_bit_request(tag.address, bit, words[0] != 0),
+        None => write_request(tag.kind, tag.address, &words),
+    };
     Ok(TagWrite {
         device: tag.device,
         unit_id: tag.unit_id,
-        request: write_request(tag.kind, tag.address, &words),
+        request,
     })
 }
 
@@ -249,6 +255,17 @@ pub fn write_request(kind: StateKind, address: u16, values: &[u16]) -> Request {
                 .flat_map(|value| value.to_be_bytes())
                 .collect(),
         },
+    }
+}
+
+/// Builds the FC 22 request that sets or clears bit `bit` of holding
+/// register `address` and leaves its other bits as the device has them.
+pub fn write_bit_request(address: u16, bit: u8, value: bool) -> Request {
+    let mask = 1u16 << bit;
+    Request::MaskWriteRegister {
+        address,
+        and_mask: !mask,
+        or_mask: if value { mask } else { 0 },
     }
 }
 

@@ -36,6 +36,7 @@ fn tag(name: &str, kind: StateKind, address: u16, data_type: TagType) -> TagConf
         address,
         data_type,
         order: RegisterOrder::Abcd,
+        bit: None,
         scale: 1.0,
         offset: 0.0,
         unit: None,
@@ -245,6 +246,37 @@ fn coil_writes_use_fc5_and_fc15() {
             values: Bytes::from_static(&[0b0000_1101, 0b0000_0001]),
         }
     );
+}
+
+#[test]
+fn register_bit_write_uses_fc22() {
+    let mut alarm = tag("Alarm", StateKind::HoldingRegister, 103, TagType::Bool);
+    alarm.bit = Some(4);
+    let (map, store) = press(&[alarm]);
+    let write = map.write(0, &TagValue::Bool(true)).unwrap().unwrap();
+    assert_eq!(
+        write.request,
+        Request::MaskWriteRegister {
+            address: 103,
+            and_mask: 0xFFEF,
+            or_mask: 0x0010
+        }
+    );
+    assert_eq!(write.request.function_code(), 22);
+    let clear = map.write(0, &TagValue::Bool(false)).unwrap().unwrap();
+    assert_eq!(
+        clear.request,
+        Request::MaskWriteRegister {
+            address: 103,
+            and_mask: 0xFFEF,
+            or_mask: 0
+        }
+    );
+
+    let polled = Instant::now();
+    fill(&store, polled, &[0, 0, 0, 0x0010], &[]);
+    let reading = map.read(0, &store, polled).unwrap();
+    assert_eq!(reading.value, Some(TagValue::Bool(true)));
 }
 
 #[test]
