@@ -238,15 +238,19 @@ impl Encoding {
 
     fn out_of_range(&self, value: &TagValue, raw: f64) -> EncodeError {
         let (min, max) = match self.data_type {
-            TagType::Float32 => (f64::from(f32::MIN), f64::from(f32::MAX)),
-            _ => (f64::MIN, f64::MAX),
+            TagType::Float32 => (f32::MIN.to_string(), f32::MAX.to_string()),
+            TagType::Float64 => (f64::MIN.to_string(), f64::MAX.to_string()),
+            integer => {
+                let (min, max) = integer_range(integer);
+                (min.to_string(), max.to_string())
+            }
         };
         EncodeError::OutOfRange {
             value: display(value),
             raw: raw.to_string(),
             data_type: self.data_type.name(),
-            min: min.to_string(),
-            max: max.to_string(),
+            min,
+            max,
         }
     }
 
