@@ -57,6 +57,7 @@ fn base_config(devices: usize) -> Config {
         states: Vec::new(),
         audit: AuditConfig::new("audit".into()),
         metrics: None,
+        tags: Vec::new(),
         vendors: Vec::new(),
         files: Vec::new(),
     }

@@ -16,3 +16,4 @@ pub mod modbus;
 pub mod opcua;
 pub mod policy;
 pub mod state;
+pub mod tags;

@@ -35,6 +35,7 @@ fn rate_limited_policy(per_second: u64, burst: u32) -> Policy {
         states: Vec::new(),
         audit: AuditConfig::new("audit".into()),
         metrics: None,
+        tags: Vec::new(),
         vendors: vec![VendorConfig {
             name: "acme".into(),
             file_name: "acme.toml".into(),

@@ -40,6 +40,7 @@ pub(super) struct LoadedGateway {
     pub opcua_device_names: Vec<String>,
     /// The folder of the gateway file, which relative paths start from.
     pub base: std::path::PathBuf,
+    pub tags: Vec<super::TagConfig>,
     /// Every device name written, valid or not, so that a device with a bad
     /// setting does not also make every rule naming it fail.
     pub device_names: Vec<String>,
@@ -75,7 +76,6 @@ pub(super) fn load(path: &Path, report: &mut Report) -> Option<LoadedGateway> {
         report,
     };
 
-    check.unsupported_sections(&file);
     let gateway = check.gateway(&file.gateway, base);
     let device_names: Vec<String> = file
         .device
@@ -92,6 +92,7 @@ pub(super) fn load(path: &Path, report: &mut Report) -> Option<LoadedGateway> {
     let listeners = check.listeners(&file.listener, &device_names, &opcua_device_names, base);
     check.mirror_only_targets(&file.listener, &file.device);
     let (states, state_values) = check.states(&file.state, &device_names);
+    let tags = check.tags(&file.tag, &file.device, &devices);
     let mut audit = check.audit(file.audit.as_ref(), base);
     audit.collectors = check.collectors(&file.collector, base);
     let metrics = file
@@ -122,6 +123,7 @@ pub(super) fn load(path: &Path, report: &mut Report) -> Option<LoadedGateway> {
         metrics,
         opcua_device_names,
         base: base.to_path_buf(),
+        tags,
         device_names,
         state_values,
         rules_origin,
@@ -251,18 +253,6 @@ impl Checker<'_> {
             );
         } else {
             seen.insert(name.get_ref().clone(), at);
-        }
-    }
-
-    fn unsupported_sections(&mut self, file: &raw::GatewayFile) {
-        let sections = [("[[tag]]", &file.tag)];
-        for (section, value) in sections {
-            if let Some(value) = value {
-                self.error(
-                    value,
-                    format!("{section} is not supported by this build; remove the section"),
-                );
-            }
         }
     }
 

@@ -19,6 +19,7 @@ mod raw;
 mod rules;
 mod service;
 mod syntax;
+mod tag;
 #[cfg(test)]
 mod tests;
 mod tls;
@@ -35,6 +36,7 @@ pub use opcua::{
 };
 pub use service::{load_service, AdminConfig, ServiceConfig, MAX_SOCKET_PATH};
 pub use syntax::{function_code, function_name, MAX_FUNCTION_CODE};
+pub use tag::{RegisterOrder, TagAccess, TagConfig, TagType, MAX_STRING_LENGTH};
 pub use tls::{DeviceTls, ExpiryKind, ListenerTls, TlsClient, TlsExpiry, TlsServer};
 
 /// A validated configuration: `gateway.toml` plus every rule file. Names
@@ -49,6 +51,8 @@ pub struct Config {
     pub states: Vec<StateConfig>,
     pub audit: AuditConfig,
     pub metrics: Option<MetricsConfig>,
+    /// The `[[tag]]` sections, in file order.
+    pub tags: Vec<TagConfig>,
     /// Vendors in rule file name order.
     pub vendors: Vec<VendorConfig>,
     /// Every file read, the gateway file first.
@@ -552,6 +556,7 @@ pub fn load_with_detection(
         states: gateway.states,
         audit: gateway.audit,
         metrics: gateway.metrics,
+        tags: gateway.tags,
         vendors,
         files,
     };

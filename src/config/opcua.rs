@@ -367,7 +367,14 @@ impl Checker<'_> {
                 "max_in_flight",
                 section.max_in_flight.as_ref().map(|v| self.at(v)),
             ),
-            ("mirror", section.mirror.as_ref().and_then(|v| v.first()).map(|v| self.at(v))),
+            (
+                "mirror",
+                section
+                    .mirror
+                    .as_ref()
+                    .and_then(|v| v.first())
+                    .map(|v| self.at(v)),
+            ),
             ("tls", section.tls.as_ref().map(|v| self.at(v))),
         ];
         for (field, at) in modbus_keys {

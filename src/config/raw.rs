@@ -27,9 +27,8 @@ pub(super) struct GatewayFile {
     #[serde(default)]
     pub collector: Vec<CollectorSection>,
     pub detect: Option<DetectSection>,
-    /// Sections of the full design that this build does not implement; they
-    /// are rejected with a message instead of an unknown-key error.
-    pub tag: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    pub tag: Vec<Spanned<TagSection>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,6 +122,26 @@ pub(super) struct MirrorSection {
     pub poll_ms: Option<Spanned<i64>>,
     pub max_age_ms: Option<Spanned<i64>>,
     pub stale: Option<Spanned<String>>,
+}
+
+/// One `[[tag]]` section: a typed value over a device's mirror block.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TagSection {
+    pub name: Option<Spanned<String>>,
+    pub device: Option<Spanned<String>>,
+    pub kind: Option<Spanned<String>>,
+    pub address: Option<Spanned<i64>>,
+    #[serde(rename = "type")]
+    pub data_type: Option<Spanned<String>>,
+    pub length: Option<Spanned<i64>>,
+    pub bit: Option<Spanned<i64>>,
+    pub order: Option<Spanned<String>>,
+    /// Integers and floats alike, so that `scale = 10` is accepted.
+    pub scale: Option<Spanned<toml::Value>>,
+    pub offset: Option<Spanned<toml::Value>>,
+    pub unit: Option<Spanned<String>>,
+    pub access: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

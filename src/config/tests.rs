@@ -1542,3 +1542,197 @@ fn opcua_username_of_two_vendors_is_an_error() {
         ["rules/beta.toml:3:29: vendor.opcua_users[1].username: \"shared\" is already a user of vendor \"acme\" at rules/acme.toml:3:29; give every OPC UA user to one vendor"]
     );
 }
+
+const TAG_GATEWAY: &str = r#"[gateway]
+name = "edge-01"
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:5021"
+mirror = [
+  { kind = "holding_register", start = 100, count = 20 },
+  { kind = "coil", start = 0, count = 16 },
+]
+"#;
+
+#[test]
+fn tags_are_read_with_their_types_and_defaults() {
+    let gateway = format!(
+        "{TAG_GATEWAY}{}",
+        r#"
+[[tag]]
+device = "press-1"
+name = "Press1.Temperature"
+kind = "holding_register"
+address = 100
+type = "float32"
+order = "CDAB"
+scale = 10
+offset = -0.5
+unit = "°C"
+access = "read_write"
+
+[[tag]]
+device = "press-1"
+name = "Press1.Recipe"
+kind = "holding_register"
+address = 110
+type = "string"
+length = 9
+
+[[tag]]
+device = "press-1"
+name = "Press1.Running"
+kind = "coil"
+address = 15
+type = "bool"
+
+[[tag]]
+device = "press-1"
+name = "Press1.Alarm"
+kind = "holding_register"
+address = 119
+type = "bool"
+bit = 15
+access = "read_write"
+"#
+    );
+    let dir = write(&gateway, &[("acme.toml", ACME)]);
+    let (config, warnings) = load_ok(dir.path());
+    assert_eq!(
+        warnings,
+        ["gateway.toml:12:1: tag: tags are validated and decoded from the mirror, but this build does not yet publish them on OPC UA listeners"]
+    );
+    assert_eq!(config.tags.len(), 4);
+    let temperature = &config.tags[0];
+    assert_eq!(temperature.name, "Press1.Temperature");
+    assert_eq!(temperature.device, "press-1");
+    assert_eq!(temperature.kind, StateKind::HoldingRegister);
+    assert_eq!(temperature.address, 100);
+    assert_eq!(temperature.data_type, TagType::Float32);
+    assert_eq!(temperature.order, RegisterOrder::Cdab);
+    assert_eq!(temperature.scale, 10.0);
+    assert_eq!(temperature.offset, -0.5);
+    assert_eq!(temperature.unit.as_deref(), Some("°C"));
+    assert_eq!(temperature.access, TagAccess::ReadWrite);
+    assert!(
+        temperature
+            .origin
+            .to_string()
+            .ends_with("/gateway.toml:14:8"),
+        "{}",
+        temperature.origin
+    );
+    let recipe = &config.tags[1];
+    assert_eq!(recipe.data_type, TagType::String { length: 9 });
+    assert_eq!(recipe.data_type.register_count(), 5);
+    assert_eq!(recipe.order, RegisterOrder::Abcd);
+    assert_eq!(recipe.scale, 1.0);
+    assert_eq!(recipe.offset, 0.0);
+    assert_eq!(recipe.access, TagAccess::Read);
+    assert_eq!(config.tags[2].data_type, TagType::Bool);
+    assert_eq!(config.tags[2].bit, None);
+    assert_eq!(config.tags[3].data_type, TagType::Bool);
+    assert_eq!(config.tags[3].bit, Some(15));
+    assert_eq!(config.tags[3].access, TagAccess::ReadWrite);
+}
+
+#[test]
+fn tag_problems_are_reported_with_positions() {
+    let gateway = format!(
+        "{TAG_GATEWAY}{}",
+        r#"
+[[tag]]
+device = "press-2"
+name = "A"
+kind = "holding_register"
+address = 100
+type = "int16"
+
+[[tag]]
+device = "press-1"
+name = "A"
+kind = "input_register"
+address = 5
+type = "bool"
+access = "read_write"
+
+[[tag]]
+device = "press-1"
+name = "C"
+kind = "holding_register"
+address = 118
+type = "float64"
+
+[[tag]]
+device = "press-1"
+name = "D"
+kind = "holding_register"
+address = 65534
+type = "int64"
+order = "CDAB"
+scale = 0
+
+[[tag]]
+device = "press-1"
+name = "E"
+kind = "holding_register"
+address = 100
+type = "string"
+length = 4
+order = "DCBA"
+
+[[tag]]
+device = "press-1"
+name = "F"
+kind = "coil"
+address = 1
+type = "bool"
+order = "BADC"
+scale = 2
+
+[[tag]]
+device = "press-1"
+name = "G"
+kind = "holding_register"
+address = 100
+type = "string"
+
+[[tag]]
+device = "press-1"
+name = "H"
+kind = "holding_register"
+address = 100
+type = "uint16"
+bit = 3
+
+[[tag]]
+device = "press-1"
+name = "I"
+kind = "holding_register"
+address = 100
+type = "bool"
+bit = 16
+"#
+    );
+    let dir = write(&gateway, &[("acme.toml", ACME)]);
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        [
+            "gateway.toml:13:10: tag[1].device: unknown device \"press-2\"; use one of press-1",
+            "gateway.toml:21:8: tag[2].name: duplicate tag \"A\", first defined at gateway.toml:14:8; tag names must be unique",
+            "gateway.toml:24:8: tag[2].type: \"bool\" does not fit kind \"input_register\"; a bool tag reads a coil, a discrete input or one bit of a register; use kind = \"coil\" or \"discrete_input\", or set bit = 0 to 15",
+            "gateway.toml:25:10: tag[2].access: input_register cannot be written; use access = \"read\" or kind = \"holding_register\"",
+            "gateway.toml:31:11: tag[3]: holding_register 118-121 lies in no mirror block of device \"press-1\", and tags read their values from the mirror; add { kind = \"holding_register\", start = 118, count = 4 } to the device's mirror list, or widen a block to cover it",
+            "gateway.toml:41:9: tag[4].scale: 0 maps every raw value to the offset; use a non-zero scale",
+            "gateway.toml:38:11: tag[4].address: int64 at 65534 needs addresses up to 65537, past the last address 65535; lower the address",
+            "gateway.toml:50:9: tag[5].order: string has no register order; use \"ABCD\" (high byte first) or \"BADC\" (low byte first)",
+            "gateway.toml:58:9: tag[6].order: bool has no byte order; remove the key",
+            "gateway.toml:59:9: tag[6].scale: only a numeric tag is scaled; remove the key",
+            "gateway.toml:61:1: tag[7].length: missing; set length = 16, the number of characters, two per register",
+            "gateway.toml:74:7: tag[8].bit: only a bool tag on a holding or input register takes a bit; remove the key",
+            "gateway.toml:82:7: tag[9].bit: 16 outside 0..=15; set a value from 0 to 15",
+        ]
+    );
+}

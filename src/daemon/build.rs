@@ -1,5 +1,5 @@
 //! Turns a compiled policy into a running generation: one upstream pool per
-//! device and the mirror store, reusing the pools of the previous generation whose settings did
+//! device, the mirror store and the tag map, reusing the pools of the previous generation whose settings did
 //! not change so that a reload keeps their PLC connections.
 
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use crate::mirror::MirrorStore;
 use crate::modbus::generation::Generation;
 use crate::modbus::upstream::{Pool, UpstreamSettings};
 use crate::policy::{DevicePlan, Policy, StateTable};
+use crate::tags::TagMap;
 
 /// Bound of the queue of requests waiting for a device connection.
 const POOL_QUEUE: usize = 1024;
@@ -55,6 +56,7 @@ pub fn build_generation(
         previous.map(|previous| &*previous.mirror),
         metrics.mirror(),
     ));
+    let tags = Arc::new(TagMap::build(policy.tags(), policy.devices()));
     let instruments = metrics.configure(configured_names(&policy));
     metrics.set_tls_expiry(policy.listeners().iter().flat_map(|plan| {
         plan.tls.iter().flat_map(move |tls| {
@@ -73,6 +75,7 @@ pub fn build_generation(
         pools,
         states,
         mirror,
+        tags,
         instruments,
     }
 }

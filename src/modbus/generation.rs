@@ -12,6 +12,7 @@ use crate::events::Emitter;
 use crate::metrics::{Instruments, Metrics};
 use crate::mirror::MirrorStore;
 use crate::policy::{DeviceId, Policy, StateTable};
+use crate::tags::TagMap;
 
 use super::upstream::Pool;
 
@@ -22,6 +23,8 @@ pub struct Generation {
     pub states: Arc<StateTable>,
     /// Blocks of device tables that pollers keep in memory.
     pub mirror: Arc<MirrorStore>,
+    /// Typed tags over the mirror blocks, read from `mirror`.
+    pub tags: Arc<TagMap>,
     /// Metric handles labelled with this generation's names, indexed like
     /// the policy's listeners, vendors, devices and states.
     pub instruments: Arc<Instruments>,

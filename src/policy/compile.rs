@@ -48,7 +48,11 @@ pub(super) fn compile(config: &Config) -> Result<(Policy, Vec<Diagnostic>), Diag
         roles: role_names(config),
     };
 
-    let devices = config.devices.iter().map(device_plan).collect::<Vec<_>>();
+    let devices = config
+        .devices
+        .iter()
+        .map(DevicePlan::from)
+        .collect::<Vec<_>>();
     let listeners = config
         .listeners
         .iter()
@@ -157,6 +161,7 @@ pub(super) fn compile(config: &Config) -> Result<(Policy, Vec<Diagnostic>), Diag
         tables,
         candidates,
         files: config.files.clone(),
+        tags: config.tags.iter().cloned().collect(),
         unknown_name: Arc::from("unknown"),
         opcua: OpcuaPolicy {
             listeners: opcua_listeners,
@@ -192,18 +197,20 @@ fn index_names<'a>(names: impl Iterator<Item = &'a str>) -> HashMap<String, usiz
     index
 }
 
-fn device_plan(device: &crate::config::DeviceConfig) -> DevicePlan {
-    DevicePlan {
-        name: Arc::from(device.name.as_str()),
-        address: device.address,
-        unit: device.unit,
-        timeout: device.timeout,
-        max_connections: device.max_connections,
-        max_in_flight: device.max_in_flight,
-        connect_timeout: device.connect_timeout,
-        backoff_max: device.backoff_max,
-        mirror: Arc::from(device.mirror.as_slice()),
-        tls: device.tls.clone(),
+impl From<&crate::config::DeviceConfig> for DevicePlan {
+    fn from(device: &crate::config::DeviceConfig) -> DevicePlan {
+        DevicePlan {
+            name: Arc::from(device.name.as_str()),
+            address: device.address,
+            unit: device.unit,
+            timeout: device.timeout,
+            max_connections: device.max_connections,
+            max_in_flight: device.max_in_flight,
+            connect_timeout: device.connect_timeout,
+            backoff_max: device.backoff_max,
+            mirror: Arc::from(device.mirror.as_slice()),
+            tls: device.tls.clone(),
+        }
     }
 }
 

@@ -32,10 +32,10 @@ mod tests;
 pub use crate::config::{AuditSync, ListenerLimits, Mode, OnDeny, StateKind};
 pub use explain::{ExplainQuery, Explanation, QueryError};
 pub use interval::IntervalSet;
-pub use rate::{Bucket as TokenBucket, RateKind, RateLimit, RateScope};
 pub use opcua::{
     glob_matches, NodeIdRef, OpcuaAccess, OpcuaContext, OpcuaDeviceId, OpcuaListenerPlan, OpcuaNode,
 };
+pub use rate::{Bucket as TokenBucket, RateKind, RateLimit, RateScope};
 pub use reason::{Condition, DenyReason};
 pub use state::{Reading, StateTable};
 
@@ -315,6 +315,9 @@ pub struct Policy {
     /// Rule indices, grouped by vendor, device and function.
     candidates: Vec<u32>,
     files: Vec<PathBuf>,
+    /// The `[[tag]]` sections, from which each generation builds its
+    /// `TagMap`.
+    tags: Arc<[config::TagConfig]>,
     /// Returned for a vendor id that is not in this policy.
     unknown_name: Arc<str>,
     opcua: OpcuaPolicy,
@@ -390,6 +393,10 @@ impl Policy {
 
     pub fn devices(&self) -> &[DevicePlan] {
         &self.devices
+    }
+
+    pub fn tags(&self) -> &[config::TagConfig] {
+        &self.tags
     }
 
     pub fn states(&self) -> &[StatePlan] {

@@ -821,6 +821,7 @@ fn built_config(vendors: Vec<VendorConfig>) -> Config {
         states: Vec::new(),
         audit: AuditConfig::new("audit".into()),
         metrics: None,
+        tags: Vec::new(),
         vendors,
         files: Vec::new(),
     }

@@ -138,3 +138,37 @@ def test_check_reports_toml_syntax_error(sluice_bin, tmp_path):
     assert [(path, line) for path, line, _, _ in found] == sorted(
         [((tmp_path / "gateway.toml").resolve(), 10), (acme_toml, 2)]
     )
+
+
+def test_check_reports_tag_outside_mirror(sluice_bin, tmp_path):
+    write_broken_config(tmp_path)
+    gateway = GATEWAY_TOML.replace('"plc-9"', '"plc"').replace(
+        "unit = 1\n",
+        'unit = 1\nmirror = [{ kind = "holding_register", start = 0, count = 100 }]\n',
+    )
+    # Line 25 contains the address of a float32 at registers 99 and 100, one past the block.
+    gateway += '\n[[tag]]\ndevice = "plc"\nname = "Plc.Flow"\nkind = "holding_register"\naddress = 99\ntype = "float32"\n'
+    (tmp_path / "gateway.toml").write_text(gateway)
+    (tmp_path / "rules" / "acme.toml").write_text(ACME_TOML.replace('colour = "red"\n', ""))
+
+    completed = subprocess.run(
+        [sluice_bin, "check", "--config", "gateway.toml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert completed.returncode == 1
+    found = problems(completed.stdout + completed.stderr, tmp_path)
+    assert found == [
+        (
+            (tmp_path / "gateway.toml").resolve(),
+            25,
+            11,
+            'tag[1]: holding_register 99-100 lies in no mirror block of device "plc", '
+            "and tags read their values from the mirror; "
+            'add { kind = "holding_register", start = 99, count = 2 } '
+            "to the device's mirror list, or widen a block to cover it",
+        )
+    ]
