@@ -32,10 +32,10 @@ mod tests;
 pub use crate::config::{AuditSync, ListenerLimits, Mode, OnDeny, StateKind};
 pub use explain::{ExplainQuery, Explanation, QueryError};
 pub use interval::IntervalSet;
-pub use rate::{Bucket as TokenBucket, RateKind, RateLimit, RateScope};
 pub use opcua::{
     glob_matches, NodeIdRef, OpcuaAccess, OpcuaContext, OpcuaDeviceId, OpcuaListenerPlan, OpcuaNode,
 };
+pub use rate::{Bucket as TokenBucket, RateKind, RateLimit, RateScope};
 pub use reason::{Condition, DenyReason};
 pub use state::{Reading, StateTable};
 
