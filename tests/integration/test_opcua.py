@@ -253,10 +253,11 @@ def setup(request, sluice_bin, plc_sim, tmp_path):
         yield state
 
 
-def opcua_setup(sluice_bin, plc_sim, tmp_path, mode: str = "enforce", prepare=None):
+def opcua_setup(sluice_bin, plc_sim, tmp_path, mode: str = "enforce", prepare=None, acme_sources=None):
     """Start the plant, the PLC state and sluice; yield the test's state.
     `prepare(authority, opcua_table)`, when given, may add keys to the
-    listener's `opcua` table and returns extra state entries."""
+    listener's `opcua` table and returns extra state entries.
+    `acme_sources`, when given, limits the vendor acme to those networks."""
     folder = tmp_path / "opcua"
     folder.mkdir()
     plant = Plant(folder)
@@ -300,6 +301,8 @@ def opcua_setup(sluice_bin, plc_sim, tmp_path, mode: str = "enforce", prepare=No
         "values": {0: "production", 1: "maintenance"},
     }]
     vendor = {"name": "acme", "opcua_users": [{"username": "acme-eng", "password_hash": password_hash}]}
+    if acme_sources is not None:
+        vendor["sources"] = acme_sources
     beta = {"name": "beta", "opcua_user_certificates": [str(user_certificate)]}
     beta_read = {
         "device": "line1-ua",

@@ -208,6 +208,16 @@ async def read_temperature(client, index):
     return await client.get_node(ua.NodeId("Line1.Press.Temperature", index)).read_value()
 
 
+def temperature_decision(setup) -> dict:
+    """Wait for the one decision event about the temperature node."""
+    (decision,) = setup["gateway"].wait_for_events(
+        lambda event: event.get("event_type") == "decision"
+        and (event.get("opcua") or {}).get("node_id") == f"nsu={PLANT_NAMESPACE};s=Line1.Press.Temperature",
+        what="read decision",
+    )
+    return decision
+
+
 def with_certificate(setup, pair: tuple[Path, Path]) -> dict:
     certificate, key = pair
     return {**setup, "client_certificate": certificate, "client_key": key}
@@ -215,14 +225,25 @@ def with_certificate(setup, pair: tuple[Path, Path]) -> dict:
 
 def test_trusted_certificate_reads_with_address(front):
     assert run(front, read_temperature) == 21.5
-    (decision,) = front["gateway"].wait_for_events(
-        lambda event: event.get("event_type") == "decision"
-        and (event.get("opcua") or {}).get("node_id") == f"nsu={PLANT_NAMESPACE};s=Line1.Press.Temperature",
-        what="read decision",
-    )
+    decision = temperature_decision(front)
     assert decision["decision"] == "allow"
     assert decision["src_ip"] == "127.0.0.1"
     assert isinstance(decision["src_port"], int)
+
+
+def test_operations_outside_vendor_sources_are_denied(sluice_bin, plc_sim, tmp_path):
+    setup = contextlib.contextmanager(opcua_setup)(sluice_bin, plc_sim, tmp_path, acme_sources=["192.0.2.0/24"])
+    with setup as state:
+
+        async def read_status(client, index):
+            node = client.get_node(ua.NodeId("Line1.Press.Temperature", index))
+            return (await node.read_data_value(raise_on_bad_status=False)).StatusCode.value
+
+        assert run(state, read_status) == ua.StatusCodes.BadUserAccessDenied
+        decision = temperature_decision(state)
+        assert decision["decision"] == "deny"
+        assert decision["reason"] == "source address outside the vendor's sources"
+        assert decision["src_ip"] == "127.0.0.1"
 
 
 def test_certificate_of_another_ca_is_rejected(front):
