@@ -263,7 +263,7 @@ def opcua_setup(sluice_bin, plc_sim, tmp_path, mode: str = "enforce", prepare=No
     plant = Plant(folder)
     server_certificate, server_key = make_rsa_certificate(folder, "sluice", SLUICE_URI)
     authority = CertificateAuthority(folder, "vendors-ca")
-    client_certificate, client_key, _ = authority.issue("vendor", VENDOR_URI)
+    client_certificate, client_key, client_x509 = authority.issue("vendor", VENDOR_URI)
     user_certificate, user_key = make_rsa_certificate(folder, "beta-user", "urn:beta:operator")
 
     password_hash = subprocess.run(
@@ -336,6 +336,7 @@ def opcua_setup(sluice_bin, plc_sim, tmp_path, mode: str = "enforce", prepare=No
         "user_certificate": user_certificate,
         "user_key": user_key,
         "authority": authority,
+        "client_x509": client_x509,
         **extra,
     }
     try:

@@ -17,6 +17,7 @@ from asyncua import ua
 from asyncua.common.utils import Buffer
 from asyncua.ua.ua_binary import header_from_binary, nodeid_from_binary, nodeid_to_binary, struct_from_binary
 
+import harness
 import pcap_replay
 from test_opcua import (
     PLANT_NAMESPACE,
@@ -256,6 +257,20 @@ def test_certificate_of_another_ca_is_rejected(front):
     assert anomaly["detail"]["certificate"]["application_uri"] == VENDOR_URI
     assert reject["listener"] == "ua"
     assert_no_session_opened(front)
+
+
+def test_reload_applies_a_new_crl(front):
+    assert run(front, read_temperature) == 21.5
+    front["authority"].revocation_list([front["client_x509"]])
+    harness.send_hangup(front["gateway"])
+    front["gateway"].wait_for_events(
+        lambda event: event.get("event_type") == "config" and event.get("action") == "reload",
+        what="reload",
+    )
+    with pytest.raises(Exception):
+        run(front, read_temperature)
+    anomaly, _ = rejection_events(front, "opcua_certificate_revoked")
+    assert anomaly["detail"]["certificate"]["subject"] == "CN=vendor"
 
 
 def test_revoked_certificate_is_rejected(front):
