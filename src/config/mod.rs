@@ -31,8 +31,8 @@ pub use diagnostic::{Diagnostic, Diagnostics, Origin};
 pub use mirror::kind_name;
 pub use opcua::{
     certificate_der, certificate_thumbprint, NodeIdPattern, NodePattern, OpcuaDeviceConfig,
-    OpcuaListenerConfig, OpcuaRuleConfig, OpcuaService, OpcuaUser, UaSecurityMode,
-    UaSecurityPolicy, ValueRange,
+    OpcuaGuardLimits, OpcuaListenerConfig, OpcuaRuleConfig, OpcuaService, OpcuaUser,
+    UaSecurityMode, UaSecurityPolicy, ValueRange,
 };
 pub use service::{load_service, AdminConfig, ServiceConfig, MAX_SOCKET_PATH};
 pub use syntax::{function_code, function_name, MAX_FUNCTION_CODE};

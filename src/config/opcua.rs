@@ -12,9 +12,26 @@ use toml::Spanned;
 use super::diagnostic::Origin;
 use super::gateway::Checker;
 use super::raw;
+use super::Rate;
 
 /// Largest timeout accepted: one day, in milliseconds.
 const MAX_MILLISECONDS: i64 = 86_400_000;
+/// Default chunk limit: the 64 KiB receive buffer most servers announce.
+const DEFAULT_MAX_CHUNK_SIZE: u32 = 0x1_0000;
+const DEFAULT_MAX_CHUNK_COUNT: u32 = 64;
+/// Default OpenSecureChannel rate per source: ample for a client that opens
+/// and renews channels, low enough to stop asymmetric-crypto floods.
+const DEFAULT_OPEN_RATE: u64 = 5;
+const DEFAULT_OPEN_BURST: u32 = 10;
+/// The smallest chunk OPC 10000-6 lets a non-ECC endpoint announce.
+const MIN_CHUNK_SIZE: i64 = 8192;
+/// Upper bounds of the guard limits: 16 MiB chunks, 4096 chunks and 256 MiB
+/// messages, far above what a gateway needs to pass.
+const MAX_CHUNK_SIZE: i64 = 0x100_0000;
+const MAX_CHUNK_COUNT: i64 = 4096;
+const MAX_MESSAGE_SIZE: i64 = 0x1000_0000;
+const MAX_OPEN_RATE: f64 = 10_000.0;
+const MAX_OPEN_BURST: i64 = 10_000;
 
 /// An OPC UA security policy, as named in the OPC UA specification (Part 7)
 /// without its URI prefix.
@@ -68,6 +85,36 @@ pub struct OpcuaListenerConfig {
     pub security_policies: Vec<UaSecurityPolicy>,
     /// Offers an endpoint without security as well.
     pub allow_none: bool,
+    /// Limits of the front guard on each client connection.
+    pub guard: OpcuaGuardLimits,
+}
+
+/// The limits the front guard applies to the client connections of an OPC
+/// UA listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpcuaGuardLimits {
+    /// Largest chunk a client may send, header included.
+    pub max_chunk_size: u32,
+    /// Most chunks of one request message.
+    pub max_chunk_count: u32,
+    /// Most wire bytes of one request message.
+    pub max_message_size: u32,
+    /// OpenSecureChannel requests per second from one source address.
+    pub open_rate: Rate,
+    /// OpenSecureChannel requests one source may send at once.
+    pub open_burst: u32,
+}
+
+impl Default for OpcuaGuardLimits {
+    fn default() -> Self {
+        OpcuaGuardLimits {
+            max_chunk_size: DEFAULT_MAX_CHUNK_SIZE,
+            max_chunk_count: DEFAULT_MAX_CHUNK_COUNT,
+            max_message_size: DEFAULT_MAX_CHUNK_SIZE * DEFAULT_MAX_CHUNK_COUNT,
+            open_rate: Rate::per_second(DEFAULT_OPEN_RATE),
+            open_burst: DEFAULT_OPEN_BURST,
+        }
+    }
 }
 
 /// An OPC UA server that sluice connects to as a client.
@@ -321,12 +368,20 @@ impl Checker<'_> {
             );
             ok = false;
         }
-        let crl = table
+        let crl: Vec<PathBuf> = table
             .crl
             .iter()
             .flatten()
             .map(|path| base.join(path.get_ref()))
             .collect();
+        if !policies.is_empty() && table.client_ca.is_none() {
+            self.error(
+                section,
+                format!("{key}.client_ca: missing; a listener that offers security_policies checks client application certificates against it, so set it to the CA bundle of your clients, or offer only allow_none = true"),
+            );
+            ok = false;
+        }
+        let guard = self.opcua_guard_limits(&key, table);
         Some(OpcuaListenerConfig {
             application_uri: application_uri?,
             certificate: base.join(certificate?),
@@ -335,8 +390,83 @@ impl Checker<'_> {
             crl,
             security_policies: policies,
             allow_none,
+            guard: guard?,
         })
         .filter(|_| ok)
+    }
+
+    /// Checks the guard limits of an `opcua` table; missing keys take the
+    /// defaults.
+    fn opcua_guard_limits(
+        &mut self,
+        key: &str,
+        table: &raw::OpcuaListenerSection,
+    ) -> Option<OpcuaGuardLimits> {
+        let defaults = OpcuaGuardLimits::default();
+        let limit =
+            |check: &mut Self, field: &str, value: &Option<Spanned<i64>>, default: u32, range| {
+                check
+                    .integer(
+                        &format!("{key}.{field}"),
+                        value.as_ref(),
+                        i64::from(default),
+                        range,
+                    )
+                    .map(|n| n as u32)
+            };
+        let max_chunk_size = limit(
+            self,
+            "max_chunk_size",
+            &table.max_chunk_size,
+            defaults.max_chunk_size,
+            (MIN_CHUNK_SIZE, MAX_CHUNK_SIZE),
+        );
+        let max_chunk_count = limit(
+            self,
+            "max_chunk_count",
+            &table.max_chunk_count,
+            defaults.max_chunk_count,
+            (1, MAX_CHUNK_COUNT),
+        );
+        let max_message_size = limit(
+            self,
+            "max_message_size",
+            &table.max_message_size,
+            defaults.max_message_size,
+            (MIN_CHUNK_SIZE, MAX_MESSAGE_SIZE),
+        );
+        let open_burst = limit(
+            self,
+            "open_burst",
+            &table.open_burst,
+            defaults.open_burst,
+            (1, MAX_OPEN_BURST),
+        );
+        let open_rate = match &table.open_rate {
+            None => Some(defaults.open_rate),
+            Some(written) => {
+                let value = *written.get_ref();
+                let millis = (value * 1000.0).round();
+                if value.is_finite() && (1.0..=MAX_OPEN_RATE * 1000.0).contains(&millis) {
+                    Some(Rate {
+                        millis_per_second: millis as u64,
+                    })
+                } else {
+                    self.error(
+                        written,
+                        format!("{key}.open_rate: {value} outside 0.001..={MAX_OPEN_RATE}; set OpenSecureChannel requests per second, such as 5 or 0.5"),
+                    );
+                    None
+                }
+            }
+        };
+        Some(OpcuaGuardLimits {
+            max_chunk_size: max_chunk_size?,
+            max_chunk_count: max_chunk_count?,
+            max_message_size: max_message_size?,
+            open_rate: open_rate?,
+            open_burst: open_burst?,
+        })
     }
 
     fn ua_policy(&mut self, key: &str, name: &Spanned<String>) -> Option<UaSecurityPolicy> {

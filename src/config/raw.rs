@@ -68,6 +68,11 @@ pub(super) struct OpcuaListenerSection {
     pub crl: Option<Vec<Spanned<String>>>,
     pub security_policies: Option<Spanned<Vec<Spanned<String>>>>,
     pub allow_none: Option<Spanned<bool>>,
+    pub max_chunk_size: Option<Spanned<i64>>,
+    pub max_chunk_count: Option<Spanned<i64>>,
+    pub max_message_size: Option<Spanned<i64>>,
+    pub open_rate: Option<Spanned<f64>>,
+    pub open_burst: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

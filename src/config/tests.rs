@@ -707,7 +707,7 @@ name = "ua"
 protocol = "opcua"
 bind = "127.0.0.1:4840"
 device = "line1-ua"
-opcua = { application_uri = "urn:sluice:edge-01", certificate = "pki/sluice-ua.crt", private_key = "pki/sluice-ua.key", security_policies = ["Basic256Sha256", "Aes256_Sha256_RsaPss"] }
+opcua = { application_uri = "urn:sluice:edge-01", certificate = "pki/sluice-ua.crt", private_key = "pki/sluice-ua.key", security_policies = ["Basic256Sha256", "Aes256_Sha256_RsaPss"], client_ca = "pki/vendors-ca.crt" }
 
 [[device]]
 name = "line1-ua"
@@ -762,6 +762,11 @@ when.state = {{ "line1-mode" = "maintenance" }}
         ]
     );
     assert!(!server.allow_none);
+    assert_eq!(
+        server.client_ca,
+        Some(dir.path().join("pki/vendors-ca.crt"))
+    );
+    assert_eq!(server.guard, crate::config::OpcuaGuardLimits::default());
     assert_eq!(listener.target, ListenerTarget::Device("line1-ua".into()));
 
     assert_eq!(config.devices.len(), 0);
@@ -819,6 +824,53 @@ functions = [3]
             "rules/acme.toml:6:10: allow[1].functions: a Modbus key in a rule for an OPC UA device; use services and nodes",
             "rules/acme.toml:7:21: allow[1].services[2]: invalid value \"delete\"; use one of \"browse\", \"read\", \"write\", \"call\", \"subscribe\", \"history_read\"",
             "rules/acme.toml:8:10: allow[1].nodes[1]: invalid node pattern \"ns=2;s=Line1\"; write nsu=URI;s=GLOB or nsu=URI;i=NUMBER, such as \"nsu=urn:plant:line1;s=Line1.*\"",
+        ]
+    );
+}
+
+#[test]
+fn opcua_listener_with_security_policies_needs_client_ca() {
+    let gateway = OPCUA_GATEWAY.replace(", client_ca = \"pki/vendors-ca.crt\"", "");
+    let dir = write(&gateway, &[]);
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        ["gateway.toml:9:9: listener[1].opcua.client_ca: missing; a listener that offers security_policies checks client application certificates against it, so set it to the CA bundle of your clients, or offer only allow_none = true"]
+    );
+}
+
+#[test]
+fn opcua_guard_limits_are_read_and_checked() {
+    let gateway = OPCUA_GATEWAY.replace(
+        "client_ca = \"pki/vendors-ca.crt\" }",
+        "client_ca = \"pki/vendors-ca.crt\", max_chunk_size = 8192, max_chunk_count = 8, max_message_size = 65536, open_rate = 0.5, open_burst = 3 }",
+    );
+    let dir = write(&gateway, &[]);
+    let (config, _) = load(&dir.path().join("gateway.toml")).unwrap();
+    assert_eq!(
+        config.listeners[0].opcua.as_ref().unwrap().guard,
+        crate::config::OpcuaGuardLimits {
+            max_chunk_size: 8192,
+            max_chunk_count: 8,
+            max_message_size: 65536,
+            open_rate: crate::config::Rate {
+                millis_per_second: 500
+            },
+            open_burst: 3,
+        }
+    );
+
+    let gateway = OPCUA_GATEWAY.replace(
+        "client_ca = \"pki/vendors-ca.crt\" }",
+        "client_ca = \"pki/vendors-ca.crt\", max_chunk_size = 1024, open_rate = 0.0 }",
+    );
+    let dir = write(&gateway, &[]);
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        [
+            "gateway.toml:9:236: listener[1].opcua.max_chunk_size: 1024 outside 8192..=16777216; set a value from 8192 to 16777216",
+            "gateway.toml:9:254: listener[1].opcua.open_rate: 0 outside 0.001..=10000; set OpenSecureChannel requests per second, such as 5 or 0.5",
         ]
     );
 }

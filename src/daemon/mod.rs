@@ -207,6 +207,7 @@ async fn serve(
         audit: health,
         quarantine: quarantine.clone(),
         detect: crate::detect::Hub::new(),
+        opcua_trust: Default::default(),
     });
     // Collectors stop last, so that events of the drain can still be
     // delivered; whatever is left waits in the spools for the next start.

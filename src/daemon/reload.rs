@@ -69,6 +69,7 @@ impl Reloader {
                     build_generation(policy, Some(&previous), &shared.emitter, &shared.metrics);
                 shared.metrics.count_reload(true);
                 shared.current.store(Arc::new(generation));
+                crate::opcua::reload_trust(shared);
                 self.files = files;
                 let closed = close_orphaned_sessions(shared);
                 tracing::info!(

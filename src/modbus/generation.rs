@@ -54,4 +54,7 @@ pub struct Shared {
     /// Detector state that spans sessions: device failures, the source
     /// addresses each vendor connected from, and containment counts.
     pub detect: crate::detect::Hub,
+    /// The trust stores of the running OPC UA listeners, which a reload
+    /// replaces.
+    pub opcua_trust: crate::opcua::TrustStores,
 }

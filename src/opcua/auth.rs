@@ -28,30 +28,15 @@ pub struct VendorAuthenticator {
 impl VendorAuthenticator {
     /// Checks that a vendor found by its user token may connect now.
     async fn admit(&self, vendor: usize, method: &'static str) -> Result<UserToken, Error> {
-        let name = {
-            let generation = self.shared.current.load();
-            let policy = &generation.policy;
-            let name = policy.vendor_name(vendor).clone();
-            // The client's address is not known here, so a vendor limited to
-            // source networks cannot be checked and is rejected.
-            let sources_limited = policy
-                .vendors()
-                .get(vendor)
-                .is_some_and(|plan| !plan.sources.is_empty());
-            if sources_limited {
-                self.record_rejection(
-                    Some(name.clone()),
-                    method,
-                    "vendor.sources cannot be checked on OPC UA listeners",
-                )
-                .await;
-                return Err(Error::new(
-                    StatusCode::BadUserAccessDenied,
-                    "vendor is limited to source networks",
-                ));
-            }
-            name
-        };
+        // The client's address is not known here; a vendor limited to
+        // source networks is checked on every operation instead.
+        let name = self
+            .shared
+            .current
+            .load()
+            .policy
+            .vendor_name(vendor)
+            .clone();
         if self.shared.quarantine.is_quarantined(&name) {
             self.record_rejection(Some(name), method, "vendor quarantined")
                 .await;

@@ -9,8 +9,10 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use opcua::server::{ServerBuilder, ServerEndpoint};
 use opcua::sync::RwLock;
@@ -33,7 +35,11 @@ mod sampler;
 pub mod trust;
 mod upstream;
 
+use trust::TrustStore;
 use upstream::{ClientIdentity, Upstream};
+
+/// The trust store of each running OPC UA listener, by listener name.
+pub type TrustStores = Mutex<Vec<(Arc<str>, Arc<ArcSwap<TrustStore>>)>>;
 
 /// Path of every endpoint the server offers.
 const ENDPOINT_PATH: &str = "/";
@@ -50,6 +56,8 @@ pub enum StartError {
     Pki { listener: String, message: String },
     #[error("listener {listener}: cannot start the OPC UA server: {message}")]
     Server { listener: String, message: String },
+    #[error("listener {listener}: client certificate trust: {message}")]
+    Trust { listener: String, message: String },
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -85,6 +93,16 @@ pub async fn start(
     let public = socket.local_addr()?;
     let internal = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let internal_address = internal.local_addr()?;
+    let front = front::Front::new(
+        plan.name.clone(),
+        shared.clone(),
+        internal_address,
+        &plan.server,
+    )
+    .map_err(|message| StartError::Trust {
+        listener: plan.name.to_string(),
+        message,
+    })?;
     let node_manager = {
         let shared = shared.clone();
         let listener = plan.name.clone();
@@ -92,6 +110,7 @@ pub async fn start(
         let device = plan.device;
         let upstream = upstream.clone();
         let stop = shutdown.clone();
+        let channels = front.channels.clone();
         move |_context: opcua::server::node_manager::ServerContext| nodes::DeviceNodeManager {
             shared,
             listener,
@@ -101,6 +120,7 @@ pub async fn start(
             namespaces: Arc::new(RwLock::new(namespaces::Namespaces::default())),
             sampler: Arc::new(sampler::Sampler::default()),
             stop,
+            channels,
         }
     };
     let authenticator = auth::VendorAuthenticator {
@@ -115,9 +135,9 @@ pub async fn start(
         .certificate_path(&pki.certificate)
         .private_key_path(&pki.private_key)
         .create_sample_keypair(false)
-        // TODO: client application certificates are accepted here without a
-        // check; the check against client_ca and crl belongs in `front`,
-        // before the bytes reach the server.
+        // The front checked the client application certificate against
+        // client_ca and crl before the OPN reached the server; async-opcua
+        // itself can only trust exact certificate files.
         .trust_client_certs(true)
         .host(public.ip().to_string())
         .port(public.port())
@@ -146,13 +166,40 @@ pub async fn start(
         stop.cancelled().await;
         stopper.cancel();
     });
-    tokio::spawn(front::serve(
-        plan.name.clone(),
-        socket,
-        internal_address,
-        shutdown.clone(),
-    ));
+    shared
+        .opcua_trust
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .push((plan.name.clone(), front.trust.clone()));
+    tokio::spawn(front::serve(Arc::new(front), socket, shutdown.clone()));
     Ok(())
+}
+
+/// Loads the trust store of every running OPC UA listener again from the
+/// current policy's `client_ca` and `crl`. A listener whose files fail to
+/// load keeps its previous store.
+pub fn reload_trust(shared: &Shared) {
+    let generation = shared.current.load();
+    let stores = shared
+        .opcua_trust
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    for (name, store) in stores.iter() {
+        let Some(plan) = generation
+            .policy
+            .opcua_listeners()
+            .iter()
+            .find(|plan| &plan.name == name)
+        else {
+            continue;
+        };
+        match front::load_trust(&plan.server) {
+            Ok(trust) => store.store(Arc::new(trust)),
+            Err(error) => {
+                tracing::error!(listener = %name, %error, "OPC UA trust store not reloaded; the previous one stays in use");
+            }
+        }
+    }
 }
 
 /// Waits, bounded by `limit`, for the first device session.

@@ -5,6 +5,7 @@
 //! one gets `BadUserAccessDenied` while the others in its request still go
 //! through.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,6 +30,7 @@ use crate::config::{Mode, OpcuaService};
 use crate::modbus::generation::Shared;
 use crate::policy::{Decision, OpcuaAccess, OpcuaContext, OpcuaDeviceId};
 
+use super::front::ChannelPeers;
 use super::namespaces::{node_text, policy_node, Namespaces, Translator};
 use super::record::{record, Operation};
 use super::sampler::Sampler;
@@ -45,6 +47,8 @@ pub struct DeviceNodeManager {
     pub sampler: Arc<Sampler>,
     /// Stops the sampler with the listener.
     pub stop: CancellationToken,
+    /// The client address of each secure channel, from the front.
+    pub channels: Arc<ChannelPeers>,
 }
 
 /// The outcome of deciding one operation.
@@ -61,6 +65,7 @@ impl DeviceNodeManager {
     /// the reason as an error when no decision can be made.
     fn evaluate(
         &self,
+        source: Option<IpAddr>,
         vendor_name: &str,
         service: OpcuaService,
         node: &NodeId,
@@ -74,6 +79,14 @@ impl DeviceNodeManager {
         // Quarantine also ends what open sessions may do, not only new ones.
         if self.shared.quarantine.is_quarantined(vendor_name) {
             return Err("vendor quarantined");
+        }
+        // The vendor's `sources` apply to each operation: the user token
+        // that names the vendor arrives without the client's address.
+        let sources = &policy.vendors()[vendor].sources;
+        if !sources.is_empty()
+            && !source.is_some_and(|address| sources.iter().any(|net| net.contains(&address)))
+        {
+            return Err("source address outside the vendor's sources");
         }
         let uri = self
             .namespaces
@@ -93,7 +106,7 @@ impl DeviceNodeManager {
             non_numeric_value: non_numeric,
         };
         let context = OpcuaContext {
-            source: None,
+            source,
             now: jiff::Timestamp::now(),
             instant: Instant::now(),
             states: &generation.states,
@@ -119,7 +132,9 @@ impl DeviceNodeManager {
         let uri = self.namespaces.read().uri(node.namespace).cloned();
         let mut operation = Operation::new(service, uri.as_deref().map(|uri| node_text(uri, node)));
         operation.vendor = Some(Arc::from(vendor_name));
-        let (decision, label) = match self.evaluate(vendor_name, service, node, value) {
+        operation.peer = self.peer(context);
+        let source = operation.peer.map(|peer| peer.ip());
+        let (decision, label) = match self.evaluate(source, vendor_name, service, node, value) {
             Ok(decided) => decided,
             Err(reason) => {
                 operation.reason = Some(reason.to_owned());
@@ -274,13 +289,20 @@ impl DeviceNodeManager {
         })
     }
 
+    /// Returns the client address of the request's secure channel.
+    fn peer(&self, context: &RequestContext) -> Option<SocketAddr> {
+        let channel = context.session().read().secure_channel_id();
+        self.channels.peer(channel)
+    }
+
     /// Returns whether the vendor's rules allow `service` on `node`, without
     /// recording an event; used to filter browse results.
     // NOTE: this takes a token from the vendor's rate limit per reference,
     // so a rate-limited vendor gets fewer browse results.
     fn peek(&self, context: &RequestContext, service: OpcuaService, node: &NodeId) -> bool {
+        let source = self.peer(context).map(|peer| peer.ip());
         matches!(
-            self.evaluate(&context.user_token().0, service, node, None),
+            self.evaluate(source, &context.user_token().0, service, node, None),
             Ok((Decision::Allow { .. }, _))
         )
     }

@@ -2,6 +2,7 @@
 //! service call, allowed or denied, with the same common fields as Modbus
 //! decisions and an `opcua` object.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use opcua::types::StatusCode;
@@ -15,6 +16,8 @@ pub struct Operation {
     pub service: OpcuaService,
     pub node_id: Option<String>,
     pub vendor: Option<Arc<str>>,
+    /// The client's address, when the front knows its secure channel.
+    pub peer: Option<SocketAddr>,
     pub allowed: bool,
     /// False for a denied operation that monitor mode forwarded.
     pub enforced: bool,
@@ -30,6 +33,7 @@ impl Operation {
             service,
             node_id,
             vendor: None,
+            peer: None,
             allowed: false,
             enforced: true,
             rule: None,
@@ -44,6 +48,8 @@ pub async fn record(shared: &Shared, listener: &Arc<str>, device: &Arc<str>, ope
     let mut event = Event::new(EventType::Decision);
     event.listener = Some(listener.clone());
     event.vendor = operation.vendor;
+    event.src_ip = operation.peer.map(|peer| peer.ip());
+    event.src_port = operation.peer.map(|peer| peer.port());
     event.device = Some(device.clone());
     event.decision = Some(match operation.allowed {
         true => DecisionKind::Allow,

@@ -57,7 +57,7 @@ pub struct OpcuaAccess<'a> {
 }
 
 /// The source and time of an OPC UA operation. The source address is
-/// `None` because async-opcua 0.19 does not pass it to the session.
+/// `None` when the front has no peer for the session's secure channel.
 #[derive(Debug, Clone, Copy)]
 pub struct OpcuaContext<'a> {
     pub source: Option<IpAddr>,

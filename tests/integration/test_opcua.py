@@ -7,6 +7,8 @@ Modbus PLC."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
 import shutil
 import subprocess
 import sys
@@ -16,6 +18,10 @@ from pathlib import Path
 
 import pytest
 from asyncua import Client, ua
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 from asyncua.crypto.security_policies import (
     SecurityPolicyAes128Sha256RsaOaep,
     SecurityPolicyAes256Sha256RsaPss,
@@ -52,6 +58,102 @@ def make_rsa_certificate(folder: Path, name: str, uri: str) -> tuple[Path, Path]
         check=True, capture_output=True,
     )
     return certificate, key
+
+
+def key_usage(*, certificate_authority: bool) -> x509.KeyUsage:
+    """The key usage of a CA certificate, or of an application instance
+    certificate."""
+    application = not certificate_authority
+    return x509.KeyUsage(
+        digital_signature=application, content_commitment=application, key_encipherment=application,
+        data_encipherment=application, key_agreement=False, key_cert_sign=certificate_authority,
+        crl_sign=certificate_authority, encipher_only=False, decipher_only=False,
+    )
+
+
+def certificate_builder(subject: x509.Name, issuer: x509.Name, public_key, ca: bool) -> x509.CertificateBuilder:
+    """A builder of a certificate valid from an hour ago for two days."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(key_usage(certificate_authority=ca), critical=True)
+    )
+
+
+class CertificateAuthority:
+    """A CA made with python `cryptography` that signs client application
+    certificates and revocation lists."""
+
+    def __init__(self, folder: Path, name: str):
+        self.folder = folder
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self.certificate = (
+            certificate_builder(self.name, self.name, self.key.public_key(), ca=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.path = folder / f"{name}.pem"
+        self.path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
+
+    def issue(self, name: str, uri: str) -> tuple[Path, Path, x509.Certificate]:
+        """Sign an RSA 2048 application instance certificate for `uri`;
+        return (certificate, key, parsed certificate)."""
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        certificate = (
+            certificate_builder(subject, self.name, key.public_key(), ca=False)
+            .add_extension(
+                x509.SubjectAlternativeName([
+                    x509.UniformResourceIdentifier(uri),
+                    x509.DNSName("localhost"),
+                ]),
+                critical=False,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        certificate_path = self.folder / f"{name}.pem"
+        key_path = self.folder / f"{name}-key.pem"
+        certificate_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        return certificate_path, key_path, certificate
+
+    def revocation_list(self, revoked: list[x509.Certificate]) -> Path:
+        """Write a CRL that revokes `revoked` and is current for a day."""
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.name)
+            .last_update(now - datetime.timedelta(minutes=5))
+            .next_update(now + datetime.timedelta(days=1))
+            .add_extension(x509.CRLNumber(1), critical=False)
+        )
+        for certificate in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(certificate.serial_number)
+                .revocation_date(now - datetime.timedelta(minutes=1))
+                .build()
+            )
+        path = self.folder / "clients.crl"
+        path.write_bytes(builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        return path
 
 
 class Plant:
@@ -145,11 +247,23 @@ def write_rule() -> dict:
 def setup(request, sluice_bin, plc_sim, tmp_path):
     """The plant, the PLC for the state, and sluice with one OPC UA listener
     in the mode given as the fixture's parameter, `enforce` by default."""
+    with contextlib.contextmanager(opcua_setup)(
+        sluice_bin, plc_sim, tmp_path, getattr(request, "param", "enforce")
+    ) as state:
+        yield state
+
+
+def opcua_setup(sluice_bin, plc_sim, tmp_path, mode: str = "enforce", prepare=None, acme_sources=None):
+    """Start the plant, the PLC state and sluice; yield the test's state.
+    `prepare(authority, opcua_table)`, when given, may add keys to the
+    listener's `opcua` table and returns extra state entries.
+    `acme_sources`, when given, limits the vendor acme to those networks."""
     folder = tmp_path / "opcua"
     folder.mkdir()
     plant = Plant(folder)
     server_certificate, server_key = make_rsa_certificate(folder, "sluice", SLUICE_URI)
-    client_certificate, client_key = make_rsa_certificate(folder, "vendor", VENDOR_URI)
+    authority = CertificateAuthority(folder, "vendors-ca")
+    client_certificate, client_key, client_x509 = authority.issue("vendor", VENDOR_URI)
     user_certificate, user_key = make_rsa_certificate(folder, "beta-user", "urn:beta:operator")
 
     password_hash = subprocess.run(
@@ -162,12 +276,17 @@ def setup(request, sluice_bin, plc_sim, tmp_path):
         "protocol": "opcua",
         "bind": "127.0.0.1:0",
         "device": "line1-ua",
-        "mode": getattr(request, "param", "enforce"),
+        "mode": mode,
         "opcua": {
             "application_uri": SLUICE_URI,
             "certificate": str(server_certificate),
             "private_key": str(server_key),
             "security_policies": ["Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"],
+            "client_ca": str(authority.path),
+            # Tests that poll by connecting again open far more secure
+            # channels per second than one client would.
+            "open_rate": 1000,
+            "open_burst": 1000,
         },
     }
     devices = [
@@ -182,6 +301,8 @@ def setup(request, sluice_bin, plc_sim, tmp_path):
         "values": {0: "production", 1: "maintenance"},
     }]
     vendor = {"name": "acme", "opcua_users": [{"username": "acme-eng", "password_hash": password_hash}]}
+    if acme_sources is not None:
+        vendor["sources"] = acme_sources
     beta = {"name": "beta", "opcua_user_certificates": [str(user_certificate)]}
     beta_read = {
         "device": "line1-ua",
@@ -198,6 +319,8 @@ def setup(request, sluice_bin, plc_sim, tmp_path):
         "beta.toml": vendor_rule_file(beta, [beta_read]),
     }
 
+    extra = prepare(authority, listener["opcua"]) if prepare else {}
+
     gateway_folder = folder / "gateway"
     gateway_folder.mkdir()
     gateway = AdminGateway(sluice_bin, gateway_folder, [listener], devices, states, rules)
@@ -212,11 +335,16 @@ def setup(request, sluice_bin, plc_sim, tmp_path):
         "client_key": client_key,
         "user_certificate": user_certificate,
         "user_key": user_key,
+        "authority": authority,
+        "client_x509": client_x509,
+        **extra,
     }
-    yield state
-    plc.close()
-    gateway.stop()
-    state["plant"].stop()
+    try:
+        yield state
+    finally:
+        plc.close()
+        gateway.stop()
+        state["plant"].stop()
 
 
 def vendor_client(setup, password: str = PASSWORD) -> Client:
