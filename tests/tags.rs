@@ -140,6 +140,7 @@ async fn tags_read_and_write_through_the_mirror() {
         audit: Arc::new(AuditHealth::new()),
         quarantine: Arc::new(Quarantine::load(&dir.path().join("audit")).unwrap()),
         detect: sluice::detect::Hub::new(),
+        opcua_trust: Default::default(),
     };
     let shared = Arc::new(shared);
     let mut pollers = Pollers::start(&shared);
