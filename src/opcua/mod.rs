@@ -91,6 +91,8 @@ pub async fn start(
     wait_for_device(&upstream, device.timeout.min(FIRST_CONNECT_WAIT_MAX)).await;
 
     let public = socket.local_addr()?;
+    // TODO: a local process can reach this port directly and skip the
+    // front's guard. async-opcua serves only a whole TcpListener.
     let internal = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let internal_address = internal.local_addr()?;
     let front = front::Front::new(
