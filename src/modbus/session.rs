@@ -560,6 +560,11 @@ impl Session {
         mut event: Event,
         allowed: bool,
     ) -> Step {
+        // Most devices have no mirror: skip the clock read and the response
+        // buffer on that path, where `mirror::route` would forward anyway.
+        if !self.plan().mirror_only && self.generation.mirror.device(device).is_none() {
+            return Step::Forward(self.job(header, request, device, event, allowed));
+        }
         let mut pdu = [0u8; frame::MAX_PDU_LEN];
         let route = mirror::route(
             &self.generation.mirror,
