@@ -187,7 +187,7 @@ pub enum StateKind {
     DiscreteInput,
 }
 
-/// What a read of a mirror block gets while the block's data is stale.
+/// The handling of a read of a mirror block while the block's data is stale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnStale {
     /// The read goes to the device as if there were no mirror.

@@ -160,8 +160,8 @@ impl Checker<'_> {
         devices: &[DeviceConfig],
     ) -> Vec<TagConfig> {
         // TODO: publish tags in the urn:sluice:tags namespace of every OPC UA
-        // listener; until then a tag is decoded from the mirror but no
-        // client can read it, which `check` says once.
+        // listener. Until then no client can read a tag, so `check` warns
+        // once.
         if let Some(first) = sections.first() {
             self.warning(
                 first,

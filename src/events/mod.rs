@@ -114,7 +114,7 @@ pub struct Event {
     /// Present and false only for a denial that monitor mode forwarded.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enforced: Option<bool>,
-    /// `mirror` when the gateway answered a read from its mirror of the
+    /// `mirror` when the gateway served a read from its mirror of the
     /// device instead of forwarding it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub served_by: Option<&'static str>,

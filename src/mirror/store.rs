@@ -111,7 +111,7 @@ impl MirrorBlock {
         &self.label
     }
 
-    /// The reads that poll this block, in address order.
+    /// Returns the reads that poll this block, in address order.
     pub fn pieces(&self) -> &[Piece] {
         &self.pieces
     }

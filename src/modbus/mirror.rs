@@ -1,6 +1,6 @@
-//! How a session uses a device's mirror once the rules allowed a request:
-//! serve a read inside a fresh block from memory, or choose the other
-//! response. A `mirror_only` listener forwards nothing, so there every
+//! Mirror routing for a session once the rules allowed a request: a read
+//! inside a fresh block is served from memory, and other requests are
+//! forwarded or rejected. A `mirror_only` listener forwards nothing, so there every
 //! request the mirror cannot serve is denied.
 
 use std::time::Instant;
@@ -50,7 +50,7 @@ fn mirrored_read(request: &Request) -> Option<(StateKind, u16, u16)> {
     }
 }
 
-/// Decides how an allowed `request` to `device` is answered, writing a
+/// Decides how an allowed `request` to `device` is handled, writing a
 /// served response PDU into `out`, and counts reads in the mirror metrics.
 pub fn route(
     store: &MirrorStore,
@@ -116,7 +116,7 @@ pub fn route(
 }
 
 /// Denies a read that no block contains: with nothing forwarded, there is no
-/// path to the data, so the answer is 0x0A (gateway path unavailable).
+/// path to the data, so the response is 0x0A (gateway path unavailable).
 fn outside(kind: StateKind, address: u16, quantity: u16) -> Route {
     let last = u32::from(address) + u32::from(quantity.max(1)) - 1;
     Route::Refused {

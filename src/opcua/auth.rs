@@ -162,7 +162,7 @@ impl AuthManager for VendorAuthenticator {
     }
 }
 
-/// An argon2id hash of a random password nobody knows, with the default
+/// An argon2id hash of a discarded random password, with the default
 /// parameters of `password::hash_password`.
 const UNKNOWN_USER_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$YI9GbYkTtiPeD678GyxwIg$p4KmTluCkr8TvTAMwyqQBiQlhRO7mjYBKmRzVJZJkQU";

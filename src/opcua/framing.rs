@@ -2,7 +2,7 @@
 //! connection (OPC 10000-6, 7.1 Connection Protocol and 6.7 Secure
 //! Conversation). It cuts the stream into message chunks, checks each header
 //! before buffering its body, and returns whole validated chunks or the
-//! violation to answer with an Error message. It decrypts nothing: the
+//! violation to report in an Error message. It decrypts nothing, so the
 //! secure channel layer behind it still checks signatures and sequences.
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -178,7 +178,8 @@ pub struct Acknowledge {
     pub send_buffer_size: u32,
     /// Largest request body the server accepts; 0 for no limit.
     pub max_message_size: u32,
-    /// Most chunks per request the server accepts; 0 for no limit.
+    /// Maximum number of chunks per request the server accepts; 0 for no
+    /// limit.
     pub max_chunk_count: u32,
 }
 
@@ -220,7 +221,7 @@ pub struct AsymmetricHeader {
     pub receiver_thumbprint: Option<Bytes>,
 }
 
-/// What the guard read from a validated chunk.
+/// The parsed content of a validated chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FrameDetail {
     Hello(Hello),
@@ -279,7 +280,7 @@ impl ViolationKind {
     }
 }
 
-/// A broken rule of the Connection Protocol. The connection answers with
+/// A violated rule of the Connection Protocol. The connection sends
 /// `error_message()` and closes.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("{detail}")]
@@ -432,7 +433,7 @@ impl FrameGuard {
 
     /// Takes one chunk off the buffer, or returns `None` while it is
     /// incomplete. The header is checked before the body is waited for, so
-    /// between calls the buffer holds less than one allowed chunk.
+    /// between calls the buffer contains less than one allowed chunk.
     fn next_frame(&mut self) -> Result<Option<Frame>, Violation> {
         if self.buffer.len() < HEADER_LEN {
             return Ok(None);
@@ -577,7 +578,7 @@ impl FrameGuard {
 
     /// Counts a MSG chunk into the open message of its channel and token.
     /// The request id that really groups chunks sits in the sequence header,
-    /// which is encrypted under SignAndEncrypt, so the token stands in for it.
+    /// which is encrypted under SignAndEncrypt, so the token replaces it.
     /// NOTE: a final chunk of another request under the same token also ends
     /// the count, so interleaved requests escape the chunk limit here; the
     /// server's own per-request limits still apply to them.

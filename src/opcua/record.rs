@@ -11,12 +11,12 @@ use crate::config::OpcuaService;
 use crate::events::{DecisionKind, Event, EventType, OpcuaInfo};
 use crate::modbus::generation::Shared;
 
-/// What is known about one operation when it is recorded.
+/// The facts about one operation that its decision event records.
 pub struct Operation {
     pub service: OpcuaService,
     pub node_id: Option<String>,
     pub vendor: Option<Arc<str>>,
-    /// The client's address, when the front knows its secure channel.
+    /// The client's address, when the front has seen its secure channel.
     pub peer: Option<SocketAddr>,
     pub allowed: bool,
     /// False for a denied operation that monitor mode forwarded.

@@ -135,8 +135,8 @@ impl RejectReason {
     }
 
     /// Returns the status code for the Error message to the client. OPC
-    /// 10000-6 (6.7.6, version 1.05) answers an untrusted certificate with
-    /// Bad_SecurityChecksFailed; the other checks report their own code.
+    /// 10000-6 (6.7.6, version 1.05) reports an untrusted certificate as
+    /// Bad_SecurityChecksFailed. The other checks report their own code.
     pub fn wire_status(self) -> u32 {
         match self {
             RejectReason::Untrusted => status::BAD_SECURITY_CHECKS_FAILED,
@@ -166,8 +166,8 @@ impl RejectReason {
 #[error("{detail}")]
 pub struct CertificateRejection {
     pub reason: RejectReason,
-    /// What failed, with the value: for events and logs, never for the
-    /// client.
+    /// Description of the failure with the value, for events and logs and
+    /// never for the client.
     pub detail: String,
     /// Present when the certificate could be parsed.
     pub certificate: Option<CertificateInfo>,
@@ -418,7 +418,7 @@ type InspectError = (RejectReason, String, Option<CertificateInfo>);
 
 /// Reads what events need from the leaf and checks its key against the
 /// policy. Returns whether the leaf itself is within its validity period,
-/// which tells a leaf's time error from an issuer's.
+/// which separates a leaf's time error from an issuer's.
 fn inspect(
     leaf: &[u8],
     key_bits: &RangeInclusive<usize>,
@@ -518,8 +518,8 @@ mod tests {
     const BASIC256SHA256: &str = "http://opcfoundation.org/UA/SecurityPolicy#Basic256Sha256";
     const NONE: &str = "http://opcfoundation.org/UA/SecurityPolicy#None";
 
-    /// 2026-06-01T00:00:00Z, inside every validity period below unless a
-    /// test says otherwise.
+    /// Returns 2026-06-01T00:00:00Z, inside every validity period below
+    /// unless a test sets another.
     fn june_2026() -> SystemTime {
         at(1_780_272_000)
     }
@@ -528,7 +528,8 @@ mod tests {
         SystemTime::UNIX_EPOCH + Duration::from_secs(seconds)
     }
 
-    /// One RSA key for every leaf: generating RSA keys is slow.
+    /// Returns one shared RSA key for every leaf, because generating RSA
+    /// keys is slow.
     fn rsa_key() -> KeyPair {
         static PEM: OnceLock<String> = OnceLock::new();
         let pem = PEM.get_or_init(|| {

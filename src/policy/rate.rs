@@ -103,7 +103,7 @@ impl Bucket {
         self.limit
     }
 
-    /// Returns whether the bucket holds all `burst` tokens at `now`, so that
+    /// Returns whether the bucket contains all `burst` tokens at `now`, so that
     /// forgetting it changes nothing.
     pub fn is_full(&self, now: u64) -> bool {
         self.full_at.load(Ordering::Relaxed) <= now

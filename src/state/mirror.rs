@@ -48,7 +48,7 @@ pub(super) fn start(
         .collect()
 }
 
-/// Why one poll of a block did not read every piece.
+/// The reason one poll of a block did not read every piece.
 struct PollFailure {
     failure: Failure,
     reason: String,
@@ -92,7 +92,7 @@ async fn poll_block(
 }
 
 /// Reads every piece of `block` once. After a failure without a device
-/// answer the remaining pieces are not requested in this round, so a device
+/// response the remaining pieces are not requested in this round, so a device
 /// that is down gets one request per block and period.
 async fn poll_once(
     generation: &Generation,
