@@ -173,26 +173,56 @@ impl OpcuaService {
     }
 }
 
+/// Most browse names in a `path=` pattern; deeper paths are rejected.
+pub const MAX_PATH_SEGMENTS: usize = 32;
+
 /// The identifier part of a node pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeIdPattern {
     /// A string identifier glob: `*` matches any run of characters, `?` one.
     String(String),
     Numeric(u32),
+    /// A browse path from the Objects folder, one browse name per element,
+    /// each in the pattern's namespace. It names the node it leads to and
+    /// every node below that one by hierarchical references.
+    Path(Vec<String>),
 }
 
-/// A set of nodes a rule names: `nsu=URI;s=GLOB` or `nsu=URI;i=N`.
+/// A set of nodes a rule names: `nsu=URI;s=GLOB`, `nsu=URI;i=N` or
+/// `nsu=URI;path=/NAME/NAME`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodePattern {
     pub namespace_uri: String,
     pub id: NodeIdPattern,
 }
 
+/// A node pattern that failed to parse: the message and, for browse paths,
+/// the byte offset in the pattern text where the problem starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatternError {
+    pub offset: Option<usize>,
+    pub message: String,
+}
+
 impl NodePattern {
-    /// Parses `nsu=URI;s=GLOB` or `nsu=URI;i=N`.
+    /// Parses `nsu=URI;s=GLOB`, `nsu=URI;i=N` or `nsu=URI;path=/NAME/...`.
     pub fn parse(text: &str) -> Result<NodePattern, String> {
-        let hint =
-            "write nsu=URI;s=GLOB or nsu=URI;i=NUMBER, such as \"nsu=urn:plant:line1;s=Line1.*\"";
+        NodePattern::parse_at(text).map_err(|error| error.message)
+    }
+
+    /// Parses like `parse` and returns where in `text` a problem starts.
+    pub fn parse_at(text: &str) -> Result<NodePattern, PatternError> {
+        if let Some(at) = text.find(";path=") {
+            return parse_path_pattern(text, at);
+        }
+        NodePattern::parse_id(text).map_err(|message| PatternError {
+            offset: None,
+            message,
+        })
+    }
+
+    fn parse_id(text: &str) -> Result<NodePattern, String> {
+        let hint = PATTERN_HINT;
         let Some(rest) = text.strip_prefix("nsu=") else {
             return Err(format!("invalid node pattern \"{text}\"; {hint}"));
         };
@@ -220,6 +250,86 @@ impl NodePattern {
             id,
         })
     }
+}
+
+const PATTERN_HINT: &str = "write nsu=URI;s=GLOB, nsu=URI;i=NUMBER or nsu=URI;path=/NAME/NAME, such as \"nsu=urn:plant:line1;s=Line1.*\"";
+
+/// Parses `nsu=URI;path=/NAME/NAME`, where `;path=` starts at `at`. A `/`
+/// or `\` inside a browse name is written `\/` or `\\`.
+fn parse_path_pattern(text: &str, at: usize) -> Result<NodePattern, PatternError> {
+    let error = |offset: usize, message: String| PatternError {
+        offset: Some(offset),
+        message,
+    };
+    let hint = "write nsu=URI;path=/NAME/NAME with browse names from the Objects folder down, such as \"nsu=urn:plant:line1;path=/Line1/Press1\"";
+    let Some(uri) = text[..at].strip_prefix("nsu=") else {
+        return Err(error(0, format!("invalid node pattern \"{text}\"; {hint}")));
+    };
+    if uri.is_empty() {
+        return Err(error(
+            4,
+            format!("empty namespace URI in \"{text}\"; {hint}"),
+        ));
+    }
+    let start = at + ";path=".len();
+    let path = &text[start..];
+    let Some(elements) = path.strip_prefix('/') else {
+        return Err(error(
+            start,
+            format!("browse path \"{path}\" does not start with \"/\"; {hint}"),
+        ));
+    };
+    let mut segments = Vec::new();
+    let mut name = String::new();
+    let mut name_start = start + 1;
+    let mut chars = elements.char_indices();
+    while let Some((offset, c)) = chars.next() {
+        let position = start + 1 + offset;
+        match c {
+            '\\' => match chars.next() {
+                Some((_, escaped @ ('/' | '\\'))) => name.push(escaped),
+                _ => {
+                    return Err(error(
+                        position,
+                        format!(
+                        "invalid escape in browse path \"{path}\"; only \\/ and \\\\ are escapes"
+                    ),
+                    ))
+                }
+            },
+            '/' => {
+                if name.is_empty() {
+                    return Err(error(
+                        name_start,
+                        format!("empty browse name in browse path \"{path}\"; {hint}"),
+                    ));
+                }
+                segments.push(std::mem::take(&mut name));
+                name_start = position + 1;
+            }
+            c => name.push(c),
+        }
+    }
+    if name.is_empty() {
+        return Err(error(
+            name_start,
+            format!("browse path \"{path}\" ends without a browse name; remove the final \"/\""),
+        ));
+    }
+    segments.push(name);
+    if segments.len() > MAX_PATH_SEGMENTS {
+        return Err(error(
+            start,
+            format!(
+                "browse path \"{path}\" has {} browse names, more than the maximum {MAX_PATH_SEGMENTS}",
+                segments.len()
+            ),
+        ));
+    }
+    Ok(NodePattern {
+        namespace_uri: uri.to_owned(),
+        id: NodeIdPattern::Path(segments),
+    })
 }
 
 /// An inclusive range of numeric values a write may set.
@@ -773,10 +883,17 @@ impl Checker<'_> {
         let mut nodes = Vec::new();
         let mut ok = true;
         for (index, text) in written.get_ref().iter().enumerate() {
-            match NodePattern::parse(text.get_ref()) {
+            match NodePattern::parse_at(text.get_ref()) {
                 Ok(pattern) => nodes.push(pattern),
                 Err(problem) => {
-                    self.error(text, format!("{key}.nodes[{}]: {problem}", index + 1));
+                    // A browse path problem is shown at its character, past
+                    // the opening quote. Escapes in the TOML string shift it.
+                    let at = match problem.offset {
+                        Some(offset) => self.source.origin_at(text.span().start + 1 + offset),
+                        None => self.at(text),
+                    };
+                    let message = format!("{key}.nodes[{}]: {}", index + 1, problem.message);
+                    self.report.error(&at, message);
                     ok = false;
                 }
             }
@@ -844,6 +961,78 @@ mod tests {
         assert!(
             error.starts_with("invalid node pattern \"ns=2;s=Line1\""),
             "{error}"
+        );
+    }
+
+    #[test]
+    fn node_pattern_parses_browse_path() {
+        let pattern = NodePattern::parse("nsu=urn:plant:line1;path=/Line1/Press1").unwrap();
+        assert_eq!(pattern.namespace_uri, "urn:plant:line1");
+        assert_eq!(
+            pattern.id,
+            NodeIdPattern::Path(vec!["Line1".to_owned(), "Press1".to_owned()])
+        );
+    }
+
+    #[test]
+    fn browse_path_keeps_escaped_slash_and_semicolon() {
+        let pattern = NodePattern::parse(r"nsu=http://x/UA/;path=/A\/B/C;D/E\\F").unwrap();
+        assert_eq!(pattern.namespace_uri, "http://x/UA/");
+        assert_eq!(
+            pattern.id,
+            NodeIdPattern::Path(vec!["A/B".to_owned(), "C;D".to_owned(), r"E\F".to_owned()])
+        );
+    }
+
+    #[test]
+    fn browse_path_errors_point_at_problem() {
+        let cases = [
+            (
+                "nsu=u;path=Line1",
+                11,
+                "browse path \"Line1\" does not start with \"/\"",
+            ),
+            (
+                "nsu=u;path=/Line1//Press",
+                18,
+                "empty browse name in browse path",
+            ),
+            (
+                "nsu=u;path=/Line1/",
+                18,
+                "browse path \"/Line1/\" ends without a browse name",
+            ),
+            (
+                "nsu=u;path=/",
+                12,
+                "browse path \"/\" ends without a browse name",
+            ),
+            (r"nsu=u;path=/Li\ne", 14, "invalid escape in browse path"),
+            ("nsu=;path=/Line1", 4, "empty namespace URI"),
+            ("ns=2;path=/Line1", 0, "invalid node pattern"),
+        ];
+        for (text, offset, message) in cases {
+            let error = NodePattern::parse_at(text).unwrap_err();
+            assert_eq!(error.offset, Some(offset), "{text}");
+            assert!(
+                error.message.starts_with(message),
+                "{text}: {}",
+                error.message
+            );
+        }
+    }
+
+    #[test]
+    fn browse_path_rejects_too_many_names() {
+        let text = format!("nsu=u;path={}", "/N".repeat(MAX_PATH_SEGMENTS + 1));
+        let error = NodePattern::parse_at(&text).unwrap_err();
+        assert_eq!(error.offset, Some(11));
+        assert_eq!(
+            error.message,
+            format!(
+                "browse path \"{}\" has 33 browse names, more than the maximum 32",
+                "/N".repeat(MAX_PATH_SEGMENTS + 1)
+            )
         );
     }
 

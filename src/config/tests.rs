@@ -823,7 +823,7 @@ functions = [3]
             "rules/acme.toml:3:57: vendor.opcua_users[1].password_hash: invalid PHC string (password hash string missing field); create the hash with `sluice hash-password`",
             "rules/acme.toml:6:10: allow[1].functions: a Modbus key in a rule for an OPC UA device; use services and nodes",
             "rules/acme.toml:7:21: allow[1].services[2]: invalid value \"delete\"; use one of \"browse\", \"read\", \"write\", \"call\", \"subscribe\", \"history_read\"",
-            "rules/acme.toml:8:10: allow[1].nodes[1]: invalid node pattern \"ns=2;s=Line1\"; write nsu=URI;s=GLOB or nsu=URI;i=NUMBER, such as \"nsu=urn:plant:line1;s=Line1.*\"",
+            "rules/acme.toml:8:10: allow[1].nodes[1]: invalid node pattern \"ns=2;s=Line1\"; write nsu=URI;s=GLOB, nsu=URI;i=NUMBER or nsu=URI;path=/NAME/NAME, such as \"nsu=urn:plant:line1;s=Line1.*\"",
         ]
     );
 }

@@ -500,6 +500,7 @@ fn compile_opcua_rule(
             .iter()
             .fold(0, |bits, service| bits | service_bit(*service)),
         nodes: opcua.nodes.clone().into_boxed_slice(),
+        subtrees: super::opcua::compile_subtrees(device, &opcua.nodes),
         values: opcua.values.clone().map(Vec::into_boxed_slice),
         when: compile_when(rule, names, states, problems)?,
         rate,

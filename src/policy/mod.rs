@@ -33,7 +33,8 @@ pub use crate::config::{AuditSync, ListenerLimits, Mode, OnDeny, StateKind};
 pub use explain::{ExplainQuery, Explanation, QueryError};
 pub use interval::IntervalSet;
 pub use opcua::{
-    glob_matches, NodeIdRef, OpcuaAccess, OpcuaContext, OpcuaDeviceId, OpcuaListenerPlan, OpcuaNode,
+    glob_matches, NodeIdRef, OpcuaAccess, OpcuaContext, OpcuaDeviceId, OpcuaListenerPlan,
+    OpcuaNode, Subtree, SubtreeId, SubtreeNode,
 };
 pub use rate::{Bucket as TokenBucket, RateKind, RateLimit, RateScope};
 pub use reason::{Condition, DenyReason};

@@ -3,8 +3,9 @@
 //! limits with the Modbus `decide`. The lookups of vendors by user token are
 //! here too, so that the server gets identities from the policy alone.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use crate::config::{
@@ -74,9 +75,100 @@ pub(super) struct CompiledOpcuaRule {
     /// Bit `1 << service` for each allowed service.
     pub services: u8,
     pub nodes: Box<[NodePattern]>,
+    /// One subtree per `path=` pattern of `nodes`.
+    pub subtrees: Box<[Arc<Subtree>]>,
     pub values: Option<Box<[ValueRange]>>,
     pub when: Option<Box<CompiledWhen>>,
     pub rate: Option<Box<RateLimiter>>,
+}
+
+/// A node of a resolved subtree, by namespace URI and identifier.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SubtreeNode {
+    pub namespace_uri: String,
+    pub id: SubtreeId,
+}
+
+/// The identifier of a subtree node; nodes with GUID or opaque identifiers
+/// are left out, as no pattern can name them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SubtreeId {
+    String(String),
+    Numeric(u32),
+}
+
+/// The nodes a `path=` pattern names on one device: the node the browse
+/// path leads to and the nodes below it. sluice's session to the device
+/// fills it; until then it is empty and the pattern matches nothing.
+#[derive(Debug)]
+pub struct Subtree {
+    pub device: OpcuaDeviceId,
+    pub namespace_uri: String,
+    /// Browse names from the Objects folder down, in `namespace_uri`.
+    pub path: Vec<String>,
+    nodes: RwLock<HashSet<SubtreeNode>>,
+}
+
+impl Subtree {
+    pub fn new(device: OpcuaDeviceId, namespace_uri: &str, path: &[String]) -> Subtree {
+        Subtree {
+            device,
+            namespace_uri: namespace_uri.to_owned(),
+            path: path.to_vec(),
+            nodes: RwLock::default(),
+        }
+    }
+
+    /// Replaces the nodes with those of a new resolution.
+    pub fn set_nodes(&self, nodes: HashSet<SubtreeNode>) {
+        *self
+            .nodes
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = nodes;
+    }
+
+    pub fn contains(&self, node: &OpcuaNode<'_>) -> bool {
+        let id = match node.id {
+            NodeIdRef::String(text) => SubtreeId::String(text.to_owned()),
+            NodeIdRef::Numeric(number) => SubtreeId::Numeric(number),
+            NodeIdRef::Other => return false,
+        };
+        let key = SubtreeNode {
+            namespace_uri: node.namespace_uri.to_owned(),
+            id,
+        };
+        self.nodes
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(&key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Creates an empty subtree for each `path=` pattern of a rule on `device`.
+pub(super) fn compile_subtrees(
+    device: OpcuaDeviceId,
+    nodes: &[NodePattern],
+) -> Box<[Arc<Subtree>]> {
+    nodes
+        .iter()
+        .filter_map(|pattern| match &pattern.id {
+            NodeIdPattern::Path(path) => {
+                Some(Arc::new(Subtree::new(device, &pattern.namespace_uri, path)))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// Users and certificates that identify vendors on OPC UA listeners.
@@ -130,6 +222,7 @@ fn node_matches(pattern: &NodePattern, node: &OpcuaNode<'_>) -> bool {
     match (&pattern.id, node.id) {
         (NodeIdPattern::String(glob), NodeIdRef::String(id)) => glob_matches(glob, id),
         (NodeIdPattern::Numeric(number), NodeIdRef::Numeric(id)) => *number == id,
+        // Paths match through the rule's resolved subtrees.
         _ => false,
     }
 }
@@ -141,6 +234,16 @@ impl Policy {
 
     pub fn opcua_devices(&self) -> &[OpcuaDeviceConfig] {
         &self.opcua.devices
+    }
+
+    /// Returns the subtree of every `path=` pattern in rules for `device`.
+    pub fn opcua_subtrees(&self, device: OpcuaDeviceId) -> Vec<Arc<Subtree>> {
+        self.opcua
+            .rules
+            .iter()
+            .filter(|rule| rule.device == device)
+            .flat_map(|rule| rule.subtrees.iter().cloned())
+            .collect()
     }
 
     /// Returns the vendor whose `opcua_users` contains `username` and its
@@ -225,7 +328,9 @@ impl Policy {
                 service: access.service.name(),
             });
         }
-        if !rule.nodes.iter().any(|p| node_matches(p, &access.node)) {
+        let named = rule.nodes.iter().any(|p| node_matches(p, &access.node))
+            || rule.subtrees.iter().any(|tree| tree.contains(&access.node));
+        if !named {
             return Err(DenyReason::NodeNotAllowed);
         }
         if let Some(ranges) = &rule.values {
@@ -268,7 +373,63 @@ impl Policy {
 
 #[cfg(test)]
 mod tests {
-    use super::glob_matches;
+    use super::*;
+
+    fn line1_path() -> NodePattern {
+        NodePattern::parse("nsu=urn:plant:line1;path=/Line1/Press").unwrap()
+    }
+
+    fn string_node(id: &str) -> SubtreeNode {
+        SubtreeNode {
+            namespace_uri: "urn:plant:line1".to_owned(),
+            id: SubtreeId::String(id.to_owned()),
+        }
+    }
+
+    fn node(id: &str) -> OpcuaNode<'_> {
+        OpcuaNode {
+            namespace_uri: "urn:plant:line1",
+            id: NodeIdRef::String(id),
+        }
+    }
+
+    #[test]
+    fn unresolved_subtree_matches_nothing() {
+        let subtrees = compile_subtrees(0, &[line1_path()]);
+        assert_eq!(subtrees.len(), 1);
+        assert_eq!(subtrees[0].path, ["Line1", "Press"]);
+        assert!(!subtrees[0].contains(&node("Line1.Press")));
+    }
+
+    #[test]
+    fn resolved_subtree_matches_its_nodes_only() {
+        let subtrees = compile_subtrees(0, &[line1_path()]);
+        let tree = &subtrees[0];
+        tree.set_nodes(HashSet::from([
+            string_node("Line1.Press"),
+            string_node("Line1.Press.Temperature"),
+        ]));
+        assert!(tree.contains(&node("Line1.Press")));
+        assert!(tree.contains(&node("Line1.Press.Temperature")));
+        assert!(!tree.contains(&node("Line1")));
+        assert!(!tree.contains(&node("Line1.Setpoint")));
+        let other_namespace = OpcuaNode {
+            namespace_uri: "urn:plant:line2",
+            id: NodeIdRef::String("Line1.Press"),
+        };
+        assert!(!tree.contains(&other_namespace));
+    }
+
+    #[test]
+    fn path_pattern_never_matches_by_identifier() {
+        assert!(!node_matches(&line1_path(), &node("Line1/Press")));
+    }
+
+    #[test]
+    fn id_patterns_compile_no_subtree() {
+        let glob = NodePattern::parse("nsu=urn:plant:line1;s=Line1.*").unwrap();
+        assert_eq!(compile_subtrees(0, &[glob]).len(), 0);
+    }
 
     #[test]
     fn glob_star_matches_any_suffix() {
