@@ -24,12 +24,15 @@ use crate::modbus::generation::Shared;
 use crate::policy::OpcuaListenerPlan;
 
 mod auth;
+mod browse;
 pub mod framing;
 mod front;
 pub mod guard;
+mod history;
 mod namespaces;
 mod nodes;
 pub mod password;
+mod paths;
 mod record;
 mod sampler;
 pub mod trust;

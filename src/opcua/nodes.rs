@@ -1,25 +1,29 @@
 //! The node manager that mirrors a device's address space. Every Browse,
-//! TranslateBrowsePathsToNodeIds hop, Read, Write and Call operation on a
-//! device node is decided against the vendor's rules and recorded. An
-//! allowed operation goes through sluice's own client session, and a denied
-//! one gets `BadUserAccessDenied` while the others in its request still go
-//! through.
+//! TranslateBrowsePathsToNodeIds hop, Read, Write, Call and HistoryRead
+//! (in `history`) operation on a device node is decided against the
+//! vendor's rules and recorded. An allowed operation goes through sluice's
+//! own client session, and a denied one gets `BadUserAccessDenied` while the
+//! others in its request still go through.
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
+use opcua::client::HistoryReadAction;
 use opcua::nodes::DefaultTypeTree;
 use opcua::server::diagnostics::NamespaceMetadata;
 use opcua::server::node_manager::{
-    impl_translate_browse_paths_using_browse, BrowseNode, BrowsePathItem, MethodCall, NodeManager,
-    ReadNode, RequestContext, ServerContext, WriteNode,
+    impl_translate_browse_paths_using_browse, AddReferenceResult, BrowseNode, BrowsePathItem,
+    HistoryNode, MethodCall, NodeManager, ReadNode, RequestContext, ServerContext, WriteNode,
 };
 use opcua::sync::RwLock;
 use opcua::types::{
-    AttributeId, BrowseDescription, CallMethodRequest, CallMethodResult, DataEncoding, NodeId,
-    ObjectId, QualifiedName, ReadValueId, StatusCode, TimestampsToReturn, Variant, WriteValue,
+    AttributeId, BrowseDescription, CallMethodRequest, CallMethodResult, DataEncoding,
+    MonitoringMode, NodeId, ObjectId, QualifiedName, ReadAtTimeDetails, ReadProcessedDetails,
+    ReadRawModifiedDetails, ReadValueId, ReferenceDescription, StatusCode, TimestampsToReturn,
+    Variant, WriteValue,
 };
 
 use opcua::server::node_manager::MonitoredItemRef;
@@ -30,6 +34,7 @@ use crate::config::{Mode, OpcuaService};
 use crate::modbus::generation::Shared;
 use crate::policy::{Decision, OpcuaAccess, OpcuaContext, OpcuaDeviceId};
 
+use super::browse::browse_device_node;
 use super::front::ChannelPeers;
 use super::namespaces::{node_text, policy_node, Namespaces, Translator};
 use super::record::{record, Operation};
@@ -52,11 +57,11 @@ pub struct DeviceNodeManager {
 }
 
 /// The outcome of deciding one operation.
-struct Verdict {
+pub(super) struct Verdict {
     /// Forward the operation to the device.
-    forward: bool,
+    pub(super) forward: bool,
     /// The event fields of the operation; the status is set after forwarding.
-    operation: Operation,
+    pub(super) operation: Operation,
 }
 
 impl DeviceNodeManager {
@@ -121,7 +126,7 @@ impl DeviceNodeManager {
 
     /// Decides one operation and returns whether to forward it. In monitor
     /// mode denied operations are forwarded too, and recorded as such.
-    fn decide(
+    pub(super) fn decide(
         &self,
         context: &RequestContext,
         service: OpcuaService,
@@ -171,7 +176,7 @@ impl DeviceNodeManager {
 
     /// Awaits a device request for `expected` operations, bounded by the
     /// device timeout, and checks that it returned one result for each.
-    async fn device_results<T>(
+    pub(super) async fn device_results<T>(
         &self,
         expected: usize,
         request: impl std::future::Future<Output = Result<Vec<T>, opcua::types::Error>>,
@@ -184,14 +189,14 @@ impl DeviceNodeManager {
         }
     }
 
-    fn translator<'a>(&'a self, connected: &'a Connected) -> Translator<'a> {
+    pub(super) fn translator<'a>(&'a self, connected: &'a Connected) -> Translator<'a> {
         Translator {
             namespaces: &self.namespaces,
             device: &connected.namespaces,
         }
     }
 
-    async fn finish(&self, operation: Operation) {
+    pub(super) async fn finish(&self, operation: Operation) {
         record(
             &self.shared,
             &self.listener,
@@ -214,29 +219,27 @@ impl DeviceNodeManager {
             return;
         };
         let translator = self.translator(&connected);
-        let mut visible = Vec::new();
+        let mut visible = VecDeque::new();
         for reference in references {
             if reference.node_id.node_id.namespace == 0 {
                 continue;
             }
             if let Some(reference) = self.visible_reference(context, &translator, reference) {
-                visible.push(reference);
+                visible.push_back(reference);
             }
         }
-        let type_tree = context.get_type_tree_for_user();
-        for reference in visible {
-            node.add(type_tree.get(), reference);
-        }
+        add_paged(context, node, visible);
     }
 
-    /// Sends one Browse operation to the device, without a continuation
-    /// point, and returns its references; `None` when it failed.
+    /// Sends one Browse operation to the device, following the device's
+    /// continuation points within the bounds of `browse`, and returns its
+    /// references; `None` when it failed.
     async fn browse_device(
         &self,
         connected: &Connected,
         node: &BrowseNode,
         device_node: &NodeId,
-    ) -> Option<Vec<opcua::types::ReferenceDescription>> {
+    ) -> Option<Vec<ReferenceDescription>> {
         let translator = self.translator(connected);
         let reference_type_id = translator.to_device(node.reference_type_id())?;
         let description = BrowseDescription {
@@ -247,17 +250,12 @@ impl DeviceNodeManager {
             node_class_mask: node.node_class_mask().bits(),
             result_mask: node.result_mask().bits(),
         };
-        let descriptions = [description];
-        let request = connected.session.browse(&descriptions, 0, None);
-        let results = tokio::time::timeout(self.upstream.timeout, request)
-            .await
-            .ok()?
-            .ok()?;
-        let result = results.into_iter().next()?;
-        result
-            .status_code
-            .is_good()
-            .then(|| result.references.unwrap_or_default())
+        let found =
+            browse_device_node(&connected.session, description, self.upstream.timeout).await?;
+        if found.cut {
+            tracing::warn!(device = %self.upstream.device, node = %device_node, references = found.references.len(), "device browse result cut at the browse limit");
+        }
+        Some(found.references)
     }
 
     /// Translates a device reference and returns it when the vendor may
@@ -267,8 +265,8 @@ impl DeviceNodeManager {
         &self,
         context: &RequestContext,
         translator: &Translator<'_>,
-        reference: opcua::types::ReferenceDescription,
-    ) -> Option<opcua::types::ReferenceDescription> {
+        reference: ReferenceDescription,
+    ) -> Option<ReferenceDescription> {
         let target = translator.expanded_to_local(&reference.node_id)?;
         if target.node_id.namespace != 0 {
             let verdict = self.peek(context, OpcuaService::Browse, &target.node_id);
@@ -276,7 +274,7 @@ impl DeviceNodeManager {
                 return None;
             }
         }
-        Some(opcua::types::ReferenceDescription {
+        Some(ReferenceDescription {
             reference_type_id: translator.to_local(&reference.reference_type_id)?,
             is_forward: reference.is_forward,
             node_id: target,
@@ -334,21 +332,38 @@ impl DeviceNodeManager {
             return;
         };
         let translator = self.translator(&connected);
-        let visible: Vec<_> = references
+        let visible = references
             .into_iter()
             .filter_map(|reference| self.visible_reference(context, &translator, reference))
             .collect();
-        {
-            let type_tree = context.get_type_tree_for_user();
-            for reference in visible {
-                // TODO: references past the client's maximum per node are
-                // dropped instead of kept behind a continuation point.
-                node.add(type_tree.get(), reference);
-            }
-        }
+        add_paged(context, node, visible);
         node.set_status(StatusCode::Good);
         operation.status = StatusCode::Good;
         self.finish(operation).await;
+    }
+}
+
+/// The visible references of one Browse operation that did not fit the
+/// client's maximum references per node; BrowseNext returns them. The browse
+/// decision was made and recorded when the Browse was.
+struct PendingReferences {
+    references: VecDeque<ReferenceDescription>,
+}
+
+/// Adds `references` to `node` until it is full and keeps the rest behind
+/// a continuation point.
+fn add_paged(
+    context: &RequestContext,
+    node: &mut BrowseNode,
+    mut references: VecDeque<ReferenceDescription>,
+) {
+    let type_tree = context.get_type_tree_for_user();
+    while let Some(reference) = references.pop_front() {
+        if let AddReferenceResult::Full(reference) = node.add(type_tree.get(), reference) {
+            references.push_front(reference);
+            node.set_next_continuation_point(Box::new(PendingReferences { references }));
+            return;
+        }
     }
 }
 
@@ -415,6 +430,12 @@ impl NodeManager for DeviceNodeManager {
             }
         }
         namespaces.attach(context.type_tree.clone());
+        tokio::spawn(super::paths::run(
+            self.upstream.clone(),
+            self.shared.clone(),
+            self.device,
+            self.stop.clone(),
+        ));
         tokio::spawn(self.sampler.clone().run(
             self.upstream.clone(),
             self.namespaces.clone(),
@@ -477,8 +498,12 @@ impl NodeManager for DeviceNodeManager {
                         let interval = std::time::Duration::from_secs_f64(
                             (item.sampling_interval().max(0.0)) / 1000.0,
                         );
-                        self.sampler
-                            .add(item.item_to_monitor(), item.handle(), interval);
+                        self.sampler.add(
+                            item.item_to_monitor(),
+                            item.handle(),
+                            interval,
+                            item.monitoring_mode(),
+                        );
                         operations[operation].status = StatusCode::Good;
                     }
                     Err(status) => {
@@ -492,6 +517,20 @@ impl NodeManager for DeviceNodeManager {
             self.finish(operation).await;
         }
         Ok(())
+    }
+
+    /// Stops sampling the device for Disabled items and resumes it for the
+    /// others; the server itself holds back reports of Sampling items.
+    async fn set_monitoring_mode(
+        &self,
+        _context: &RequestContext,
+        mode: MonitoringMode,
+        items: &[&MonitoredItemRef],
+    ) {
+        for item in items {
+            self.sampler
+                .set_mode(item.node_id(), item.attribute(), item.handle(), mode);
+        }
     }
 
     async fn delete_monitored_items(&self, _context: &RequestContext, items: &[&MonitoredItemRef]) {
@@ -511,6 +550,14 @@ impl NodeManager for DeviceNodeManager {
             if node.is_completed() {
                 continue;
             }
+            // A BrowseNext of this node manager's continuation point; the
+            // Objects folder may instead carry an empty one from the node
+            // manager before, which starts the device's part of it.
+            if let Some(pending) = node.take_continuation_point::<PendingReferences>() {
+                add_paged(context, node, pending.references);
+                node.set_status(StatusCode::Good);
+                continue;
+            }
             if node.node_id() == &objects {
                 self.browse_objects_folder(context, node).await;
             } else if self.owns_node(node.node_id()) {
@@ -528,6 +575,56 @@ impl NodeManager for DeviceNodeManager {
         nodes: &mut [&mut BrowsePathItem],
     ) -> Result<(), StatusCode> {
         impl_translate_browse_paths_using_browse(self, context, nodes).await
+    }
+
+    async fn history_read_raw_modified(
+        &self,
+        context: &RequestContext,
+        details: &ReadRawModifiedDetails,
+        nodes: &mut [&mut HistoryNode],
+        timestamps_to_return: TimestampsToReturn,
+    ) -> Result<(), StatusCode> {
+        let details = HistoryReadAction::ReadRawModifiedDetails(details.clone());
+        self.history_read_nodes(context, details, nodes, timestamps_to_return)
+            .await
+    }
+
+    /// Reads processed values; the aggregates are standard nodes in
+    /// namespace 0 or nodes of the device.
+    async fn history_read_processed(
+        &self,
+        context: &RequestContext,
+        details: &ReadProcessedDetails,
+        nodes: &mut [&mut HistoryNode],
+        timestamps_to_return: TimestampsToReturn,
+    ) -> Result<(), StatusCode> {
+        let mut details = details.clone();
+        // Without a device session each node is recorded as not connected.
+        if let (Some(connected), Some(aggregates)) =
+            (self.upstream.connected(), &mut details.aggregate_type)
+        {
+            let translator = self.translator(&connected);
+            for aggregate in aggregates.iter_mut() {
+                *aggregate = translator
+                    .to_device(aggregate)
+                    .ok_or(StatusCode::BadAggregateNotSupported)?;
+            }
+        }
+        let details = HistoryReadAction::ReadProcessedDetails(details);
+        self.history_read_nodes(context, details, nodes, timestamps_to_return)
+            .await
+    }
+
+    async fn history_read_at_time(
+        &self,
+        context: &RequestContext,
+        details: &ReadAtTimeDetails,
+        nodes: &mut [&mut HistoryNode],
+        timestamps_to_return: TimestampsToReturn,
+    ) -> Result<(), StatusCode> {
+        let details = HistoryReadAction::ReadAtTimeDetails(details.clone());
+        self.history_read_nodes(context, details, nodes, timestamps_to_return)
+            .await
     }
 
     async fn read(

@@ -11,7 +11,8 @@ use opcua::server::node_manager::ParsedReadValueId;
 use opcua::server::{MonitoredItemHandle, SubscriptionCache};
 use opcua::sync::{Mutex, RwLock};
 use opcua::types::{
-    AttributeId, DataValue, NodeId, NumericRange, QualifiedName, ReadValueId, TimestampsToReturn,
+    AttributeId, DataValue, MonitoringMode, NodeId, NumericRange, QualifiedName, ReadValueId,
+    TimestampsToReturn,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -27,7 +28,11 @@ struct Sampled {
     index_range: NumericRange,
     interval: Duration,
     next_due: Instant,
-    handles: HashSet<MonitoredItemHandle>,
+    /// The items in monitoring mode Sampling or Reporting.
+    enabled: HashSet<MonitoredItemHandle>,
+    /// The items in monitoring mode Disabled. An attribute with only these
+    /// is not sampled.
+    disabled: HashSet<MonitoredItemHandle>,
 }
 
 /// The monitored node attributes of one listener.
@@ -38,8 +43,14 @@ pub struct Sampler {
 
 impl Sampler {
     /// Adds a monitored item sampled every `interval`, at least
-    /// `MIN_SAMPLING_INTERVAL`.
-    pub fn add(&self, read: &ParsedReadValueId, handle: MonitoredItemHandle, interval: Duration) {
+    /// `MIN_SAMPLING_INTERVAL`, unless its monitoring mode is Disabled.
+    pub fn add(
+        &self,
+        read: &ParsedReadValueId,
+        handle: MonitoredItemHandle,
+        interval: Duration,
+        mode: MonitoringMode,
+    ) {
         let interval = interval.max(MIN_SAMPLING_INTERVAL);
         let mut items = self.items.lock();
         let entry = items
@@ -48,27 +59,60 @@ impl Sampler {
                 index_range: read.index_range.clone(),
                 interval,
                 next_due: Instant::now() + interval,
-                handles: HashSet::new(),
+                enabled: HashSet::new(),
+                disabled: HashSet::new(),
             });
         entry.interval = entry.interval.min(interval);
-        entry.handles.insert(handle);
+        match mode {
+            MonitoringMode::Disabled => entry.disabled.insert(handle),
+            _ => entry.enabled.insert(handle),
+        };
+    }
+
+    /// Moves an item between Disabled and the sampled modes. Sampling and
+    /// Reporting are the same here, because the server decides which
+    /// samples it reports.
+    pub fn set_mode(
+        &self,
+        node: &NodeId,
+        attribute: AttributeId,
+        handle: MonitoredItemHandle,
+        mode: MonitoringMode,
+    ) {
+        let mut items = self.items.lock();
+        let Some(entry) = items.get_mut(&(node.clone(), attribute)) else {
+            return;
+        };
+        let known = entry.enabled.remove(&handle) | entry.disabled.remove(&handle);
+        if !known {
+            return;
+        }
+        match mode {
+            MonitoringMode::Disabled => entry.disabled.insert(handle),
+            _ => entry.enabled.insert(handle),
+        };
     }
 
     pub fn remove(&self, node: &NodeId, attribute: AttributeId, handle: MonitoredItemHandle) {
         let mut items = self.items.lock();
         if let Some(entry) = items.get_mut(&(node.clone(), attribute)) {
-            entry.handles.remove(&handle);
-            if entry.handles.is_empty() {
+            entry.enabled.remove(&handle);
+            entry.disabled.remove(&handle);
+            if entry.enabled.is_empty() && entry.disabled.is_empty() {
                 items.remove(&(node.clone(), attribute));
             }
         }
     }
 
     /// Returns the node attributes due for a sample and schedules the next.
+    /// Attributes whose items are all Disabled are skipped.
     fn due(&self, now: Instant) -> Vec<(NodeId, AttributeId, NumericRange)> {
         let mut items = self.items.lock();
         let mut due = Vec::new();
         for ((node, attribute), entry) in items.iter_mut() {
+            if entry.enabled.is_empty() {
+                continue;
+            }
             if entry.next_due <= now {
                 entry.next_due = now + entry.interval;
                 due.push((node.clone(), *attribute, entry.index_range.clone()));
@@ -78,8 +122,6 @@ impl Sampler {
     }
 
     /// Samples due items until `stop` is cancelled.
-    // TODO: items in monitoring mode Disabled are still sampled, because
-    // `set_monitoring_mode` is not passed on to the sampler.
     pub async fn run(
         self: Arc<Self>,
         upstream: Arc<Upstream>,
@@ -135,5 +177,111 @@ impl Sampler {
                 .collect();
             subscriptions.notify_data_change(changes.into_iter());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temperature() -> ParsedReadValueId {
+        ParsedReadValueId {
+            node_id: NodeId::new(2, "Line1.Press.Temperature"),
+            attribute_id: AttributeId::Value,
+            index_range: NumericRange::None,
+            data_encoding: opcua::types::DataEncoding::Binary,
+        }
+    }
+
+    fn due_nodes(sampler: &Sampler, now: Instant) -> Vec<NodeId> {
+        sampler
+            .due(now)
+            .into_iter()
+            .map(|(node, _, _)| node)
+            .collect()
+    }
+
+    #[test]
+    fn disabled_item_is_not_sampled() {
+        let sampler = Sampler::default();
+        let handle = MonitoredItemHandle {
+            subscription_id: 1,
+            monitored_item_id: 1,
+        };
+        sampler.add(
+            &temperature(),
+            handle,
+            Duration::ZERO,
+            MonitoringMode::Disabled,
+        );
+        let later = Instant::now() + Duration::from_secs(1);
+        assert_eq!(due_nodes(&sampler, later), Vec::<NodeId>::new());
+    }
+
+    #[test]
+    fn reporting_again_resumes_sampling() {
+        let sampler = Sampler::default();
+        let handle = MonitoredItemHandle {
+            subscription_id: 1,
+            monitored_item_id: 1,
+        };
+        let read = temperature();
+        sampler.add(&read, handle, Duration::ZERO, MonitoringMode::Reporting);
+        sampler.set_mode(
+            &read.node_id,
+            read.attribute_id,
+            handle,
+            MonitoringMode::Disabled,
+        );
+        let later = Instant::now() + Duration::from_secs(1);
+        assert_eq!(due_nodes(&sampler, later), Vec::<NodeId>::new());
+
+        sampler.set_mode(
+            &read.node_id,
+            read.attribute_id,
+            handle,
+            MonitoringMode::Reporting,
+        );
+        assert_eq!(due_nodes(&sampler, later), vec![read.node_id.clone()]);
+    }
+
+    #[test]
+    fn one_enabled_item_keeps_shared_node_sampled() {
+        let sampler = Sampler::default();
+        let read = temperature();
+        let disabled = MonitoredItemHandle {
+            subscription_id: 1,
+            monitored_item_id: 1,
+        };
+        let sampling = MonitoredItemHandle {
+            subscription_id: 1,
+            monitored_item_id: 2,
+        };
+        sampler.add(&read, disabled, Duration::ZERO, MonitoringMode::Disabled);
+        sampler.add(&read, sampling, Duration::ZERO, MonitoringMode::Sampling);
+        let later = Instant::now() + Duration::from_secs(1);
+        assert_eq!(due_nodes(&sampler, later), vec![read.node_id.clone()]);
+
+        sampler.remove(&read.node_id, read.attribute_id, sampling);
+        let after = later + Duration::from_secs(1);
+        assert_eq!(due_nodes(&sampler, after), Vec::<NodeId>::new());
+    }
+
+    #[test]
+    fn mode_of_unknown_item_is_ignored() {
+        let sampler = Sampler::default();
+        let read = temperature();
+        let handle = MonitoredItemHandle {
+            subscription_id: 1,
+            monitored_item_id: 1,
+        };
+        sampler.set_mode(
+            &read.node_id,
+            read.attribute_id,
+            handle,
+            MonitoringMode::Reporting,
+        );
+        let later = Instant::now() + Duration::from_secs(1);
+        assert_eq!(due_nodes(&sampler, later), Vec::<NodeId>::new());
     }
 }
