@@ -173,7 +173,7 @@ impl OpcuaService {
     }
 }
 
-/// Most browse names in a `path=` pattern; deeper paths are rejected.
+/// Maximum browse names in a `path=` pattern. Deeper paths are rejected.
 pub const MAX_PATH_SEGMENTS: usize = 32;
 
 /// The identifier part of a node pattern.
@@ -273,50 +273,13 @@ fn parse_path_pattern(text: &str, at: usize) -> Result<NodePattern, PatternError
     }
     let start = at + ";path=".len();
     let path = &text[start..];
-    let Some(elements) = path.strip_prefix('/') else {
+    if !path.starts_with('/') {
         return Err(error(
             start,
             format!("browse path \"{path}\" does not start with \"/\"; {hint}"),
         ));
-    };
-    let mut segments = Vec::new();
-    let mut name = String::new();
-    let mut name_start = start + 1;
-    let mut chars = elements.char_indices();
-    while let Some((offset, c)) = chars.next() {
-        let position = start + 1 + offset;
-        match c {
-            '\\' => match chars.next() {
-                Some((_, escaped @ ('/' | '\\'))) => name.push(escaped),
-                _ => {
-                    return Err(error(
-                        position,
-                        format!(
-                        "invalid escape in browse path \"{path}\"; only \\/ and \\\\ are escapes"
-                    ),
-                    ))
-                }
-            },
-            '/' => {
-                if name.is_empty() {
-                    return Err(error(
-                        name_start,
-                        format!("empty browse name in browse path \"{path}\"; {hint}"),
-                    ));
-                }
-                segments.push(std::mem::take(&mut name));
-                name_start = position + 1;
-            }
-            c => name.push(c),
-        }
     }
-    if name.is_empty() {
-        return Err(error(
-            name_start,
-            format!("browse path \"{path}\" ends without a browse name; remove the final \"/\""),
-        ));
-    }
-    segments.push(name);
+    let segments = split_browse_names(path, start + 1, hint)?;
     if segments.len() > MAX_PATH_SEGMENTS {
         return Err(error(
             start,
@@ -418,6 +381,55 @@ fn pem_body(text: &str) -> Result<Vec<u8>, String> {
     base64::engine::general_purpose::STANDARD
         .decode(body)
         .map_err(|error| format!("invalid PEM certificate: {error}"))
+}
+
+/// Splits the browse names of a path that starts with `/`. `offset` is the
+/// position of the first name in the pattern text, for errors.
+fn split_browse_names(path: &str, offset: usize, hint: &str) -> Result<Vec<String>, PatternError> {
+    let error = |offset: usize, message: String| PatternError {
+        offset: Some(offset),
+        message,
+    };
+    let elements = &path[1..];
+    let mut segments = Vec::new();
+    let mut name = String::new();
+    let mut name_start = offset;
+    let mut chars = elements.char_indices();
+    while let Some((at, c)) = chars.next() {
+        let position = offset + at;
+        match c {
+            '\\' => match chars.next() {
+                Some((_, escaped @ ('/' | '\\'))) => name.push(escaped),
+                _ => {
+                    return Err(error(
+                        position,
+                        format!(
+                        "invalid escape in browse path \"{path}\"; only \\/ and \\\\ are escapes"
+                    ),
+                    ))
+                }
+            },
+            '/' => {
+                if name.is_empty() {
+                    return Err(error(
+                        name_start,
+                        format!("empty browse name in browse path \"{path}\"; {hint}"),
+                    ));
+                }
+                segments.push(std::mem::take(&mut name));
+                name_start = position + 1;
+            }
+            c => name.push(c),
+        }
+    }
+    if name.is_empty() {
+        return Err(error(
+            name_start,
+            format!("browse path \"{path}\" ends without a browse name; remove the final \"/\""),
+        ));
+    }
+    segments.push(name);
+    Ok(segments)
 }
 
 impl Checker<'_> {

@@ -232,8 +232,8 @@ impl DeviceNodeManager {
     }
 
     /// Sends one Browse operation to the device, following the device's
-    /// continuation points within the bounds of `browse`, and returns its
-    /// references; `None` when it failed.
+    /// continuation points within the bounds of `browse`. Returns its
+    /// references, or `None` when it failed.
     async fn browse_device(
         &self,
         connected: &Connected,
@@ -344,8 +344,8 @@ impl DeviceNodeManager {
 }
 
 /// The visible references of one Browse operation that did not fit the
-/// client's maximum references per node; BrowseNext returns them. The browse
-/// decision was made and recorded when the Browse was.
+/// client's maximum references per node, which BrowseNext returns. The
+/// browse decision was made and recorded with the Browse.
 struct PendingReferences {
     references: VecDeque<ReferenceDescription>,
 }
@@ -520,7 +520,7 @@ impl NodeManager for DeviceNodeManager {
     }
 
     /// Stops sampling the device for Disabled items and resumes it for the
-    /// others; the server itself holds back reports of Sampling items.
+    /// others. The server itself holds back the reports of Sampling items.
     async fn set_monitoring_mode(
         &self,
         _context: &RequestContext,
@@ -550,9 +550,9 @@ impl NodeManager for DeviceNodeManager {
             if node.is_completed() {
                 continue;
             }
-            // A BrowseNext of this node manager's continuation point; the
-            // Objects folder may instead carry an empty one from the node
-            // manager before, which starts the device's part of it.
+            // A BrowseNext continues from this node manager's point. The
+            // Objects folder can instead carry an empty point from the node
+            // manager before this one, and then gets the device's objects.
             if let Some(pending) = node.take_continuation_point::<PendingReferences>() {
                 add_paged(context, node, pending.references);
                 node.set_status(StatusCode::Good);
@@ -589,7 +589,7 @@ impl NodeManager for DeviceNodeManager {
             .await
     }
 
-    /// Reads processed values; the aggregates are standard nodes in
+    /// Reads processed values. The aggregates are standard nodes in
     /// namespace 0 or nodes of the device.
     async fn history_read_processed(
         &self,

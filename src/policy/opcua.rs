@@ -89,8 +89,8 @@ pub struct SubtreeNode {
     pub id: SubtreeId,
 }
 
-/// The identifier of a subtree node; nodes with GUID or opaque identifiers
-/// are left out, as no pattern can name them.
+/// The identifier of a subtree node. Nodes with GUID or opaque identifiers
+/// are left out, because no pattern can name them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum SubtreeId {
     String(String),
@@ -99,7 +99,7 @@ pub enum SubtreeId {
 
 /// The nodes a `path=` pattern names on one device: the node the browse
 /// path leads to and the nodes below it. sluice's session to the device
-/// fills it; until then it is empty and the pattern matches nothing.
+/// fills it. Until then it is empty and the pattern matches nothing.
 #[derive(Debug)]
 pub struct Subtree {
     pub device: OpcuaDeviceId,
