@@ -702,6 +702,16 @@ impl Checker<'_> {
                 ok = false;
             }
         }
+        let rule = self.opcua_keys(key, allow);
+        rule.filter(|_| ok)
+    }
+
+    /// Checks the `services`, `nodes` and `values` keys of a rule.
+    pub(super) fn opcua_keys(
+        &mut self,
+        key: &str,
+        allow: &raw::AllowSection,
+    ) -> Option<OpcuaRuleConfig> {
         let services = self.opcua_services(key, allow);
         let nodes = self.opcua_nodes(key, allow);
         let values = match &allow.values {
@@ -710,12 +720,11 @@ impl Checker<'_> {
                 .opcua_values(&format!("{key}.values"), written)
                 .map(Some),
         };
-        let rule = OpcuaRuleConfig {
+        Some(OpcuaRuleConfig {
             services: services?,
             nodes: nodes?,
             values: values?,
-        };
-        ok.then_some(rule)
+        })
     }
 
     fn opcua_services(

@@ -468,13 +468,8 @@ impl RuleChecker<'_> {
         {
             return self.opcua_rule(key, allow, vendor_sources);
         }
-        for (field, value) in [("services", &allow.services), ("nodes", &allow.nodes)] {
-            if let Some(value) = value {
-                self.checker.error(
-                    value,
-                    format!("{key}.{field}: an OPC UA key in a rule for a Modbus device; use functions and addresses"),
-                );
-            }
+        if allow.services.is_some() || allow.nodes.is_some() {
+            return self.tag_rule(key, allow, vendor_sources);
         }
         let device_ok = self.checker.device_reference(
             &format!("{key}.device"),
@@ -550,6 +545,38 @@ impl RuleChecker<'_> {
             opcua: Some(opcua?),
             origin: self.checker.at(&allow.device),
         })
+    }
+
+    /// Checks a rule for the tags of a Modbus device: `services` and
+    /// `nodes` in the tag namespace, with the same conditions as any rule.
+    fn tag_rule(
+        &mut self,
+        key: &str,
+        allow: &raw::AllowSection,
+        vendor_sources: &[IpNet],
+    ) -> Option<RuleConfig> {
+        let device_ok = self.checker.device_reference(
+            &format!("{key}.device"),
+            &allow.device,
+            &self.gateway.device_names,
+        );
+        let opcua = self.checker.tag_rule_keys(key, allow);
+        let when = self.when(key, allow, vendor_sources);
+        let rate = self.rate(&format!("{key}.rate"), allow.rate.as_ref());
+        let rule = RuleConfig {
+            device: allow.device.get_ref().clone(),
+            functions: Vec::new(),
+            addresses: Vec::new(),
+            values: None,
+            sub_functions: None,
+            mei_types: None,
+            quantity: None,
+            when: when?,
+            rate,
+            opcua: Some(opcua?),
+            origin: self.checker.at(&allow.device),
+        };
+        device_ok.then_some(rule)
     }
 
     fn functions(&mut self, key: &str, allow: &raw::AllowSection) -> Option<Vec<u8>> {

@@ -14,7 +14,9 @@ use crate::config::{
 
 use super::rate::RateLimiter;
 use super::reason::{Condition, DenyReason};
-use super::{deny, CompiledWhen, Context, Decision, Policy, RuleRef, StateTable, VendorId};
+use super::{
+    deny, CompiledWhen, Context, Decision, DeviceId, Policy, RuleRef, StateTable, VendorId,
+};
 
 /// Index of a device in `Policy::opcua_devices`.
 pub type OpcuaDeviceId = usize;
@@ -25,7 +27,8 @@ pub struct OpcuaListenerPlan {
     pub name: Arc<str>,
     pub bind: SocketAddr,
     pub mode: Mode,
-    pub device: OpcuaDeviceId,
+    /// The mirrored device; `None` for a listener that serves only tags.
+    pub device: Option<OpcuaDeviceId>,
     pub limits: ListenerLimits,
     pub server: OpcuaListenerConfig,
 }
@@ -66,11 +69,21 @@ pub struct OpcuaContext<'a> {
     pub states: &'a StateTable,
 }
 
-/// A rule for an OPC UA device, compiled for matching.
+/// What an OPC UA rule allows access to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum OpcuaTarget {
+    /// The nodes of an OPC UA device that a listener mirrors.
+    Device(OpcuaDeviceId),
+    /// The tag nodes over a Modbus device.
+    Tags(DeviceId),
+}
+
+/// A rule for an OPC UA device or for the tags of a Modbus device,
+/// compiled for matching.
 #[derive(Debug)]
 pub(super) struct CompiledOpcuaRule {
     pub rule: RuleRef,
-    pub device: OpcuaDeviceId,
+    pub target: OpcuaTarget,
     /// Bit `1 << service` for each allowed service.
     pub services: u8,
     pub nodes: Box<[NodePattern]>,
@@ -175,6 +188,30 @@ impl Policy {
         access: &OpcuaAccess<'_>,
         context: &OpcuaContext<'_>,
     ) -> Decision {
+        self.decide_target(vendor, OpcuaTarget::Device(device), access, context)
+    }
+
+    /// Decides one OPC UA operation of `vendor` on a tag node over the
+    /// Modbus `device`, with the vendor's rules that name that device and
+    /// `services`. A write is also decided as the Modbus request it becomes,
+    /// with `decide`; that is the caller's second step.
+    pub fn decide_tag(
+        &self,
+        vendor: VendorId,
+        device: DeviceId,
+        access: &OpcuaAccess<'_>,
+        context: &OpcuaContext<'_>,
+    ) -> Decision {
+        self.decide_target(vendor, OpcuaTarget::Tags(device), access, context)
+    }
+
+    fn decide_target(
+        &self,
+        vendor: VendorId,
+        target: OpcuaTarget,
+        access: &OpcuaAccess<'_>,
+        context: &OpcuaContext<'_>,
+    ) -> Decision {
         let write = access.service == OpcuaService::Write;
         if let Some(Some(limiter)) = self.vendor_rates.get(vendor) {
             if let Err((scope, limit)) = limiter.take(write, context.instant) {
@@ -185,7 +222,7 @@ impl Policy {
             .opcua
             .rules
             .iter()
-            .filter(|rule| rule.rule.vendor as usize == vendor && rule.device == device)
+            .filter(|rule| rule.rule.vendor as usize == vendor && rule.target == target)
             .peekable();
         if rules.peek().is_none() {
             return deny(DenyReason::NoRuleForDevice);
