@@ -687,20 +687,12 @@ impl Checker<'_> {
         allow: &raw::AllowSection,
     ) -> Option<OpcuaRuleConfig> {
         let mut ok = true;
-        for (field, present) in [
-            ("functions", allow.functions.is_some()),
-            ("addresses", allow.addresses.is_some()),
-            ("sub_functions", allow.sub_functions.is_some()),
-            ("mei_types", allow.mei_types.is_some()),
-            ("quantity", allow.quantity.is_some()),
-        ] {
-            if present {
-                self.error(
-                    &allow.device,
-                    format!("{key}.{field}: a Modbus key in a rule for an OPC UA device; use services and nodes"),
-                );
-                ok = false;
-            }
+        for field in modbus_keys(allow) {
+            self.error(
+                &allow.device,
+                format!("{key}.{field}: a Modbus key in a rule for an OPC UA device; use services and nodes"),
+            );
+            ok = false;
         }
         let rule = self.opcua_keys(key, allow);
         rule.filter(|_| ok)
@@ -827,6 +819,21 @@ fn scalar_text(value: &raw::Scalar) -> String {
         raw::Scalar::Text(text) => text.clone(),
         raw::Scalar::Integer(number) => number.to_string(),
     }
+}
+
+/// Returns the Modbus-only keys that `allow` sets, which a rule with
+/// `services` and `nodes` does not take.
+pub(super) fn modbus_keys(allow: &raw::AllowSection) -> Vec<&'static str> {
+    [
+        ("functions", allow.functions.is_some()),
+        ("addresses", allow.addresses.is_some()),
+        ("sub_functions", allow.sub_functions.is_some()),
+        ("mei_types", allow.mei_types.is_some()),
+        ("quantity", allow.quantity.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(field, present)| present.then_some(field))
+    .collect()
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use super::diagnostic::{Origin, Report, SourceText};
 use super::gateway::{known_list, parse_toml, Checker, LoadedGateway};
 use super::raw::{self, Scalar, ScalarList};
 use super::syntax;
-use super::{Range16, Rate, RateConfig, RuleConfig, VendorConfig, WhenConfig};
+use super::{OpcuaRuleConfig, Range16, Rate, RateConfig, RuleConfig, VendorConfig, WhenConfig};
 use crate::identity::certificate::{parse_fingerprint, CertificateMatchers, SanPattern};
 
 /// Functions that read or write a Modbus table, and so need `addresses`.
@@ -530,6 +530,18 @@ impl RuleChecker<'_> {
         vendor_sources: &[IpNet],
     ) -> Option<RuleConfig> {
         let opcua = self.checker.opcua_rule(key, allow);
+        self.opcua_rule_config(key, allow, vendor_sources, opcua)
+    }
+
+    /// Completes a rule with `services` and `nodes` with its `when` and
+    /// `rate`.
+    fn opcua_rule_config(
+        &mut self,
+        key: &str,
+        allow: &raw::AllowSection,
+        vendor_sources: &[IpNet],
+        opcua: Option<OpcuaRuleConfig>,
+    ) -> Option<RuleConfig> {
         let when = self.when(key, allow, vendor_sources);
         let rate = self.rate(&format!("{key}.rate"), allow.rate.as_ref());
         Some(RuleConfig {
@@ -561,22 +573,8 @@ impl RuleChecker<'_> {
             &self.gateway.device_names,
         );
         let opcua = self.checker.tag_rule_keys(key, allow);
-        let when = self.when(key, allow, vendor_sources);
-        let rate = self.rate(&format!("{key}.rate"), allow.rate.as_ref());
-        let rule = RuleConfig {
-            device: allow.device.get_ref().clone(),
-            functions: Vec::new(),
-            addresses: Vec::new(),
-            values: None,
-            sub_functions: None,
-            mei_types: None,
-            quantity: None,
-            when: when?,
-            rate,
-            opcua: Some(opcua?),
-            origin: self.checker.at(&allow.device),
-        };
-        device_ok.then_some(rule)
+        let rule = self.opcua_rule_config(key, allow, vendor_sources, opcua);
+        rule.filter(|_| device_ok)
     }
 
     fn functions(&mut self, key: &str, allow: &raw::AllowSection) -> Option<Vec<u8>> {

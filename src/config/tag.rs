@@ -567,29 +567,21 @@ impl Checker<'_> {
 
 impl Checker<'_> {
     /// Checks the keys of a rule for the tags of a Modbus device: the OPC
-    /// UA keys, with every node pattern in the tag namespace, and no Modbus
-    /// keys, because `values` would mean raw registers in one and
-    /// engineering values in the other.
+    /// UA keys, with every node pattern in the tag namespace. Modbus keys
+    /// are rejected, because `values` cannot mean both raw registers and
+    /// engineering values.
     pub(super) fn tag_rule_keys(
         &mut self,
         key: &str,
         allow: &raw::AllowSection,
     ) -> Option<OpcuaRuleConfig> {
         let mut ok = true;
-        for (field, present) in [
-            ("functions", allow.functions.is_some()),
-            ("addresses", allow.addresses.is_some()),
-            ("sub_functions", allow.sub_functions.is_some()),
-            ("mei_types", allow.mei_types.is_some()),
-            ("quantity", allow.quantity.is_some()),
-        ] {
-            if present {
-                self.error(
-                    &allow.device,
-                    format!("{key}.{field}: a Modbus key in a rule with services and nodes, which allows tags; put Modbus access in an [[allow]] of its own"),
-                );
-                ok = false;
-            }
+        for field in super::opcua::modbus_keys(allow) {
+            self.error(
+                &allow.device,
+                format!("{key}.{field}: a Modbus key in a rule with services and nodes, which allows tags; put Modbus access in an [[allow]] of its own"),
+            );
+            ok = false;
         }
         for (index, text) in allow
             .nodes

@@ -24,8 +24,8 @@ const FOLDER_ID: u32 = 1;
 /// Numeric id of the first EngineeringUnits property; tag `n` has
 /// `FIRST_PROPERTY_ID + n`.
 const FIRST_PROPERTY_ID: u32 = 1000;
-/// The UNECE namespace that OPC 10000-8 names for EUInformation. sluice
-/// knows no UNECE code for a free-text `unit`, so `unitId` is -1.
+/// The UNECE units namespace URI of OPC UA's EUInformation. A free-text
+/// `unit` has no UNECE code, so `unitId` is -1.
 const UNECE_NAMESPACE: &str = "http://www.opcfoundation.org/UA/units/un/cefact";
 
 /// The nodes of one generation's tags in one server's tag namespace.
@@ -37,7 +37,7 @@ pub struct TagSpace {
     properties: HashMap<u32, TagId>,
 }
 
-/// What a node id of the tag namespace names.
+/// The kind of node a node id of the tag namespace names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TagNode {
     Folder,
@@ -99,7 +99,7 @@ impl TagSpace {
         }
     }
 
-    /// Returns what `node` names, or `None` when it is none of these nodes.
+    /// Returns the kind of `node`, or `None` when the tag namespace has no such node.
     pub fn node(&self, node: &NodeId) -> Option<TagNode> {
         if node.namespace != self.namespace {
             return None;

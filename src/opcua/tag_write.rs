@@ -131,7 +131,8 @@ impl TagNodeManager {
         let Some(vendor) = policy.vendor_id(context.user_token().0.as_str()) else {
             return false;
         };
-        // A rule limited to sources cannot match an unknown client address.
+        // An unknown client address is 0.0.0.0, which a rule's `when.sources`
+        // matches only when it lists 0.0.0.0/0.
         let source = operation
             .peer
             .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |peer| peer.ip());

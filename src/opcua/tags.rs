@@ -126,6 +126,7 @@ impl TagNodeManager {
         if self.shared.quarantine.is_quarantined(vendor_name) {
             return Err("vendor quarantined");
         }
+
         // The user token names the vendor without the client's address, so
         // the vendor's `sources` apply to each operation.
         let source = self.peer(context).map(|peer| peer.ip());
@@ -135,6 +136,7 @@ impl TagNodeManager {
         {
             return Err("source address outside the vendor's sources");
         }
+
         let access = OpcuaAccess {
             service,
             node: OpcuaNode {
@@ -477,7 +479,7 @@ impl NodeManager for TagNodeManager {
         impl_translate_browse_paths_using_browse(self, context, nodes).await
     }
 
-    /// Reads attributes of tag nodes; each read of a tag or its property is
+    /// Reads attributes of tag nodes. Each read of a tag or its property is
     /// decided as `read` on the tag, and a tag's value comes from the mirror.
     async fn read(
         &self,

@@ -29,9 +29,9 @@ from test_opcua import (
 )
 
 TAGS = "urn:sluice:tags"
-# Blocks are polled every 100 ms and are stale after 1 s; a stopped PLC
-# must turn tags bad within the stale time plus the device timeout and a
-# poll, and this bound leaves ample room for that.
+# Blocks are polled every 100 ms and are stale after 1 s. A stopped PLC
+# turns tags bad within the stale time plus the device timeout and a poll,
+# well inside this bound.
 STATUS_TIMEOUT = 10.0
 HOLDING_BLOCK = {"kind": "holding_register", "start": 0, "count": 200, "poll_ms": 100, "max_age_ms": 1000}
 COIL_BLOCK = {"kind": "coil", "start": 0, "count": 20, "poll_ms": 100, "max_age_ms": 1000}
@@ -371,7 +371,7 @@ def test_stopped_plc_turns_status_bad_then_good(tags_setup, sluice_bin):
         )
     finally:
         restarted.stop()
-    # A restarted plc-sim holds n in holding register n again.
+    # A restarted plc-sim starts again with n in holding register n.
     assert value.Value.Value == 12
     assert value.Value.VariantType == ua.VariantType.UInt16
 
