@@ -19,11 +19,13 @@ import harness
 from harness import modbus_client, vendor_rule_file, wait_for
 from test_opcua import (
     PASSWORD,
+    PLANT_NAMESPACE,
     REQUEST_TIMEOUT,
     SLUICE_URI,
     VENDOR_URI,
     CertificateAuthority,
     Changes,
+    Plant,
     make_rsa_certificate,
     wait_async,
 )
@@ -126,6 +128,39 @@ def tags_setup(sluice_bin, plc_sim, tmp_path):
     the simulated PLC; yields the test's state."""
     folder = tmp_path / "tags"
     folder.mkdir()
+    yield from start_tags_gateway(sluice_bin, plc_sim, folder)
+
+
+@pytest.fixture
+def plant_setup(sluice_bin, plc_sim, tmp_path):
+    """sluice with one OPC UA listener that mirrors the plant's OPC UA
+    server and also serves the tags; yields the test's state."""
+    folder = tmp_path / "plant"
+    folder.mkdir()
+    plant = Plant(folder)
+    device = {"name": "line1-ua", "protocol": "opcua", "endpoint": plant.endpoint, "timeout_ms": 5000}
+    plant_rule = {
+        "device": "line1-ua",
+        "services": ["browse", "read"],
+        "nodes": [f"nsu={PLANT_NAMESPACE};s=Line1*"],
+    }
+    try:
+        yield from start_tags_gateway(sluice_bin, plc_sim, folder, device, plant_rule)
+    finally:
+        plant.stop()
+
+
+@pytest.fixture
+def monitor_setup(sluice_bin, plc_sim, tmp_path):
+    """The state of `tags_setup`, with the listener in monitor mode."""
+    folder = tmp_path / "monitor"
+    folder.mkdir()
+    yield from start_tags_gateway(sluice_bin, plc_sim, folder, mode="monitor")
+
+
+def start_tags_gateway(sluice_bin, plc_sim, folder: Path, opcua_device=None, opcua_rule=None, mode="enforce"):
+    """Start sluice with the tags, and with `opcua_device` mirrored when
+    given; yield the test's state and stop sluice afterwards."""
     server_certificate, server_key = make_rsa_certificate(folder, "sluice", SLUICE_URI)
     authority = CertificateAuthority(folder, "vendors-ca")
     client_certificate, client_key, _ = authority.issue("vendor", VENDOR_URI)
@@ -137,6 +172,7 @@ def tags_setup(sluice_bin, plc_sim, tmp_path):
         "name": "ua",
         "protocol": "opcua",
         "bind": "127.0.0.1:0",
+        "mode": mode,
         "opcua": {
             "application_uri": SLUICE_URI,
             "certificate": str(server_certificate),
@@ -148,9 +184,14 @@ def tags_setup(sluice_bin, plc_sim, tmp_path):
         },
     }
     devices = [harness.device("press-1", plc_sim.address, timeout_ms=500, mirror=[HOLDING_BLOCK, COIL_BLOCK])]
+    allows = [READ_RULE, WRITE_RULE, MODBUS_WRITE_RULE]
+    if opcua_device is not None:
+        listener["device"] = opcua_device["name"]
+        devices.append(opcua_device)
+        allows.append(opcua_rule)
     tags = [case[0] for case in READ_CASES] + [WRITE_TAG, DENIED_TAG, HIDDEN_TAG]
     vendor = {"name": "acme", "opcua_users": [{"username": "acme-eng", "password_hash": password_hash}]}
-    rules = {"acme.toml": vendor_rule_file(vendor, [READ_RULE, WRITE_RULE, MODBUS_WRITE_RULE])}
+    rules = {"acme.toml": vendor_rule_file(vendor, allows)}
     gateway_folder = folder / "gateway"
     gateway_folder.mkdir()
     gateway = TagGateway(sluice_bin, gateway_folder, [listener], devices, tags, rules)
@@ -393,3 +434,40 @@ def test_subscription_reports_register_change(tags_setup):
         return changes.values
 
     assert run(tags_setup, session) == [12, 4321]
+
+
+def test_device_listener_serves_plant_and_tags(plant_setup):
+    async def session(client, index):
+        plant_index = await client.get_namespace_index(PLANT_NAMESPACE)
+        names = []
+        for child in await client.nodes.objects.get_children():
+            names.append(await child.read_browse_name())
+        temperature = await client.get_node(ua.NodeId("Line1.Press.Temperature", plant_index)).read_value()
+        tag_value = await client.get_node(ua.NodeId("Press1.UInt16", index)).read_data_value()
+        return names, temperature, tag_value, index, plant_index
+
+    wait_for(lambda: read_tag(plant_setup, "Press1.UInt16").StatusCode.is_good(), timeout=STATUS_TIMEOUT,
+             what="a good value")
+    names, temperature, tag_value, index, plant_index = run(plant_setup, session)
+    assert ua.QualifiedName("Tags", index) in names
+    assert ua.QualifiedName("Line1", plant_index) in names
+    assert index != plant_index
+    assert temperature == 21.5
+    assert tag_value.Value.Value == 12
+    assert tag_value.Value.VariantType == ua.VariantType.UInt16
+
+
+def test_monitor_mode_forwards_denied_write(monitor_setup):
+    async def session(client, index):
+        node = client.get_node(ua.NodeId(DENIED_TAG["name"], index))
+        await node.write_value(ua.DataValue(ua.Variant(7.0, ua.VariantType.Float)))
+
+    run(monitor_setup, session)
+    assert plc_registers(monitor_setup["plc"], 110, 2) == words(struct.pack(">f", 7.0), "ABCD")
+    (event,) = monitor_setup["gateway"].wait_for_events(
+        lambda event: event.get("opcua", {}).get("service") == "write", what="the write's decision"
+    )
+    assert event["decision"] == "deny"
+    assert event["enforced"] is False
+    assert event["reason"].startswith("Modbus write denied: ")
+    assert event["opcua"]["status"] == "Good"
