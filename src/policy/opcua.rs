@@ -305,7 +305,111 @@ impl Policy {
 
 #[cfg(test)]
 mod tests {
-    use super::glob_matches;
+    use std::time::Instant;
+
+    use super::{glob_matches, NodeIdRef, OpcuaAccess, OpcuaContext, OpcuaNode};
+    use crate::config::OpcuaService;
+    use crate::policy::{Decision, DenyReason, Policy, RuleRef, StateTable};
+
+    const TAG_GATEWAY: &str = r#"[gateway]
+name = "edge-01"
+
+[[listener]]
+name = "ua"
+protocol = "opcua"
+bind = "127.0.0.1:4840"
+device = "line1-ua"
+opcua = { application_uri = "urn:sluice:edge-01", certificate = "sluice.crt", private_key = "sluice.key", client_ca = "ca.crt" }
+
+[[device]]
+name = "line1-ua"
+protocol = "opcua"
+endpoint = "opc.tcp://127.0.0.1:4841"
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:5021"
+mirror = [{ kind = "holding_register", start = 0, count = 10 }]
+
+[[device]]
+name = "oven-2"
+address = "127.0.0.1:5022"
+"#;
+
+    const TAG_RULES: &str = r#"[vendor]
+name = "acme"
+opcua_users = [{ username = "acme-eng", password_hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA" }]
+
+[[allow]]
+device = "press-1"
+services = ["read"]
+nodes = ["nsu=urn:sluice:tags;s=Press1.*"]
+"#;
+
+    fn tag_policy() -> Policy {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("gateway.toml"), TAG_GATEWAY).unwrap();
+        std::fs::create_dir(dir.path().join("rules")).unwrap();
+        std::fs::write(dir.path().join("rules/acme.toml"), TAG_RULES).unwrap();
+        match Policy::load(&dir.path().join("gateway.toml")) {
+            Ok((policy, _)) => policy,
+            Err(diagnostics) => panic!("policy failed to load:\n{diagnostics}"),
+        }
+    }
+
+    fn read_tag(name: &str) -> OpcuaAccess<'_> {
+        OpcuaAccess {
+            service: OpcuaService::Read,
+            node: OpcuaNode {
+                namespace_uri: "urn:sluice:tags",
+                id: NodeIdRef::String(name),
+            },
+            value: None,
+            non_numeric_value: false,
+        }
+    }
+
+    #[test]
+    fn tag_rule_applies_to_its_modbus_device_only() {
+        let policy = tag_policy();
+        let states = StateTable::new(0);
+        let context = OpcuaContext {
+            source: None,
+            now: jiff::Timestamp::now(),
+            instant: Instant::now(),
+            states: &states,
+        };
+        let press = policy.device_id("press-1").unwrap();
+        let oven = policy.device_id("oven-2").unwrap();
+        let access = read_tag("Press1.Temperature");
+        assert_eq!(
+            policy.decide_tag(0, press, &access, &context),
+            Decision::Allow {
+                rule: RuleRef {
+                    vendor: 0,
+                    index: 0
+                }
+            }
+        );
+        assert_eq!(
+            policy.decide_tag(0, oven, &access, &context),
+            Decision::Deny {
+                reason: DenyReason::NoRuleForDevice
+            }
+        );
+        assert_eq!(
+            policy.decide_opcua(0, 0, &access, &context),
+            Decision::Deny {
+                reason: DenyReason::NoRuleForDevice
+            }
+        );
+        assert_eq!(
+            policy.decide_tag(0, press, &read_tag("Oven.Secret"), &context),
+            Decision::Deny {
+                reason: DenyReason::NodeNotAllowed
+            }
+        );
+    }
 
     #[test]
     fn glob_star_matches_any_suffix() {

@@ -168,6 +168,7 @@ def start_tags_gateway(sluice_bin, plc_sim, folder: Path, opcua_device=None, opc
         [sluice_bin, "hash-password"], input=PASSWORD + "\n", capture_output=True, text=True,
         check=True, timeout=REQUEST_TIMEOUT,
     ).stdout.strip()
+
     listener = {
         "name": "ua",
         "protocol": "opcua",
@@ -192,6 +193,7 @@ def start_tags_gateway(sluice_bin, plc_sim, folder: Path, opcua_device=None, opc
     tags = [case[0] for case in READ_CASES] + [WRITE_TAG, DENIED_TAG, HIDDEN_TAG]
     vendor = {"name": "acme", "opcua_users": [{"username": "acme-eng", "password_hash": password_hash}]}
     rules = {"acme.toml": vendor_rule_file(vendor, allows)}
+
     gateway_folder = folder / "gateway"
     gateway_folder.mkdir()
     gateway = TagGateway(sluice_bin, gateway_folder, [listener], devices, tags, rules)
@@ -246,6 +248,15 @@ def plc_registers(plc, address: int, count: int) -> list[int]:
     result = plc.read_holding_registers(address, count=count, device_id=1)
     assert not result.isError()
     return result.registers
+
+
+def write_float(setup, name: str, value: float) -> None:
+    """Write a Float to a tag; raises the status error of a failed write."""
+
+    async def session(client, index):
+        await client.get_node(ua.NodeId(name, index)).write_value(ua.DataValue(ua.Variant(value, ua.VariantType.Float)))
+
+    run(setup, session)
 
 
 def read_tag(setup, name: str, raise_on_bad_status: bool = True) -> ua.DataValue:
@@ -332,11 +343,7 @@ def test_read_of_tag_outside_rules_is_denied(tags_setup):
 
 
 def test_float_write_reaches_plc_registers(tags_setup):
-    async def session(client, index):
-        node = client.get_node(ua.NodeId(WRITE_TAG["name"], index))
-        await node.write_value(ua.DataValue(ua.Variant(42.5, ua.VariantType.Float)))
-
-    run(tags_setup, session)
+    write_float(tags_setup, WRITE_TAG["name"], 42.5)
     assert plc_registers(tags_setup["plc"], 100, 2) == words(struct.pack(">f", 42.5), "ABCD")
     (event,) = tags_setup["gateway"].wait_for_events(
         lambda event: event.get("opcua", {}).get("service") == "write", what="the write's decision"
@@ -352,12 +359,8 @@ def test_float_write_reaches_plc_registers(tags_setup):
 
 
 def test_write_denied_by_modbus_rules_never_reaches_plc(tags_setup):
-    async def session(client, index):
-        node = client.get_node(ua.NodeId(DENIED_TAG["name"], index))
-        with pytest.raises(ua.uaerrors.BadUserAccessDenied):
-            await node.write_value(ua.DataValue(ua.Variant(7.0, ua.VariantType.Float)))
-
-    run(tags_setup, session)
+    with pytest.raises(ua.uaerrors.BadUserAccessDenied):
+        write_float(tags_setup, DENIED_TAG["name"], 7.0)
     assert plc_registers(tags_setup["plc"], 110, 2) == [110, 111]
     writes = [request for request in tags_setup["plc_sim"].requests() if request["function"] == 16]
     assert writes == []
@@ -458,11 +461,7 @@ def test_device_listener_serves_plant_and_tags(plant_setup):
 
 
 def test_monitor_mode_forwards_denied_write(monitor_setup):
-    async def session(client, index):
-        node = client.get_node(ua.NodeId(DENIED_TAG["name"], index))
-        await node.write_value(ua.DataValue(ua.Variant(7.0, ua.VariantType.Float)))
-
-    run(monitor_setup, session)
+    write_float(monitor_setup, DENIED_TAG["name"], 7.0)
     assert plc_registers(monitor_setup["plc"], 110, 2) == words(struct.pack(">f", 7.0), "ABCD")
     (event,) = monitor_setup["gateway"].wait_for_events(
         lambda event: event.get("opcua", {}).get("service") == "write", what="the write's decision"
