@@ -69,7 +69,7 @@ pub struct OpcuaContext<'a> {
     pub states: &'a StateTable,
 }
 
-/// What an OPC UA rule allows access to.
+/// The nodes an OPC UA rule allows access to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum OpcuaTarget {
     /// The nodes of an OPC UA device that a listener mirrors.
