@@ -318,9 +318,17 @@ impl TagNodeManager {
         let Some(reading) = generation.tags.read(id, &generation.mirror, Instant::now()) else {
             return DataValue::new_now_status(Variant::Empty, StatusCode::BadNodeIdUnknown);
         };
+        let status = quality_status(reading.quality);
+        // OPC UA clients ignore the value of a Bad status, and servers send
+        // null there. That also makes a lost PLC a value change, which
+        // monitored items without a data change filter report.
+        let value = match status.is_bad() {
+            true => None,
+            false => reading.value,
+        };
         let mut value = DataValue {
-            value: Some(reading.value.map_or(Variant::Empty, to_variant)),
-            status: Some(quality_status(reading.quality)),
+            value: Some(value.map_or(Variant::Empty, to_variant)),
+            status: Some(status),
             source_timestamp: reading.source_time.map(date_time),
             server_timestamp: Some(DateTime::now()),
             ..DataValue::default()

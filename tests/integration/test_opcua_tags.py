@@ -470,3 +470,34 @@ def test_monitor_mode_forwards_denied_write(monitor_setup):
     assert event["enforced"] is False
     assert event["reason"].startswith("Modbus write denied: ")
     assert event["opcua"]["status"] == "Good"
+
+
+class Statuses:
+    """An asyncua subscription handler that keeps the status name and value
+    of every data change."""
+
+    def __init__(self):
+        self.changes: list[tuple[str, object]] = []
+
+    def datachange_notification(self, node, value, data) -> None:
+        self.changes.append((data.monitored_item.Value.StatusCode.name, value))
+
+
+def test_subscription_reports_lost_plc(tags_setup):
+    name = "Press1.UInt16"
+    wait_for(lambda: read_tag(tags_setup, name).StatusCode.is_good(), timeout=STATUS_TIMEOUT, what="a good value")
+
+    async def session(client, index):
+        statuses = Statuses()
+        subscription = await client.create_subscription(100, statuses)
+        await subscription.subscribe_data_change(client.get_node(ua.NodeId(name, index)))
+        await wait_async(lambda: statuses.changes == [("Good", 12)], "the initial value")
+        await asyncio.to_thread(tags_setup["plc_sim"].stop)
+        await wait_async(
+            lambda: statuses.changes == [("Good", 12), ("BadCommunicationError", None)],
+            "BadCommunicationError after the PLC stopped", timeout=STATUS_TIMEOUT,
+        )
+        await subscription.delete()
+        return statuses.changes
+
+    assert run(tags_setup, session) == [("Good", 12), ("BadCommunicationError", None)]
