@@ -208,7 +208,7 @@ impl TagNodeManager {
     /// Returns whether the vendor may browse `tag`, without recording an
     /// event; used to filter browse results.
     // NOTE: as on device nodes, this takes a token from the vendor's rate
-    // limit per tag, so a rate-limited vendor sees fewer tags.
+    // limit per tag, so a rate-limited vendor gets fewer tags in its results.
     fn may_browse(&self, generation: &Generation, context: &RequestContext, tag: &Tag) -> bool {
         matches!(
             self.evaluate(generation, context, OpcuaService::Browse, tag, None, false),
@@ -309,7 +309,7 @@ impl TagNodeManager {
     }
 
     /// Returns the value of tag `id` from the mirror, with the status of its
-    /// quality and the timestamps `timestamps` asks for.
+    /// quality and the timestamps that `timestamps` requests.
     pub(super) fn tag_value(
         generation: &Generation,
         id: TagId,
