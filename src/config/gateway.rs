@@ -424,7 +424,8 @@ impl Checker<'_> {
     }
 
     /// Checks that a listener reaches devices of its own protocol: an OPC UA
-    /// listener mirrors one OPC UA device, a Modbus listener only Modbus devices.
+    /// listener mirrors one OPC UA device or none, a Modbus listener only
+    /// Modbus devices.
     fn target_kind(
         &mut self,
         key: &str,
@@ -452,6 +453,7 @@ impl Checker<'_> {
                     .error(&at, format!("{key}.device: \"{device}\" {problem}"));
                 false
             }
+            ListenerTarget::TagsOnly => true,
             ListenerTarget::Routes(_) if is_opcua => {
                 self.error(
                     &section.name,
@@ -578,6 +580,7 @@ impl Checker<'_> {
                 );
                 None
             }
+            (None, None) if section.opcua.is_some() => Some(ListenerTarget::TagsOnly),
             (None, None) => {
                 self.error(
                     &section.name,

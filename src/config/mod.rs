@@ -36,7 +36,10 @@ pub use opcua::{
 };
 pub use service::{load_service, AdminConfig, ServiceConfig, MAX_SOCKET_PATH};
 pub use syntax::{function_code, function_name, MAX_FUNCTION_CODE};
-pub use tag::{RegisterOrder, TagAccess, TagConfig, TagType, MAX_STRING_LENGTH};
+pub use tag::{
+    RegisterOrder, TagAccess, TagConfig, TagType, MAX_STRING_LENGTH,
+    NAMESPACE_URI as TAG_NAMESPACE_URI,
+};
 pub use tls::{DeviceTls, ExpiryKind, ListenerTls, TlsClient, TlsExpiry, TlsServer};
 
 /// A validated configuration: `gateway.toml` plus every rule file. Names
@@ -120,6 +123,8 @@ pub enum ListenerTarget {
     Device(String),
     /// A device per unit id; unit ids without an entry have no route.
     Routes(Vec<(u8, String)>),
+    /// No device: an OPC UA listener that serves only the Modbus tags.
+    TagsOnly,
 }
 
 #[derive(Debug, Clone)]

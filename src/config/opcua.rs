@@ -809,21 +809,23 @@ impl Checker<'_> {
         allow: &raw::AllowSection,
     ) -> Option<OpcuaRuleConfig> {
         let mut ok = true;
-        for (field, present) in [
-            ("functions", allow.functions.is_some()),
-            ("addresses", allow.addresses.is_some()),
-            ("sub_functions", allow.sub_functions.is_some()),
-            ("mei_types", allow.mei_types.is_some()),
-            ("quantity", allow.quantity.is_some()),
-        ] {
-            if present {
-                self.error(
-                    &allow.device,
-                    format!("{key}.{field}: a Modbus key in a rule for an OPC UA device; use services and nodes"),
-                );
-                ok = false;
-            }
+        for field in modbus_keys(allow) {
+            self.error(
+                &allow.device,
+                format!("{key}.{field}: a Modbus key in a rule for an OPC UA device; use services and nodes"),
+            );
+            ok = false;
         }
+        let rule = self.opcua_keys(key, allow);
+        rule.filter(|_| ok)
+    }
+
+    /// Checks the `services`, `nodes` and `values` keys of a rule.
+    pub(super) fn opcua_keys(
+        &mut self,
+        key: &str,
+        allow: &raw::AllowSection,
+    ) -> Option<OpcuaRuleConfig> {
         let services = self.opcua_services(key, allow);
         let nodes = self.opcua_nodes(key, allow);
         let values = match &allow.values {
@@ -832,12 +834,11 @@ impl Checker<'_> {
                 .opcua_values(&format!("{key}.values"), written)
                 .map(Some),
         };
-        let rule = OpcuaRuleConfig {
+        Some(OpcuaRuleConfig {
             services: services?,
             nodes: nodes?,
             values: values?,
-        };
-        ok.then_some(rule)
+        })
     }
 
     fn opcua_services(
@@ -947,6 +948,21 @@ fn scalar_text(value: &raw::Scalar) -> String {
         raw::Scalar::Text(text) => text.clone(),
         raw::Scalar::Integer(number) => number.to_string(),
     }
+}
+
+/// Returns the Modbus-only keys that `allow` sets, which a rule with
+/// `services` and `nodes` does not take.
+pub(super) fn modbus_keys(allow: &raw::AllowSection) -> Vec<&'static str> {
+    [
+        ("functions", allow.functions.is_some()),
+        ("addresses", allow.addresses.is_some()),
+        ("sub_functions", allow.sub_functions.is_some()),
+        ("mei_types", allow.mei_types.is_some()),
+        ("quantity", allow.quantity.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(field, present)| present.then_some(field))
+    .collect()
 }
 
 #[cfg(test)]

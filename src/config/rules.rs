@@ -14,7 +14,7 @@ use super::diagnostic::{Origin, Report, SourceText};
 use super::gateway::{known_list, parse_toml, Checker, LoadedGateway};
 use super::raw::{self, Scalar, ScalarList};
 use super::syntax;
-use super::{Range16, Rate, RateConfig, RuleConfig, VendorConfig, WhenConfig};
+use super::{OpcuaRuleConfig, Range16, Rate, RateConfig, RuleConfig, VendorConfig, WhenConfig};
 use crate::identity::certificate::{parse_fingerprint, CertificateMatchers, SanPattern};
 
 /// Functions that read or write a Modbus table, and so need `addresses`.
@@ -468,13 +468,8 @@ impl RuleChecker<'_> {
         {
             return self.opcua_rule(key, allow, vendor_sources);
         }
-        for (field, value) in [("services", &allow.services), ("nodes", &allow.nodes)] {
-            if let Some(value) = value {
-                self.checker.error(
-                    value,
-                    format!("{key}.{field}: an OPC UA key in a rule for a Modbus device; use functions and addresses"),
-                );
-            }
+        if allow.services.is_some() || allow.nodes.is_some() {
+            return self.tag_rule(key, allow, vendor_sources);
         }
         let device_ok = self.checker.device_reference(
             &format!("{key}.device"),
@@ -535,6 +530,18 @@ impl RuleChecker<'_> {
         vendor_sources: &[IpNet],
     ) -> Option<RuleConfig> {
         let opcua = self.checker.opcua_rule(key, allow);
+        self.opcua_rule_config(key, allow, vendor_sources, opcua)
+    }
+
+    /// Completes a rule with `services` and `nodes` with its `when` and
+    /// `rate`.
+    fn opcua_rule_config(
+        &mut self,
+        key: &str,
+        allow: &raw::AllowSection,
+        vendor_sources: &[IpNet],
+        opcua: Option<OpcuaRuleConfig>,
+    ) -> Option<RuleConfig> {
         let when = self.when(key, allow, vendor_sources);
         let rate = self.rate(&format!("{key}.rate"), allow.rate.as_ref());
         Some(RuleConfig {
@@ -550,6 +557,24 @@ impl RuleChecker<'_> {
             opcua: Some(opcua?),
             origin: self.checker.at(&allow.device),
         })
+    }
+
+    /// Checks a rule for the tags of a Modbus device: `services` and
+    /// `nodes` in the tag namespace, with the same conditions as any rule.
+    fn tag_rule(
+        &mut self,
+        key: &str,
+        allow: &raw::AllowSection,
+        vendor_sources: &[IpNet],
+    ) -> Option<RuleConfig> {
+        let device_ok = self.checker.device_reference(
+            &format!("{key}.device"),
+            &allow.device,
+            &self.gateway.device_names,
+        );
+        let opcua = self.checker.tag_rule_keys(key, allow);
+        let rule = self.opcua_rule_config(key, allow, vendor_sources, opcua);
+        rule.filter(|_| device_ok)
     }
 
     fn functions(&mut self, key: &str, allow: &raw::AllowSection) -> Option<Vec<u8>> {

@@ -10,7 +10,10 @@ use super::diagnostic::Origin;
 use super::gateway::Checker;
 use super::mirror::kind_name;
 use super::raw;
-use super::{DeviceConfig, StateKind};
+use super::{DeviceConfig, NodeIdPattern, NodePattern, OpcuaRuleConfig, StateKind};
+
+/// The namespace URI of tag nodes on OPC UA listeners.
+pub const NAMESPACE_URI: &str = "urn:sluice:tags";
 
 /// Number of addresses in each Modbus table.
 const TABLE_SIZE: u32 = 0x1_0000;
@@ -159,15 +162,6 @@ impl Checker<'_> {
         raw_devices: &[raw::DeviceSection],
         devices: &[DeviceConfig],
     ) -> Vec<TagConfig> {
-        // TODO: publish tags in the urn:sluice:tags namespace of every OPC UA
-        // listener. Until then no client can read a tag, so `check` warns
-        // once.
-        if let Some(first) = sections.first() {
-            self.warning(
-                first,
-                "tag: tags are validated and decoded from the mirror, but this build does not yet publish them on OPC UA listeners",
-            );
-        }
         let mut names = HashMap::new();
         let mut tags = Vec::new();
         for (index, entry) in sections.iter().enumerate() {
@@ -568,6 +562,70 @@ impl Checker<'_> {
             ),
         );
         None
+    }
+}
+
+impl Checker<'_> {
+    /// Checks the keys of a rule for the tags of a Modbus device: the OPC
+    /// UA keys, with every node pattern in the tag namespace. Modbus keys
+    /// are rejected, because `values` cannot mean both raw registers and
+    /// engineering values.
+    pub(super) fn tag_rule_keys(
+        &mut self,
+        key: &str,
+        allow: &raw::AllowSection,
+    ) -> Option<OpcuaRuleConfig> {
+        let mut ok = true;
+        for field in super::opcua::modbus_keys(allow) {
+            self.error(
+                &allow.device,
+                format!("{key}.{field}: a Modbus key in a rule with services and nodes, which allows tags; put Modbus access in an [[allow]] of its own"),
+            );
+            ok = false;
+        }
+        for (index, text) in allow
+            .nodes
+            .iter()
+            .flat_map(|nodes| nodes.get_ref())
+            .enumerate()
+        {
+            let Ok(pattern) = NodePattern::parse(text.get_ref()) else {
+                continue;
+            };
+            if let Some(problem) = tag_pattern_problem(&pattern) {
+                self.error(
+                    text,
+                    format!(
+                        "{key}.nodes[{}]: {problem}; a rule for Modbus device \"{}\" allows its tags, as \"nsu={NAMESPACE_URI};s=Press1.*\"",
+                        index + 1,
+                        allow.device.get_ref()
+                    ),
+                );
+                ok = false;
+            }
+        }
+        let rule = self.opcua_keys(key, allow);
+        rule.filter(|_| ok)
+    }
+}
+
+/// Returns why `pattern` cannot name a tag node, or `None` when it can.
+fn tag_pattern_problem(pattern: &NodePattern) -> Option<String> {
+    if pattern.namespace_uri != NAMESPACE_URI {
+        return Some(format!(
+            "namespace \"{}\" is not the tag namespace {NAMESPACE_URI}",
+            pattern.namespace_uri
+        ));
+    }
+    match pattern.id {
+        NodeIdPattern::String(_) => None,
+        NodeIdPattern::Numeric(number) => Some(format!(
+            "numeric id i={number} names no tag, because tag node ids are their names"
+        )),
+        NodeIdPattern::Path(_) => Some(
+            "a browse path names no tag; name tags with s=NAME globs, such as s=Press1.*"
+                .to_owned(),
+        ),
     }
 }
 

@@ -693,7 +693,10 @@ fn opcua_parts_mixed_with_modbus_are_named() {
             "gateway.toml:17:8: device[2].unit: a Modbus key on an OPC UA device; remove it",
             "gateway.toml:14:8: device[2].endpoint: missing; set endpoint = \"opc.tcp://HOST:PORT\"",
             "gateway.toml:5:8: listener[1].routes.\"2\": \"oven-2\" is an OPC UA device; route unit ids to Modbus devices",
-            "rules/acme.toml:10:9: allow[1].nodes: an OPC UA key in a rule for a Modbus device; use functions and addresses",
+            "rules/acme.toml:7:10: allow[1].functions: a Modbus key in a rule with services and nodes, which allows tags; put Modbus access in an [[allow]] of its own",
+            "rules/acme.toml:7:10: allow[1].addresses: a Modbus key in a rule with services and nodes, which allows tags; put Modbus access in an [[allow]] of its own",
+            "rules/acme.toml:7:10: allow[1].services: missing; list the services the rule allows, as [\"browse\", \"read\"]",
+            "rules/acme.toml:10:10: allow[1].nodes[1]: invalid node pattern \"x\"; write nsu=URI;s=GLOB, nsu=URI;i=NUMBER or nsu=URI;path=/NAME/NAME, such as \"nsu=urn:plant:line1;s=Line1.*\"",
         ]
     );
 }
@@ -1651,10 +1654,7 @@ access = "read_write"
     );
     let dir = write(&gateway, &[("acme.toml", ACME)]);
     let (config, warnings) = load_ok(dir.path());
-    assert_eq!(
-        warnings,
-        ["gateway.toml:12:1: tag: tags are validated and decoded from the mirror, but this build does not yet publish them on OPC UA listeners"]
-    );
+    assert!(warnings.is_empty(), "{warnings:?}");
     assert_eq!(config.tags.len(), 4);
     let temperature = &config.tags[0];
     assert_eq!(temperature.name, "Press1.Temperature");
@@ -1785,6 +1785,65 @@ bit = 16
             "gateway.toml:61:1: tag[7].length: missing; set length = 16, the number of characters, two per register",
             "gateway.toml:74:7: tag[8].bit: only a bool tag on a holding or input register takes a bit; remove the key",
             "gateway.toml:82:7: tag[9].bit: 16 outside 0..=15; set a value from 0 to 15",
+        ]
+    );
+}
+
+/// A gateway with one OPC UA listener without device, which serves only
+/// the tags of `press-1`.
+const TAGS_GATEWAY: &str = r#"[gateway]
+name = "edge-01"
+
+[[listener]]
+name = "ua"
+protocol = "opcua"
+bind = "127.0.0.1:4840"
+opcua = { application_uri = "urn:sluice:edge-01", certificate = "pki/sluice-ua.crt", private_key = "pki/sluice-ua.key", client_ca = "pki/vendors-ca.crt" }
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:5021"
+mirror = [{ kind = "holding_register", start = 0, count = 200 }]
+
+[[tag]]
+device = "press-1"
+name = "Press1.Setpoint"
+kind = "holding_register"
+address = 100
+type = "float32"
+access = "read_write"
+"#;
+
+#[test]
+fn opcua_listener_without_device_serves_tags() {
+    let rules = "[vendor]\nname = \"acme\"\nopcua_users = [{ username = \"acme-eng\", password_hash = \"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA\" }]\n\n[[allow]]\ndevice = \"press-1\"\nservices = [\"read\", \"write\"]\nnodes = [\"nsu=urn:sluice:tags;s=Press1.*\"]\nvalues = \"0-100\"\n";
+    let dir = write(TAGS_GATEWAY, &[("acme.toml", rules)]);
+    let (config, warnings) = load_ok(dir.path());
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(config.listeners[0].target, ListenerTarget::TagsOnly);
+    let rule = &config.vendors[0].rules[0];
+    assert_eq!(rule.device, "press-1");
+    let opcua = rule.opcua.as_ref().unwrap();
+    assert_eq!(opcua.services, [OpcuaService::Read, OpcuaService::Write]);
+    assert_eq!(opcua.nodes[0].namespace_uri, "urn:sluice:tags");
+    assert_eq!(
+        opcua.nodes[0].id,
+        NodeIdPattern::String("Press1.*".to_owned())
+    );
+}
+
+#[test]
+fn tag_rule_with_foreign_nodes_or_modbus_keys_is_rejected() {
+    let rules = "[vendor]\nname = \"acme\"\nsources = [\"10.50.0.0/16\"]\n\n[[allow]]\ndevice = \"press-1\"\nservices = [\"read\"]\nnodes = [\"nsu=urn:plant:line1;s=Line1.*\", \"nsu=urn:sluice:tags;i=5\", \"nsu=urn:sluice:tags;s=Press1.*\"]\n\n[[allow]]\ndevice = \"press-1\"\nfunctions = [16]\nservices = [\"write\"]\nnodes = [\"nsu=urn:sluice:tags;s=Press1.Setpoint\"]\n\n[[allow]]\ndevice = \"press-1\"\nnodes = [\"nsu=urn:sluice:tags;s=Press1.*\"]\n";
+    let dir = write(TAGS_GATEWAY, &[("acme.toml", rules)]);
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        [
+            "rules/acme.toml:8:10: allow[1].nodes[1]: namespace \"urn:plant:line1\" is not the tag namespace urn:sluice:tags; a rule for Modbus device \"press-1\" allows its tags, as \"nsu=urn:sluice:tags;s=Press1.*\"",
+            "rules/acme.toml:8:43: allow[1].nodes[2]: numeric id i=5 names no tag, because tag node ids are their names; a rule for Modbus device \"press-1\" allows its tags, as \"nsu=urn:sluice:tags;s=Press1.*\"",
+            "rules/acme.toml:11:10: allow[2].functions: a Modbus key in a rule with services and nodes, which allows tags; put Modbus access in an [[allow]] of its own",
+            "rules/acme.toml:17:10: allow[3].services: missing; list the services the rule allows, as [\"browse\", \"read\"]",
         ]
     );
 }

@@ -1,6 +1,7 @@
 //! OPC UA termination: the north OPC UA server of each `opcua` listener (an
-//! async-opcua server), the client session to the device it mirrors, and
-//! the node manager that decides every operation against the policy.
+//! async-opcua server), the client session to the device it mirrors, the
+//! node manager that decides every operation against the policy, and the
+//! node manager of the Modbus tags.
 //!
 //! Connections reach the server through `front`, which accepts TCP on the
 //! listener's address and passes the byte stream on to the server on an
@@ -35,6 +36,9 @@ pub mod password;
 mod paths;
 mod record;
 mod sampler;
+mod tag_space;
+mod tag_write;
+mod tags;
 pub mod trust;
 mod upstream;
 
@@ -73,25 +77,11 @@ pub async fn start(
     shared: &Arc<Shared>,
     shutdown: &CancellationToken,
 ) -> Result<(), StartError> {
-    let device = {
-        let generation = shared.current.load();
-        generation.policy.opcua_devices()[plan.device].clone()
-    };
     let pki = prepare_pki(plan, &shared.current.load().policy.audit().path)?;
-
-    let upstream = Upstream::new(&device);
-    let identity = ClientIdentity {
-        application_uri: plan.server.application_uri.clone(),
-        pki_dir: pki.dir.join("client"),
-        certificate: pki.certificate.clone(),
-        private_key: pki.private_key.clone(),
+    let upstream = match plan.device {
+        Some(device) => Some(connect_device(plan, device, &pki, shared, shutdown).await),
+        None => None,
     };
-    tokio::spawn(
-        upstream
-            .clone()
-            .run(device.clone(), identity, shutdown.clone()),
-    );
-    wait_for_device(&upstream, device.timeout.min(FIRST_CONNECT_WAIT_MAX)).await;
 
     let public = socket.local_addr()?;
     // TODO: a local process can reach this port directly and skip the
@@ -108,24 +98,14 @@ pub async fn start(
         listener: plan.name.to_string(),
         message,
     })?;
-    let node_manager = {
+    let tag_manager = {
         let shared = shared.clone();
         let listener = plan.name.clone();
         let mode = plan.mode;
-        let device = plan.device;
-        let upstream = upstream.clone();
         let stop = shutdown.clone();
         let channels = front.channels.clone();
-        move |_context: opcua::server::node_manager::ServerContext| nodes::DeviceNodeManager {
-            shared,
-            listener,
-            mode,
-            device,
-            upstream,
-            namespaces: Arc::new(RwLock::new(namespaces::Namespaces::default())),
-            sampler: Arc::new(sampler::Sampler::default()),
-            stop,
-            channels,
+        move |_context: opcua::server::node_manager::ServerContext| {
+            tags::TagNodeManager::new(shared, listener, mode, channels, stop)
         }
     };
     let authenticator = auth::VendorAuthenticator {
@@ -148,8 +128,28 @@ pub async fn start(
         .port(public.port())
         .discovery_urls(vec![ENDPOINT_PATH.to_owned()])
         .with_authenticator(Arc::new(authenticator))
-        .with_node_manager(node_manager)
         .diagnostics_enabled(false);
+    if let (Some(device), Some(upstream)) = (plan.device, upstream) {
+        let shared = shared.clone();
+        let listener = plan.name.clone();
+        let mode = plan.mode;
+        let stop = shutdown.clone();
+        let channels = front.channels.clone();
+        builder = builder.with_node_manager(
+            move |_context: opcua::server::node_manager::ServerContext| nodes::DeviceNodeManager {
+                shared,
+                listener,
+                mode,
+                device,
+                upstream,
+                namespaces: Arc::new(RwLock::new(namespaces::Namespaces::default())),
+                sampler: Arc::new(sampler::Sampler::default()),
+                stop,
+                channels,
+            },
+        );
+    }
+    builder = builder.with_node_manager(tag_manager);
     for (id, endpoint) in endpoints(&plan.server.security_policies, plan.server.allow_none) {
         builder = builder.add_endpoint(id, endpoint);
     }
@@ -205,6 +205,32 @@ pub fn reload_trust(shared: &Shared) {
             }
         }
     }
+}
+
+/// Starts the client session to the OPC UA device the listener mirrors and
+/// waits, bounded, for it to connect.
+async fn connect_device(
+    plan: &OpcuaListenerPlan,
+    device: crate::policy::OpcuaDeviceId,
+    pki: &Pki,
+    shared: &Arc<Shared>,
+    shutdown: &CancellationToken,
+) -> Arc<Upstream> {
+    let device = shared.current.load().policy.opcua_devices()[device].clone();
+    let upstream = Upstream::new(&device);
+    let identity = ClientIdentity {
+        application_uri: plan.server.application_uri.clone(),
+        pki_dir: pki.dir.join("client"),
+        certificate: pki.certificate.clone(),
+        private_key: pki.private_key.clone(),
+    };
+    tokio::spawn(
+        upstream
+            .clone()
+            .run(device.clone(), identity, shutdown.clone()),
+    );
+    wait_for_device(&upstream, device.timeout.min(FIRST_CONNECT_WAIT_MAX)).await;
+    upstream
 }
 
 /// Waits, bounded by `limit`, for the first device session.

@@ -377,7 +377,7 @@ fn refusal_status(forward: bool) -> StatusCode {
 }
 
 /// Returns a written value as a number, for rules with `values`.
-fn numeric(value: &Variant) -> Option<f64> {
+pub(super) fn numeric(value: &Variant) -> Option<f64> {
     match value {
         Variant::Boolean(v) => Some(f64::from(u8::from(*v))),
         Variant::SByte(v) => Some(f64::from(*v)),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use opcua::types::StatusCode;
 
 use crate::config::OpcuaService;
-use crate::events::{DecisionKind, Event, EventType, OpcuaInfo};
+use crate::events::{DecisionKind, Event, EventType, ModbusInfo, OpcuaInfo};
 use crate::modbus::generation::Shared;
 
 /// The facts about one operation that its decision event records.
@@ -25,6 +25,9 @@ pub struct Operation {
     pub reason: Option<String>,
     /// The status the client received for this operation.
     pub status: StatusCode,
+    /// The Modbus request a write to a tag became.
+    pub modbus: Option<ModbusInfo>,
+    pub detail: Option<serde_json::Value>,
 }
 
 impl Operation {
@@ -39,6 +42,8 @@ impl Operation {
             rule: None,
             reason: None,
             status: StatusCode::Good,
+            modbus: None,
+            detail: None,
         }
     }
 }
@@ -60,6 +65,8 @@ pub async fn record(shared: &Shared, listener: &Arc<str>, device: &Arc<str>, ope
     }
     event.rule = operation.rule;
     event.reason = operation.reason;
+    event.modbus = operation.modbus;
+    event.detail = operation.detail;
     event.opcua = Some(OpcuaInfo {
         service: operation.service.name(),
         node_id: operation.node_id,

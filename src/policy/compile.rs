@@ -11,7 +11,9 @@ use crate::config::{
 };
 use crate::identity::{SourceIndex, SourceSet};
 
-use super::opcua::{service_bit, CompiledOpcuaRule, OpcuaIdentities, OpcuaListenerPlan};
+use super::opcua::{
+    service_bit, CompiledOpcuaRule, OpcuaIdentities, OpcuaListenerPlan, OpcuaTarget,
+};
 use super::rate::{RateLimiter, RateScope};
 use super::{
     CompiledRule, CompiledWhen, DevicePlan, FunctionTable, IntervalSet, ListenerPlan, OpcuaPolicy,
@@ -238,6 +240,14 @@ fn listener_plan(
             }
             Routes::Units(units)
         }
+        // Only OPC UA listeners go without a device, and they have no plan here.
+        ListenerTarget::TagsOnly => {
+            problems.error(
+                &listener.origin,
+                "a Modbus listener needs device or routes".to_owned(),
+            );
+            return None;
+        }
     };
     Some(ListenerPlan {
         name: Arc::from(listener.name.as_str()),
@@ -452,19 +462,25 @@ fn opcua_listener_plan(
     problems: &mut Problems,
 ) -> Option<OpcuaListenerPlan> {
     let server = listener.opcua.clone()?;
-    let ListenerTarget::Device(device) = &listener.target else {
-        problems.error(
-            &listener.origin,
-            "an opcua listener needs one device".to_owned(),
-        );
-        return None;
-    };
-    let Some(&device) = names.opcua_devices.get(device) else {
-        problems.error(
-            &listener.origin,
-            format!("unknown OPC UA device \"{device}\""),
-        );
-        return None;
+    let device = match &listener.target {
+        ListenerTarget::TagsOnly => None,
+        ListenerTarget::Device(device) => {
+            let Some(&device) = names.opcua_devices.get(device) else {
+                problems.error(
+                    &listener.origin,
+                    format!("unknown OPC UA device \"{device}\""),
+                );
+                return None;
+            };
+            Some(device)
+        }
+        ListenerTarget::Routes(_) => {
+            problems.error(
+                &listener.origin,
+                "an opcua listener takes one device or none".to_owned(),
+            );
+            return None;
+        }
     };
     Some(OpcuaListenerPlan {
         name: Arc::from(listener.name.as_str()),
@@ -485,22 +501,31 @@ fn compile_opcua_rule(
     problems: &mut Problems,
 ) -> Option<CompiledOpcuaRule> {
     let opcua = rule.opcua.as_ref()?;
-    let Some(&device) = names.opcua_devices.get(&rule.device) else {
-        problems.error(
-            &rule.origin,
-            format!("unknown OPC UA device \"{}\"", rule.device),
-        );
-        return None;
+    // A rule for a Modbus device allows the tags over that device.
+    let target = match (
+        names.opcua_devices.get(&rule.device),
+        names.devices.get(&rule.device),
+    ) {
+        (Some(&device), _) => OpcuaTarget::Device(device),
+        (None, Some(&device)) => OpcuaTarget::Tags(device),
+        (None, None) => {
+            problems.error(&rule.origin, format!("unknown device \"{}\"", rule.device));
+            return None;
+        }
     };
     Some(CompiledOpcuaRule {
         rule: rule_ref,
-        device,
         services: opcua
             .services
             .iter()
             .fold(0, |bits, service| bits | service_bit(*service)),
         nodes: opcua.nodes.clone().into_boxed_slice(),
-        subtrees: super::opcua::compile_subtrees(device, &opcua.nodes),
+        // Tag rules take no browse paths: validation refuses them.
+        subtrees: match target {
+            OpcuaTarget::Device(device) => super::opcua::compile_subtrees(device, &opcua.nodes),
+            OpcuaTarget::Tags(_) => Box::default(),
+        },
+        target,
         values: opcua.values.clone().map(Vec::into_boxed_slice),
         when: compile_when(rule, names, states, problems)?,
         rate,

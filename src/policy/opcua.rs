@@ -15,7 +15,9 @@ use crate::config::{
 
 use super::rate::RateLimiter;
 use super::reason::{Condition, DenyReason};
-use super::{deny, CompiledWhen, Context, Decision, Policy, RuleRef, StateTable, VendorId};
+use super::{
+    deny, CompiledWhen, Context, Decision, DeviceId, Policy, RuleRef, StateTable, VendorId,
+};
 
 /// Index of a device in `Policy::opcua_devices`.
 pub type OpcuaDeviceId = usize;
@@ -26,7 +28,8 @@ pub struct OpcuaListenerPlan {
     pub name: Arc<str>,
     pub bind: SocketAddr,
     pub mode: Mode,
-    pub device: OpcuaDeviceId,
+    /// The mirrored device; `None` for a listener that serves only tags.
+    pub device: Option<OpcuaDeviceId>,
     pub limits: ListenerLimits,
     pub server: OpcuaListenerConfig,
 }
@@ -67,11 +70,21 @@ pub struct OpcuaContext<'a> {
     pub states: &'a StateTable,
 }
 
-/// A rule for an OPC UA device, compiled for matching.
+/// The nodes an OPC UA rule allows access to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum OpcuaTarget {
+    /// The nodes of an OPC UA device that a listener mirrors.
+    Device(OpcuaDeviceId),
+    /// The tag nodes over a Modbus device.
+    Tags(DeviceId),
+}
+
+/// A rule for an OPC UA device or for the tags of a Modbus device,
+/// compiled for matching.
 #[derive(Debug)]
 pub(super) struct CompiledOpcuaRule {
     pub rule: RuleRef,
-    pub device: OpcuaDeviceId,
+    pub target: OpcuaTarget,
     /// Bit `1 << service` for each allowed service.
     pub services: u8,
     pub nodes: Box<[NodePattern]>,
@@ -241,7 +254,7 @@ impl Policy {
         self.opcua
             .rules
             .iter()
-            .filter(|rule| rule.device == device)
+            .filter(|rule| matches!(rule.target, OpcuaTarget::Device(id) if id == device))
             .flat_map(|rule| rule.subtrees.iter().cloned())
             .collect()
     }
@@ -278,6 +291,30 @@ impl Policy {
         access: &OpcuaAccess<'_>,
         context: &OpcuaContext<'_>,
     ) -> Decision {
+        self.decide_target(vendor, OpcuaTarget::Device(device), access, context)
+    }
+
+    /// Decides one OPC UA operation of `vendor` on a tag node over the
+    /// Modbus `device`, with the vendor's rules that name that device and
+    /// `services`. A write is also decided as the Modbus request it becomes,
+    /// with `decide`; that is the caller's second step.
+    pub fn decide_tag(
+        &self,
+        vendor: VendorId,
+        device: DeviceId,
+        access: &OpcuaAccess<'_>,
+        context: &OpcuaContext<'_>,
+    ) -> Decision {
+        self.decide_target(vendor, OpcuaTarget::Tags(device), access, context)
+    }
+
+    fn decide_target(
+        &self,
+        vendor: VendorId,
+        target: OpcuaTarget,
+        access: &OpcuaAccess<'_>,
+        context: &OpcuaContext<'_>,
+    ) -> Decision {
         let write = access.service == OpcuaService::Write;
         if let Some(Some(limiter)) = self.vendor_rates.get(vendor) {
             if let Err((scope, limit)) = limiter.take(write, context.instant) {
@@ -288,7 +325,7 @@ impl Policy {
             .opcua
             .rules
             .iter()
-            .filter(|rule| rule.rule.vendor as usize == vendor && rule.device == device)
+            .filter(|rule| rule.rule.vendor as usize == vendor && rule.target == target)
             .peekable();
         if rules.peek().is_none() {
             return deny(DenyReason::NoRuleForDevice);
@@ -373,7 +410,11 @@ impl Policy {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
+    use crate::config::OpcuaService;
+    use crate::policy::{Decision, DenyReason, Policy, RuleRef, StateTable};
 
     fn line1_path() -> NodePattern {
         NodePattern::parse("nsu=urn:plant:line1;path=/Line1/Press").unwrap()
@@ -390,6 +431,64 @@ mod tests {
         OpcuaNode {
             namespace_uri: "urn:plant:line1",
             id: NodeIdRef::String(id),
+        }
+    }
+
+    const TAG_GATEWAY: &str = r#"[gateway]
+name = "edge-01"
+
+[[listener]]
+name = "ua"
+protocol = "opcua"
+bind = "127.0.0.1:4840"
+device = "line1-ua"
+opcua = { application_uri = "urn:sluice:edge-01", certificate = "sluice.crt", private_key = "sluice.key", client_ca = "ca.crt" }
+
+[[device]]
+name = "line1-ua"
+protocol = "opcua"
+endpoint = "opc.tcp://127.0.0.1:4841"
+
+[[device]]
+name = "press-1"
+address = "127.0.0.1:5021"
+mirror = [{ kind = "holding_register", start = 0, count = 10 }]
+
+[[device]]
+name = "oven-2"
+address = "127.0.0.1:5022"
+"#;
+
+    const TAG_RULES: &str = r#"[vendor]
+name = "acme"
+opcua_users = [{ username = "acme-eng", password_hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA" }]
+
+[[allow]]
+device = "press-1"
+services = ["read"]
+nodes = ["nsu=urn:sluice:tags;s=Press1.*"]
+"#;
+
+    fn tag_policy() -> Policy {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("gateway.toml"), TAG_GATEWAY).unwrap();
+        std::fs::create_dir(dir.path().join("rules")).unwrap();
+        std::fs::write(dir.path().join("rules/acme.toml"), TAG_RULES).unwrap();
+        match Policy::load(&dir.path().join("gateway.toml")) {
+            Ok((policy, _)) => policy,
+            Err(diagnostics) => panic!("policy failed to load:\n{diagnostics}"),
+        }
+    }
+
+    fn read_tag(name: &str) -> OpcuaAccess<'_> {
+        OpcuaAccess {
+            service: OpcuaService::Read,
+            node: OpcuaNode {
+                namespace_uri: "urn:sluice:tags",
+                id: NodeIdRef::String(name),
+            },
+            value: None,
+            non_numeric_value: false,
         }
     }
 
@@ -429,6 +528,48 @@ mod tests {
     fn id_patterns_compile_no_subtree() {
         let glob = NodePattern::parse("nsu=urn:plant:line1;s=Line1.*").unwrap();
         assert_eq!(compile_subtrees(0, &[glob]).len(), 0);
+    }
+
+    #[test]
+    fn tag_rule_applies_to_its_modbus_device_only() {
+        let policy = tag_policy();
+        let states = StateTable::new(0);
+        let context = OpcuaContext {
+            source: None,
+            now: jiff::Timestamp::now(),
+            instant: Instant::now(),
+            states: &states,
+        };
+        let press = policy.device_id("press-1").unwrap();
+        let oven = policy.device_id("oven-2").unwrap();
+        let access = read_tag("Press1.Temperature");
+        assert_eq!(
+            policy.decide_tag(0, press, &access, &context),
+            Decision::Allow {
+                rule: RuleRef {
+                    vendor: 0,
+                    index: 0
+                }
+            }
+        );
+        assert_eq!(
+            policy.decide_tag(0, oven, &access, &context),
+            Decision::Deny {
+                reason: DenyReason::NoRuleForDevice
+            }
+        );
+        assert_eq!(
+            policy.decide_opcua(0, 0, &access, &context),
+            Decision::Deny {
+                reason: DenyReason::NoRuleForDevice
+            }
+        );
+        assert_eq!(
+            policy.decide_tag(0, press, &read_tag("Oven.Secret"), &context),
+            Decision::Deny {
+                reason: DenyReason::NodeNotAllowed
+            }
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::policy::{DeviceId, DevicePlan};
 pub use codec::{EncodeError, Encoding, TagValue};
 
 /// The namespace URI of every tag node.
-pub const NAMESPACE_URI: &str = "urn:sluice:tags";
+pub const NAMESPACE_URI: &str = crate::config::TAG_NAMESPACE_URI;
 
 /// Index of a tag in its `TagMap`, in configuration order.
 pub type TagId = usize;
