@@ -8,6 +8,7 @@
 //! and the slot's task takes the connection back to serve it.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::MutexGuard;
 use std::task::{Context, Poll, Waker};
@@ -16,7 +17,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::{
     check, io_reason, modbus_info, Admission, CloseReason, DeviceState, End, InFlight, Job,
@@ -36,6 +37,11 @@ pub(super) struct Parked {
     read_buf: BytesMut,
     write_buf: BytesMut,
     transactions: Transactions,
+    /// The response deadline. It moves only when it fired or a new deadline
+    /// is earlier, because re-arming it for every request would take the
+    /// timer driver's lock each time. A fire before the current request's
+    /// deadline re-arms it.
+    timer: Pin<Box<Sleep>>,
     /// A written request whose caller stopped waiting for its response.
     /// Only the slot's task takes a connection that has one, so that a
     /// second request never joins it on the wire.
@@ -281,12 +287,27 @@ async fn await_response(
         }
 
         parked.read_buf.reserve(READ_CHUNK);
-        let read = parked.stream.read_buf(&mut parked.read_buf);
-        match tokio::time::timeout_at(deadline, read).await {
-            Ok(Ok(0)) => return Err(device.closed(CloseReason::Eof)),
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => return Err(device.closed(io_reason(&error))),
-            Err(_) => {
+        let Parked {
+            stream,
+            read_buf,
+            timer,
+            ..
+        } = &mut *parked;
+        if timer.is_elapsed() || deadline < timer.deadline() {
+            timer.as_mut().reset(deadline);
+        }
+        tokio::select! {
+            biased;
+            read = stream.read_buf(read_buf) => match read {
+                Ok(0) => return Err(device.closed(CloseReason::Eof)),
+                Ok(_) => {}
+                Err(error) => return Err(device.closed(io_reason(&error))),
+            },
+            () = timer.as_mut() => {
+                if Instant::now() < deadline {
+                    timer.as_mut().reset(deadline);
+                    continue;
+                }
                 tracing::debug!(transaction_id, "request timed out; transaction id retired");
                 parked.transactions.retire(transaction_id);
                 return Ok(Err(device.timeout()));
@@ -370,6 +391,7 @@ impl Worker {
             read_buf: BytesMut::with_capacity(READ_CHUNK),
             write_buf: BytesMut::with_capacity(WRITE_CHUNK),
             transactions: Transactions::default(),
+            timer: Box::pin(tokio::time::sleep_until(Instant::now())),
             abandoned: None,
         });
         loop {
