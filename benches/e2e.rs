@@ -12,7 +12,16 @@
 //! SLUICE_BENCH_PLC_PORT, point the forwarder at it and give its address in
 //! SLUICE_BENCH_COMPARE; it is then measured as a third phase. With
 //! SLUICE_BENCH_MIRROR=1 the device mirrors holding registers 0-999, so
-//! sluice serves every read from memory.
+//! sluice serves every read from memory. SLUICE_BENCH_BASELINE names another
+//! sluice binary, such as a build of the main branch, that runs as a second
+//! gateway beside this one and is measured as a phase of its own. With
+//! SLUICE_BENCH_GATEWAY_WORKERS=N every gateway runs N runtime worker
+//! threads instead of one per core. With
+//! SLUICE_BENCH_ROUNDS=N (default 1) the plain phases repeat N times in
+//! turn, and the run ends with the median of each path's throughput ratio to
+//! the direct phase of the same round. Every gateway phase also reports the
+//! gateway's CPU time and context switches per request, summed over its
+//! threads from /proc.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -320,6 +329,76 @@ fn report(name: &str, phase: &Phase) {
     );
 }
 
+/// CPU time and context switches of a process, summed over its threads.
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    cpu_ns: u64,
+    switches: u64,
+}
+
+impl Usage {
+    /// Reads the usage of process `pid` from /proc. Threads that exited
+    /// during a phase, such as idle blocking-pool threads, are left out.
+    fn of(pid: u32) -> Usage {
+        let mut usage = Usage::default();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return usage;
+        };
+        for task in tasks.flatten() {
+            let path = task.path();
+            // The first field of schedstat is the time spent running, in ns.
+            if let Ok(schedstat) = std::fs::read_to_string(path.join("schedstat")) {
+                let running = schedstat.split_whitespace().next();
+                usage.cpu_ns += running.and_then(|v| v.parse().ok()).unwrap_or(0);
+            }
+            if let Ok(status) = std::fs::read_to_string(path.join("status")) {
+                for line in status.lines() {
+                    if let Some(count) = line
+                        .strip_prefix("voluntary_ctxt_switches:")
+                        .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+                    {
+                        usage.switches += count.trim().parse::<u64>().unwrap_or(0);
+                    }
+                }
+            }
+        }
+        usage
+    }
+}
+
+/// Measures a phase against a gateway and prints it with the gateway's CPU
+/// time and context switches per request.
+fn measure_gateway(
+    runtime: &tokio::runtime::Runtime,
+    name: &str,
+    gateway: &Gateway,
+    connections: usize,
+    seconds: u64,
+) -> Phase {
+    let before = Usage::of(gateway.process.0.id());
+    let phase = measure(runtime, Target::Plain(gateway.plain), connections, seconds);
+    let after = Usage::of(gateway.process.0.id());
+    report(name, &phase);
+    let requests = phase.requests.max(1) as f64;
+    println!(
+        "{:<8} gateway CPU {:.1} µs/request, {:.2} context switches/request",
+        "",
+        after.cpu_ns.saturating_sub(before.cpu_ns) as f64 / 1e3 / requests,
+        after.switches.saturating_sub(before.switches) as f64 / requests,
+    );
+    phase
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[middle]
+    } else {
+        (values[middle - 1] + values[middle]) / 2.0
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this
     // target without it, and a load measurement is no test, so it stops here.
@@ -335,6 +414,12 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
 
+    let rounds: usize = std::env::var("SLUICE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+
     let folder = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
     let mut plc_command = sluice();
     let plc_port = std::env::var("SLUICE_BENCH_PLC_PORT").unwrap_or_else(|_| "0".to_owned());
@@ -343,12 +428,15 @@ fn main() {
     let tls = std::env::var("SLUICE_BENCH_TLS").is_ok_and(|value| value == "1");
     let pki = tls.then(|| Arc::new(BenchPki::write(&folder)));
     write_config(&folder, plc_address, connections, tls);
-    let mut gateway_command = sluice();
-    gateway_command
-        .arg("run")
-        .arg("--config")
-        .arg(folder.join("gateway.toml"));
-    let (_gateway, gateway_address, tls_address) = start_gateway(gateway_command, tls);
+    let gateway = start_gateway(sluice(), &folder, tls);
+    let baseline = std::env::var_os("SLUICE_BENCH_BASELINE").map(|binary| {
+        let baseline_folder = folder.join("baseline");
+        write_config(&baseline_folder, plc_address, connections, false);
+        start_gateway(Command::new(binary), &baseline_folder, false)
+    });
+    let compare: Option<SocketAddr> = std::env::var("SLUICE_BENCH_COMPARE")
+        .ok()
+        .and_then(|a| a.parse().ok());
 
     // The load generator uses one thread so that the gateway and the PLC
     // keep the remaining core; both phases run under the same conditions.
@@ -356,34 +444,59 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    println!("{connections} connections, {seconds} s per phase");
-    let direct = measure(&runtime, Target::Plain(plc_address), connections, seconds);
-    report("direct", &direct);
-    let gateway = measure(
-        &runtime,
-        Target::Plain(gateway_address),
-        connections,
-        seconds,
-    );
-    report("sluice", &gateway);
-    println!(
-        "ratio    throughput {:.2}×  p50 {:.2}×  p99 {:.2}×",
-        gateway.throughput() / direct.throughput(),
-        gateway.percentile(0.50).as_secs_f64() / direct.percentile(0.50).as_secs_f64(),
-        gateway.percentile(0.99).as_secs_f64() / direct.percentile(0.99).as_secs_f64(),
-    );
-    if let Some(address) = std::env::var("SLUICE_BENCH_COMPARE")
-        .ok()
-        .and_then(|a| a.parse().ok())
-    {
-        let other = measure(&runtime, Target::Plain(address), connections, seconds);
-        report("compare", &other);
+    println!("{connections} connections, {seconds} s per phase, {rounds} rounds");
+    let mut sluice_ratios = Vec::new();
+    let mut baseline_ratios = Vec::new();
+    let mut compare_ratios = Vec::new();
+    let mut last_sluice = None;
+    for round in 1..=rounds {
+        if rounds > 1 {
+            println!("round {round}");
+        }
+        let direct = measure(&runtime, Target::Plain(plc_address), connections, seconds);
+        report("direct", &direct);
+        let through = measure_gateway(&runtime, "sluice", &gateway, connections, seconds);
         println!(
-            "ratio    compare throughput {:.2}× of direct",
-            other.throughput() / direct.throughput()
+            "ratio    throughput {:.2}×  p50 {:.2}×  p99 {:.2}×",
+            through.throughput() / direct.throughput(),
+            through.percentile(0.50).as_secs_f64() / direct.percentile(0.50).as_secs_f64(),
+            through.percentile(0.99).as_secs_f64() / direct.percentile(0.99).as_secs_f64(),
         );
+        sluice_ratios.push(through.throughput() / direct.throughput());
+        if let Some(baseline) = &baseline {
+            let other = measure_gateway(&runtime, "baseline", baseline, connections, seconds);
+            let ratio = other.throughput() / direct.throughput();
+            println!("ratio    baseline throughput {ratio:.2}× of direct");
+            baseline_ratios.push(ratio);
+        }
+        if let Some(address) = compare {
+            let other = measure(&runtime, Target::Plain(address), connections, seconds);
+            report("compare", &other);
+            let ratio = other.throughput() / direct.throughput();
+            println!("ratio    compare throughput {ratio:.2}× of direct");
+            compare_ratios.push(ratio);
+        }
+        last_sluice = Some(through);
     }
-    if let (Some(pki), Some(address)) = (&pki, tls_address) {
+    if rounds > 1 {
+        println!(
+            "median ratio to direct: sluice {:.2}×",
+            median(sluice_ratios)
+        );
+        if !baseline_ratios.is_empty() {
+            println!(
+                "median ratio to direct: baseline {:.2}×",
+                median(baseline_ratios)
+            );
+        }
+        if !compare_ratios.is_empty() {
+            println!(
+                "median ratio to direct: compare {:.2}×",
+                median(compare_ratios)
+            );
+        }
+    }
+    if let (Some(pki), Some(address), Some(plain)) = (&pki, gateway.tls, &last_sluice) {
         let secure = measure(
             &runtime,
             Target::Tls(address, pki.clone()),
@@ -393,7 +506,7 @@ fn main() {
         report("tls", &secure);
         println!(
             "ratio    tls throughput {:.2}× of sluice over plain TCP",
-            secure.throughput() / gateway.throughput()
+            secure.throughput() / plain.throughput()
         );
         let handshakes = measure_handshakes(&runtime, address, pki, connections, seconds);
         println!(
@@ -404,13 +517,30 @@ fn main() {
             handshakes.requests,
         );
     }
-    drop(_gateway);
+    drop(gateway);
+    drop(baseline);
     let _ = std::fs::remove_dir_all(&folder);
 }
 
-/// Starts the gateway and returns its plain listener's address and, with
-/// `tls`, its TLS listener's address.
-fn start_gateway(command: Command, tls: bool) -> (Process, SocketAddr, Option<SocketAddr>) {
+/// A running gateway and its listeners' addresses.
+struct Gateway {
+    process: Process,
+    plain: SocketAddr,
+    tls: Option<SocketAddr>,
+}
+
+/// Starts `sluice run` from `command` with the configuration in `folder`.
+/// With `tls`, also waits for the TLS listener's address.
+fn start_gateway(mut command: Command, folder: &std::path::Path, tls: bool) -> Gateway {
+    command
+        .arg("run")
+        .arg("--config")
+        .arg(folder.join("gateway.toml"));
+    // tokio's multi-threaded runtime reads its worker count from this
+    // variable; the simulated PLC keeps the default.
+    if let Ok(workers) = std::env::var("SLUICE_BENCH_GATEWAY_WORKERS") {
+        command.env("TOKIO_WORKER_THREADS", workers);
+    }
     let (process, plain, mut lines) = start_lines(command, "listening bench ");
     let secure = tls.then(|| {
         let line = lines
@@ -422,5 +552,9 @@ fn start_gateway(command: Command, tls: bool) -> (Process, SocketAddr, Option<So
         line.parse().expect("socket address")
     });
     std::thread::spawn(move || lines.for_each(drop));
-    (process, plain, secure)
+    Gateway {
+        process,
+        plain,
+        tls: secure,
+    }
 }

@@ -536,3 +536,125 @@ async fn no_response_requests_written_not_awaited() {
     assert!(anomalies(&drain(&mut events)).is_empty());
     server.abort();
 }
+
+#[tokio::test]
+async fn sequential_calls_share_one_connection() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let fake = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut transaction_ids = Vec::new();
+        for value in 1..=3u16 {
+            let request = read_request(&mut stream).await;
+            transaction_ids.push(request.transaction_id);
+            let answer = response_frame(
+                request.transaction_id,
+                request.unit,
+                &registers_pdu(&[value]),
+            );
+            stream.write_all(&answer).await.unwrap();
+        }
+        (transaction_ids, listener, stream)
+    });
+    let (pool, mut events) = pool(settings(address));
+
+    for value in 1..=3u16 {
+        let result = within(pool.call(1, &read_holding(value, 1))).await;
+        assert_eq!(result, Ok(Bytes::from(registers_pdu(&[value]))));
+    }
+
+    let (transaction_ids, _listener, _stream) = within(fake).await.unwrap();
+    assert_eq!(transaction_ids, vec![1, 2, 3]);
+    assert_eq!(pool.reconnects(), 0);
+    assert_eq!(actions(&drain(&mut events)), vec!["device_up"]);
+}
+
+#[tokio::test]
+async fn connection_closed_while_idle_is_replaced() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let signal = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let signal_address = signal.local_addr().unwrap();
+    let fake = tokio::spawn(async move {
+        let (mut first, _) = listener.accept().await.unwrap();
+        let request = read_request(&mut first).await;
+        let answer = response_frame(request.transaction_id, request.unit, &registers_pdu(&[1]));
+        first.write_all(&answer).await.unwrap();
+        // The pool learns of the close from the same readiness events that
+        // carry the signal byte, as it learns of a PLC that went away before
+        // a client's next request arrives.
+        drop(first);
+        let (mut signal, _) = signal.accept().await.unwrap();
+        signal.write_all(&[1]).await.unwrap();
+
+        let (mut second, _) = listener.accept().await.unwrap();
+        let request = read_request(&mut second).await;
+        let answer = response_frame(request.transaction_id, request.unit, &registers_pdu(&[2]));
+        second.write_all(&answer).await.unwrap();
+        (signal, second)
+    });
+    let (pool, _events) = pool(settings(address));
+
+    let first = within(pool.call(1, &read_holding(1, 1))).await;
+    assert_eq!(first, Ok(Bytes::from(registers_pdu(&[1]))));
+    let mut signal = within(TcpStream::connect(signal_address)).await.unwrap();
+    let mut byte = [0u8; 1];
+    within(signal.read_exact(&mut byte)).await.unwrap();
+
+    let second = within(pool.call(1, &read_holding(2, 1))).await;
+    assert_eq!(second, Ok(Bytes::from(registers_pdu(&[2]))));
+    assert_eq!(pool.reconnects(), 1);
+    let _streams = within(fake).await.unwrap();
+}
+
+#[tokio::test]
+async fn abandoned_request_delays_next_until_answered() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (seen, first_seen) = tokio::sync::oneshot::channel();
+    let (go, answer_first) = tokio::sync::oneshot::channel::<()>();
+    let fake = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let warm_up = read_request(&mut stream).await;
+        let answer = response_frame(warm_up.transaction_id, warm_up.unit, &registers_pdu(&[0]));
+        stream.write_all(&answer).await.unwrap();
+
+        let first = read_request(&mut stream).await;
+        seen.send(()).unwrap();
+        answer_first.await.unwrap();
+        // With one request in flight per connection, the next request
+        // waits for this response however long the caller waited.
+        let mut byte = [0u8; 1];
+        let early = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut byte)).await;
+        assert!(
+            early.is_err(),
+            "second request sent before the first was answered"
+        );
+        let answer = response_frame(first.transaction_id, first.unit, &registers_pdu(&[1]));
+        stream.write_all(&answer).await.unwrap();
+
+        let second = read_request(&mut stream).await;
+        let answer = response_frame(second.transaction_id, second.unit, &registers_pdu(&[2]));
+        stream.write_all(&answer).await.unwrap();
+        (first.transaction_id, second.transaction_id, stream)
+    });
+    let (pool, mut events) = pool(settings(address));
+
+    let warm_up = within(pool.call(1, &read_holding(0, 1))).await;
+    assert_eq!(warm_up, Ok(Bytes::from(registers_pdu(&[0]))));
+    let caller = pool.clone();
+    let first = tokio::spawn(async move { caller.call(1, &read_holding(1, 1)).await });
+    within(first_seen).await.unwrap();
+    first.abort();
+    assert!(within(first).await.unwrap_err().is_cancelled());
+
+    let caller = pool.clone();
+    let second = tokio::spawn(async move { caller.call(1, &read_holding(2, 1)).await });
+    go.send(()).unwrap();
+    let second = within(second).await.unwrap();
+    assert_eq!(second, Ok(Bytes::from(registers_pdu(&[2]))));
+
+    let (first_id, second_id, _stream) = within(fake).await.unwrap();
+    assert_ne!(first_id, second_id);
+    assert!(anomalies(&drain(&mut events)).is_empty());
+}

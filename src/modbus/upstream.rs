@@ -7,7 +7,9 @@
 //! Each connection is one task that owns its socket. Callers hand it a job
 //! and a oneshot through a bounded channel. The task writes every request it
 //! may send in one system call, decodes every response that one read brings,
-//! and keeps a single timer set to the earliest deadline.
+//! and keeps a single timer set to the earliest deadline. With one request in
+//! flight per connection, an idle task parks its plain connection so that
+//! the next caller exchanges its request on it directly (see `direct`).
 
 use std::collections::VecDeque;
 use std::io;
@@ -19,7 +21,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -29,6 +31,9 @@ use super::frame::{self, FrameError, Header, RawResponse, ResponseError};
 use super::pdu::{ExceptionCode, Request};
 use super::upstream_io::{TlsWriter, UpstreamWriter};
 use crate::events::{Emitter, Event, EventType, ModbusInfo, Severity};
+use direct::Lending;
+
+mod direct;
 
 /// Delay after the first failed connect attempt. It doubles with each
 /// further failure up to `backoff_max`.
@@ -203,9 +208,24 @@ struct SlotState {
     /// the next attempt may start at once.
     backoff_until: AtomicU64,
     epoch: Instant,
+    /// The slot's plain connection while its task lends it to callers.
+    lending: Mutex<Lending>,
+    /// Woken when a caller gives the connection back.
+    returned: Notify,
 }
 
 impl SlotState {
+    fn new(epoch: Instant) -> SlotState {
+        SlotState {
+            load: AtomicUsize::new(0),
+            failures: AtomicU32::new(0),
+            backoff_until: AtomicU64::new(0),
+            epoch,
+            lending: Mutex::new(Lending::Held),
+            returned: Notify::new(),
+        }
+    }
+
     fn backoff_remaining(&self, now: Instant) -> Option<Duration> {
         let until = self.backoff_until.load(Ordering::Acquire);
         if until == 0 {
@@ -289,12 +309,7 @@ impl Pool {
                 let (stop, shutdown) = mpsc::channel(1);
                 let receivers = SlotReceivers { jobs, shutdown };
                 Slot {
-                    state: Arc::new(SlotState {
-                        load: AtomicUsize::new(0),
-                        failures: AtomicU32::new(0),
-                        backoff_until: AtomicU64::new(0),
-                        epoch,
-                    }),
+                    state: Arc::new(SlotState::new(epoch)),
                     sender,
                     stop,
                     receivers: Mutex::new(Some(receivers)),
@@ -324,6 +339,11 @@ impl Pool {
     /// and data) after `check_response` has accepted it. An exception
     /// response from the PLC is a valid response and is returned as such.
     pub async fn call(&self, unit: u8, request: &Request) -> Result<Bytes, UpstreamError> {
+        if let Some(borrowed) = self.inner.borrow_parked(unit, request) {
+            if let Some(result) = borrowed.exchange().await {
+                return result;
+            }
+        }
         let (reply, response) = oneshot::channel();
         let _admission = self.inner.submit(unit, request, true, reply)?;
         response
@@ -365,6 +385,10 @@ impl Pool {
 
     /// Closes every connection. Outstanding and later requests fail with
     /// `Closed` and reason `Shutdown`.
+    ///
+    /// NOTE: a request that a caller is exchanging on a parked connection
+    /// still gets its response or its timeout, and the connection closes
+    /// when the caller gives it back.
     pub fn shutdown(&self) {
         self.inner.closed.store(true, Ordering::Release);
         for slot in self.inner.slots.iter() {
@@ -471,8 +495,7 @@ impl PoolInner {
             jobs: receivers.jobs,
             shutdown: receivers.shutdown,
             waiting: VecDeque::new(),
-            next_transaction_id: 1,
-            retired: VecDeque::with_capacity(RETIRED_IDS),
+            transactions: Transactions::new(),
             connected_before: false,
         };
         tokio::spawn(worker.run().instrument(span));
@@ -574,6 +597,32 @@ impl DeviceState {
         self.emit(event).await;
     }
 
+    /// Records a response that no outstanding request is waiting for.
+    async fn report_unmatched(&self, transactions: &Transactions, response: &RawResponse) {
+        let transaction_id = response.header.transaction_id;
+        let (severity, detail) = if transactions.is_retired(transaction_id) {
+            let detail = format!("discarded response to timed-out transaction id {transaction_id}");
+            (Severity::Low, detail)
+        } else {
+            let detail = format!("discarded response to unknown transaction id {transaction_id}");
+            (Severity::Medium, detail)
+        };
+        tracing::debug!(transaction_id, "unmatched response discarded");
+        let function = response.pdu.first().copied().unwrap_or(0);
+        let modbus = ModbusInfo {
+            unit: response.header.unit,
+            function,
+            function_name: super::pdu::function_name_of(function & 0x7F),
+            address: None,
+            quantity: None,
+            transaction_id,
+            sub_function: None,
+            exception: None,
+        };
+        self.emit_anomaly("late_response", severity, detail, Some(modbus))
+            .await;
+    }
+
     async fn emit(&self, mut event: Event) {
         event.device = Some(self.settings.device.clone());
         if let Err(error) = self.emitter.emit(event).await {
@@ -588,6 +637,9 @@ enum End {
     Lost,
     /// The pool shut down or was dropped, so the task stops.
     Stopped,
+    /// Nothing is queued or outstanding, so the connection may be parked.
+    /// Carries the empty read buffer to keep its allocation.
+    Idle(BytesMut),
 }
 
 /// One open connection and the requests written to it.
@@ -601,13 +653,38 @@ struct Link<W> {
 }
 
 impl<W: UpstreamWriter> Link<W> {
-    fn new(writer: W, max_in_flight: usize) -> Link<W> {
+    fn new(writer: W, max_in_flight: usize, resume: Resume) -> Link<W> {
+        let mut in_flight = VecDeque::with_capacity(max_in_flight);
+        in_flight.extend(resume.in_flight);
         Link {
             writer,
-            in_flight: VecDeque::with_capacity(max_in_flight),
+            in_flight,
             written: Vec::new(),
             write_buf: BytesMut::with_capacity(READ_CHUNK),
+            read_buf: resume.read_buf,
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.in_flight.is_empty()
+            && self.write_buf.is_empty()
+            && self.read_buf.is_empty()
+            && !self.writer.has_unsent()
+    }
+}
+
+/// The state a connection carries into `serve`: bytes already read, and a
+/// request that a caller wrote but stopped waiting for.
+struct Resume {
+    read_buf: BytesMut,
+    in_flight: Option<InFlight>,
+}
+
+impl Resume {
+    fn new() -> Resume {
+        Resume {
             read_buf: BytesMut::with_capacity(READ_CHUNK),
+            in_flight: None,
         }
     }
 }
@@ -621,9 +698,7 @@ struct Worker {
     shutdown: mpsc::Receiver<()>,
     /// Received requests that are not yet written, oldest first.
     waiting: VecDeque<Job>,
-    next_transaction_id: u16,
-    /// Recently timed-out transaction ids, oldest first.
-    retired: VecDeque<u16>,
+    transactions: Transactions,
     /// Whether this slot has had a connection, so the next one counts as a
     /// reconnect.
     connected_before: bool,
@@ -646,25 +721,22 @@ impl Worker {
                 break;
             };
             match result {
-                Ok(mut connection) => {
+                Ok(connection) => {
                     if self.connected_before {
                         self.device.reconnects.fetch_add(1, Ordering::Relaxed);
                     }
                     self.connected_before = true;
                     self.slot.record_success();
                     self.device.connection_opened().await;
-                    let end = match &mut connection {
-                        Connection::Plain(stream) => {
-                            let (reader, writer) = stream.split();
-                            self.serve(reader, writer).await
-                        }
-                        Connection::Tls(stream) => {
-                            let (reader, writer) = tokio::io::split(&mut **stream);
+                    let end = match connection {
+                        Connection::Plain(stream) => self.hold_plain(stream).await,
+                        Connection::Tls(mut stream) => {
+                            let (reader, writer) = tokio::io::split(&mut *stream);
                             let writer = TlsWriter {
                                 inner: writer,
                                 unsent: false,
                             };
-                            self.serve(reader, writer).await
+                            self.serve(reader, writer, Resume::new(), false).await
                         }
                     };
                     self.device.connection_closed();
@@ -738,7 +810,9 @@ impl Worker {
 
     /// Exchanges requests and responses on one open connection until it is
     /// lost or the pool stops.
-    async fn serve<R, W>(&mut self, mut reader: R, writer: W) -> End
+    /// With `lendable`, returns `End::Idle` as soon as nothing is queued,
+    /// written or received, so that the connection can be parked.
+    async fn serve<R, W>(&mut self, mut reader: R, writer: W, resume: Resume, lendable: bool) -> End
     where
         R: AsyncRead + Unpin,
         W: UpstreamWriter,
@@ -746,13 +820,24 @@ impl Worker {
         // Reads go through `AsyncRead`, which marks the socket drained after a
         // short read. Probing readiness and then calling `try_read` would cost
         // one more system call per response: the read that returns WouldBlock.
-        let mut link = Link::new(writer, self.device.settings.max_in_flight);
+        let mut link = Link::new(writer, self.device.settings.max_in_flight, resume);
+        if !link.read_buf.is_empty() {
+            if let Err(end) = self
+                .handle_responses(&mut link.read_buf, &mut link.in_flight)
+                .await
+            {
+                return end;
+            }
+        }
         let timer = tokio::time::sleep_until(Instant::now());
         tokio::pin!(timer);
 
         loop {
             if let Err(end) = self.send(&mut link) {
                 return end;
+            }
+            if lendable && link.is_idle() && self.waiting.is_empty() {
+                return End::Idle(link.read_buf);
             }
 
             // The timer moves only when it fired or a new deadline is earlier
@@ -878,16 +963,11 @@ impl Worker {
 
     /// Returns the next transaction id that no outstanding request uses.
     fn allocate_transaction_id(&mut self, in_flight: &VecDeque<InFlight>) -> u16 {
-        loop {
-            let candidate = self.next_transaction_id;
-            self.next_transaction_id = candidate.wrapping_add(1);
-            if !in_flight
+        self.transactions.allocate(|candidate| {
+            in_flight
                 .iter()
                 .any(|entry| entry.transaction_id == candidate)
-            {
-                return candidate;
-            }
-        }
+        })
     }
 
     /// Fails every request whose deadline has passed with `Timeout`. The
@@ -910,10 +990,7 @@ impl Worker {
                 transaction_id = entry.transaction_id,
                 "request timed out; transaction id retired"
             );
-            if self.retired.len() == RETIRED_IDS {
-                self.retired.pop_front();
-            }
-            self.retired.push_back(entry.transaction_id);
+            self.transactions.retire(entry.transaction_id);
             let _ = entry.job.reply.send(Err(self.device.timeout()));
         }
         self.expire_waiting(now);
@@ -962,59 +1039,28 @@ impl Worker {
             .iter()
             .position(|entry| entry.transaction_id == transaction_id);
         let Some(entry) = position.and_then(|index| in_flight.remove(index)) else {
-            self.report_unmatched(&response).await;
+            self.device
+                .report_unmatched(&self.transactions, &response)
+                .await;
             return Ok(());
         };
 
-        let error = if response.header.unit != entry.job.unit {
-            UpstreamError::WrongUnit {
-                expected: entry.job.unit,
-                received: response.header.unit,
+        let unit = response.header.unit;
+        match check(entry.job.unit, &entry.job.request, response) {
+            Ok(pdu) => {
+                let _ = entry.job.reply.send(Ok(pdu));
+                Ok(())
             }
-        } else {
-            match frame::check_response(&entry.job.request, &response.pdu) {
-                Ok(()) => {
-                    let _ = entry.job.reply.send(Ok(response.pdu));
-                    return Ok(());
-                }
-                Err(error) => UpstreamError::BadResponse { error },
+            Err(error) => {
+                let detail = format!("connection reset: {error}");
+                let modbus = modbus_info(&entry.job.request, transaction_id, unit);
+                let _ = entry.job.reply.send(Err(error));
+                self.device
+                    .emit_anomaly("bad_response", Severity::Medium, detail, Some(modbus))
+                    .await;
+                Err(self.lose(in_flight, CloseReason::Reset))
             }
-        };
-
-        let detail = format!("connection reset: {error}");
-        let modbus = modbus_info(&entry, response.header.unit);
-        let _ = entry.job.reply.send(Err(error));
-        self.device
-            .emit_anomaly("bad_response", Severity::Medium, detail, Some(modbus))
-            .await;
-        Err(self.lose(in_flight, CloseReason::Reset))
-    }
-
-    /// Records a response that no outstanding request is waiting for.
-    async fn report_unmatched(&self, response: &RawResponse) {
-        let transaction_id = response.header.transaction_id;
-        let (severity, detail) = if self.retired.contains(&transaction_id) {
-            let detail = format!("discarded response to timed-out transaction id {transaction_id}");
-            (Severity::Low, detail)
-        } else {
-            let detail = format!("discarded response to unknown transaction id {transaction_id}");
-            (Severity::Medium, detail)
-        };
-        tracing::debug!(transaction_id, "unmatched response discarded");
-        let function = response.pdu.first().copied().unwrap_or(0);
-        let modbus = ModbusInfo {
-            unit: response.header.unit,
-            function,
-            function_name: super::pdu::function_name_of(function & 0x7F),
-            address: None,
-            quantity: None,
-            transaction_id,
-            sub_function: None,
-            exception: None,
-        };
-        self.device
-            .emit_anomaly("late_response", severity, detail, Some(modbus))
-            .await;
+        }
     }
 
     /// Fails every written request with `Closed` and gives up the
@@ -1091,16 +1137,73 @@ fn fail_in_flight(in_flight: &mut VecDeque<InFlight>, error: &UpstreamError) {
     }
 }
 
-fn modbus_info(entry: &InFlight, unit: u8) -> ModbusInfo {
+fn modbus_info(request: &Request, transaction_id: u16, unit: u8) -> ModbusInfo {
     ModbusInfo {
         unit,
-        function: entry.job.request.function_code(),
-        function_name: entry.job.request.function_name(),
+        function: request.function_code(),
+        function_name: request.function_name(),
         address: None,
         quantity: None,
-        transaction_id: entry.transaction_id,
+        transaction_id,
         sub_function: None,
         exception: None,
+    }
+}
+
+/// Returns the PDU of `response` to a request for `unit`, or the error when
+/// it came from another unit or does not fit `request`.
+fn check(unit: u8, request: &Request, response: RawResponse) -> Result<Bytes, UpstreamError> {
+    if response.header.unit != unit {
+        return Err(UpstreamError::WrongUnit {
+            expected: unit,
+            received: response.header.unit,
+        });
+    }
+    match frame::check_response(request, &response.pdu) {
+        Ok(()) => Ok(response.pdu),
+        Err(error) => Err(UpstreamError::BadResponse { error }),
+    }
+}
+
+/// The transaction ids of one connection slot. The default value is an
+/// empty stand-in while the ids travel with a parked connection.
+#[derive(Default)]
+struct Transactions {
+    next: u16,
+    /// Recently timed-out transaction ids, oldest first.
+    retired: VecDeque<u16>,
+}
+
+impl Transactions {
+    fn new() -> Transactions {
+        Transactions {
+            next: 1,
+            retired: VecDeque::with_capacity(RETIRED_IDS),
+        }
+    }
+
+    /// Returns the next transaction id for which `in_use` is false.
+    fn allocate(&mut self, in_use: impl Fn(u16) -> bool) -> u16 {
+        loop {
+            let candidate = self.next;
+            self.next = candidate.wrapping_add(1);
+            if !in_use(candidate) {
+                return candidate;
+            }
+        }
+    }
+
+    /// Remembers a timed-out transaction id, so that its late response is
+    /// reported as such.
+    fn retire(&mut self, transaction_id: u16) {
+        if self.retired.len() == RETIRED_IDS {
+            self.retired.pop_front();
+        }
+        self.retired.push_back(transaction_id);
+    }
+
+    fn is_retired(&self, transaction_id: u16) -> bool {
+        self.retired.contains(&transaction_id)
     }
 }
 
@@ -1126,12 +1229,7 @@ mod tests {
     #[test]
     fn slot_backoff_clears_on_success() {
         let epoch = Instant::now();
-        let slot = SlotState {
-            load: AtomicUsize::new(0),
-            failures: AtomicU32::new(0),
-            backoff_until: AtomicU64::new(0),
-            epoch,
-        };
+        let slot = SlotState::new(epoch);
         assert_eq!(slot.backoff_remaining(epoch), None);
 
         let delay = slot.record_failure(epoch, Duration::from_secs(5));
