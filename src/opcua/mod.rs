@@ -20,9 +20,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::UaSecurityPolicy;
+use crate::detect::OpcuaDetector;
 use crate::modbus::generation::Shared;
 use crate::policy::OpcuaListenerPlan;
 
+mod access;
 mod auth;
 pub mod framing;
 mod front;
@@ -105,6 +107,7 @@ pub async fn start(
         listener: plan.name.to_string(),
         message,
     })?;
+    let detector = Arc::new(OpcuaDetector::new());
     let node_manager = {
         let shared = shared.clone();
         let listener = plan.name.clone();
@@ -113,6 +116,7 @@ pub async fn start(
         let upstream = upstream.clone();
         let stop = shutdown.clone();
         let channels = front.channels.clone();
+        let detector = detector.clone();
         move |_context: opcua::server::node_manager::ServerContext| nodes::DeviceNodeManager {
             shared,
             listener,
@@ -123,11 +127,13 @@ pub async fn start(
             sampler: Arc::new(sampler::Sampler::default()),
             stop,
             channels,
+            detector,
         }
     };
     let authenticator = auth::VendorAuthenticator {
         shared: shared.clone(),
         listener: plan.name.clone(),
+        detector: detector.clone(),
     };
     let mut builder = ServerBuilder::new()
         .application_name("sluice")
