@@ -127,6 +127,10 @@ impl Recorder<'_> {
 
 /// Records the decision event of one operation.
 pub async fn record(shared: &Shared, listener: &Arc<str>, device: &Arc<str>, operation: Operation) {
+    shared
+        .metrics
+        .opcua()
+        .count_operation(listener, operation.service.name(), operation.allowed);
     let mut event = Event::new(EventType::Decision);
     event.listener = Some(listener.clone());
     event.session_id = operation.session.map(u64::from);
