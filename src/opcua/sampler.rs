@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use opcua::server::authenticator::UserToken;
@@ -21,7 +21,7 @@ use opcua::types::{
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Mode, OpcuaService};
-use crate::modbus::generation::Shared;
+use crate::modbus::generation::{Generation, Shared};
 use crate::policy::{Decision, DenyReason, OpcuaDeviceId};
 
 use super::access::{token_vendor_name, Decider};
@@ -240,17 +240,19 @@ impl Sampler {
     }
 
     /// Decides the items again when the generation in place is not the one
-    /// last seen.
+    /// last seen. `seen` is weak, so the old generation is dropped as usual,
+    /// but its allocation, and so its address, cannot be reused by a newer
+    /// one.
     async fn follow_reload(
         &self,
-        seen: &mut usize,
+        seen: &mut Weak<Generation>,
         recheck: &Recheck,
         namespaces: &RwLock<Namespaces>,
         subscriptions: &SubscriptionCache,
         device: &Arc<str>,
     ) {
-        let current = Arc::as_ptr(&recheck.shared.current.load_full()) as usize;
-        if current != *seen {
+        let current = Arc::downgrade(&recheck.shared.current.load_full());
+        if !current.ptr_eq(seen) {
             *seen = current;
             self.recheck(recheck, namespaces, subscriptions, device)
                 .await;
@@ -269,7 +271,7 @@ impl Sampler {
         stop: CancellationToken,
     ) {
         let mut ticker = tokio::time::interval(MIN_SAMPLING_INTERVAL);
-        let mut seen = Arc::as_ptr(&recheck.shared.current.load_full()) as usize;
+        let mut seen = Arc::downgrade(&recheck.shared.current.load_full());
         let device = upstream.device.clone();
         loop {
             tokio::select! {
