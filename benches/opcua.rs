@@ -3,7 +3,9 @@
 //! through a `sluice run` process that terminates each session, decides
 //! every read and records it. Prints reads per second and latency
 //! percentiles for both and their ratio. Both sides use security None and
-//! anonymous sessions (the vendor `bench` sets `opcua_anonymous`).
+//! anonymous sessions (the vendor `bench` sets `opcua_anonymous`). A third
+//! phase reads through sluice with Basic256Sha256 SignAndEncrypt between
+//! the clients and sluice.
 //!
 //! Run: `cargo bench --bench opcua` (environment: SLUICE_BENCH_CONNECTIONS,
 //! default 4 sessions; SLUICE_BENCH_SECONDS per phase, default 5). Needs
@@ -108,23 +110,95 @@ async fn start_plant(pki: &Path) -> SocketAddr {
     address
 }
 
-/// Writes an RSA certificate and key for sluice's listener with openssl.
-fn write_certificate(folder: &Path) {
+/// Runs openssl with `arguments` in `folder`.
+fn openssl(folder: &Path, arguments: &[&str]) {
     let status = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256"])
-        .arg("-keyout")
-        .arg(folder.join("sluice.key"))
-        .arg("-out")
-        .arg(folder.join("sluice.crt"))
-        .args(["-days", "2", "-subj", "/CN=sluice-bench"])
-        .args([
-            "-addext",
-            "subjectAltName=URI:urn:sluice:bench,IP:127.0.0.1",
-        ])
+        .args(arguments)
+        .current_dir(folder)
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .expect("run openssl");
-    assert!(status.success(), "openssl failed to create the certificate");
+    assert!(status.success(), "openssl {arguments:?} failed");
+}
+
+/// Writes, with openssl, an RSA certificate and key for sluice's listener,
+/// a client CA, and a client application certificate (DER) it signed.
+fn write_certificates(folder: &Path) {
+    let rsa = ["-newkey", "rsa:2048", "-nodes", "-days", "2"];
+    let mut sluice = vec![
+        "req",
+        "-x509",
+        "-sha256",
+        "-keyout",
+        "sluice.key",
+        "-out",
+        "sluice.crt",
+    ];
+    sluice.extend(rsa);
+    sluice.extend([
+        "-subj",
+        "/CN=sluice-bench",
+        "-addext",
+        "subjectAltName=URI:urn:sluice:bench,IP:127.0.0.1",
+    ]);
+    openssl(folder, &sluice);
+
+    let mut ca = vec![
+        "req", "-x509", "-sha256", "-keyout", "ca.key", "-out", "ca.crt",
+    ];
+    ca.extend(rsa);
+    ca.extend([
+        "-subj",
+        "/CN=bench-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+    ]);
+    ca.extend(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    openssl(folder, &ca);
+
+    let request = [
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+    ];
+    openssl(
+        folder,
+        &[&request[..], &["-subj", "/CN=bench-client"]].concat(),
+    );
+
+    let extensions = "subjectAltName=URI:urn:bench:client,DNS:localhost\n\
+        keyUsage=critical,digitalSignature,nonRepudiation,keyEncipherment,dataEncipherment\n\
+        extendedKeyUsage=clientAuth,serverAuth\nbasicConstraints=critical,CA:FALSE\n";
+    std::fs::write(folder.join("client.ext"), extensions).unwrap();
+    openssl(
+        folder,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-sha256",
+            "-days",
+            "2",
+            "-extfile",
+            "client.ext",
+            "-outform",
+            "DER",
+            "-out",
+            "client.der",
+        ],
+    );
 }
 
 fn write_config(folder: &Path, plant: SocketAddr, connections: usize) {
@@ -134,7 +208,8 @@ fn write_config(folder: &Path, plant: SocketAddr, connections: usize) {
          [[listener]]\nname = \"ua\"\nprotocol = \"opcua\"\nbind = \"127.0.0.1:0\"\ndevice = \"plant\"\n\
          limits = {{ max_connections = {limit}, max_connections_per_source = {limit} }}\n\
          opcua = {{ application_uri = \"urn:sluice:bench\", certificate = \"sluice.crt\", private_key = \"sluice.key\", \
-         security_policies = [], allow_none = true, open_rate = 1000, open_burst = 1000 }}\n\n\
+         security_policies = [\"Basic256Sha256\"], client_ca = \"ca.crt\", allow_none = true, \
+         open_rate = 1000, open_burst = 1000 }}\n\n\
          [[device]]\nname = \"plant\"\nprotocol = \"opcua\"\nendpoint = \"opc.tcp://{plant}/\"\n\
          security_policy = \"None\"\nsecurity_mode = \"None\"\ntimeout_ms = 2000\n\n\
          [audit]\npath = \"audit\"\n",
@@ -171,23 +246,43 @@ fn start_sluice(config: &Path) -> (Process, SocketAddr) {
     panic!("sluice ended before listening");
 }
 
-/// Connects one anonymous session without security to `address`.
-async fn connect(address: SocketAddr, pki: &Path) -> Arc<Session> {
-    let mut client = ClientBuilder::new()
+/// The security of the client's sessions.
+#[derive(Clone, Copy)]
+enum Security {
+    None,
+    /// Basic256Sha256 SignAndEncrypt with the certificate from
+    /// `write_certificates`.
+    Basic256Sha256,
+}
+
+/// Connects one anonymous session to `address`.
+async fn connect(address: SocketAddr, folder: &Path, security: Security) -> Arc<Session> {
+    let builder = ClientBuilder::new()
         .application_name("bench-client")
         .application_uri("urn:bench:client")
-        .pki_dir(pki)
-        .create_sample_keypair(true)
         .trust_server_certs(true)
-        .session_retry_limit(0)
-        .client()
-        .unwrap();
+        .session_retry_limit(0);
+    let (builder, policy, mode) = match security {
+        Security::None => (
+            builder
+                .pki_dir(folder.join("client-pki"))
+                .create_sample_keypair(true),
+            SecurityPolicy::None,
+            MessageSecurityMode::None,
+        ),
+        Security::Basic256Sha256 => (
+            builder
+                .pki_dir(folder.join("client-pki-signed"))
+                .certificate_path(folder.join("client.der"))
+                .private_key_path(folder.join("client.key")),
+            SecurityPolicy::Basic256Sha256,
+            MessageSecurityMode::SignAndEncrypt,
+        ),
+    };
+    let mut client = builder.client().unwrap();
+
     let url = format!("opc.tcp://{address}/");
-    let endpoint = (
-        url.as_str(),
-        SecurityPolicy::None.to_uri(),
-        MessageSecurityMode::None,
-    );
+    let endpoint = (url.as_str(), policy.to_uri(), mode);
     let (session, event_loop) = tokio::time::timeout(
         CONNECT_TIMEOUT,
         client.connect_to_matching_endpoint(endpoint, IdentityToken::Anonymous),
@@ -229,10 +324,16 @@ async fn read_loop(session: Arc<Session>, until: Instant) -> Vec<Duration> {
     latencies
 }
 
-async fn measure(address: SocketAddr, pki: &Path, connections: usize, seconds: u64) -> Phase {
+async fn measure(
+    address: SocketAddr,
+    folder: &Path,
+    security: Security,
+    connections: usize,
+    seconds: u64,
+) -> Phase {
     let mut sessions = Vec::new();
     for _ in 0..connections {
-        sessions.push(connect(address, pki).await);
+        sessions.push(connect(address, folder, security).await);
     }
     let started = Instant::now();
     let until = started + Duration::from_secs(seconds);
@@ -254,7 +355,7 @@ async fn measure(address: SocketAddr, pki: &Path, connections: usize, seconds: u
 
 fn report(name: &str, phase: &Phase) {
     println!(
-        "{name:<8} {:>9.0} reads/s  p50 {:>7.1} µs  p99 {:>7.1} µs  ({} reads)",
+        "{name:<11} {:>9.0} reads/s  p50 {:>7.1} µs  p99 {:>7.1} µs  ({} reads)",
         phase.throughput(),
         phase.percentile(0.50).as_secs_f64() * 1e6,
         phase.percentile(0.99).as_secs_f64() * 1e6,
@@ -284,19 +385,33 @@ fn main() {
         .unwrap();
 
     let plant = runtime.block_on(start_plant(&folder.path().join("plant-pki")));
-    write_certificate(folder.path());
+    write_certificates(folder.path());
     write_config(folder.path(), plant, connections);
     let (_sluice, gateway) = start_sluice(&folder.path().join("gateway.toml"));
-    let client_pki = folder.path().join("client-pki");
+    let phase = |address, security| {
+        runtime.block_on(measure(
+            address,
+            folder.path(),
+            security,
+            connections,
+            seconds,
+        ))
+    };
 
     println!("{connections} sessions, {seconds} s per phase, one Double read per request");
-    let direct = runtime.block_on(measure(plant, &client_pki, connections, seconds));
+    let direct = phase(plant, Security::None);
     report("direct", &direct);
-    let through = runtime.block_on(measure(gateway, &client_pki, connections, seconds));
+    let through = phase(gateway, Security::None);
     report("sluice", &through);
+    let signed = phase(gateway, Security::Basic256Sha256);
+    report("sluice-b256", &signed);
     println!(
         "ratio    {:.2}× of direct reads/s, p50 {:.1}× of direct",
         through.throughput() / direct.throughput(),
         through.percentile(0.50).as_secs_f64() / direct.percentile(0.50).as_secs_f64(),
+    );
+    println!(
+        "ratio    {:.2}× of direct reads/s with Basic256Sha256 to sluice",
+        signed.throughput() / direct.throughput(),
     );
 }
