@@ -90,6 +90,7 @@ fn config_with_rules(rules: usize) -> Config {
             rules: vendor_rules,
             opcua_users: Vec::new(),
             opcua_user_certificates: Vec::new(),
+            opcua_anonymous: false,
             origin: Origin::unknown(),
         });
     }
@@ -150,6 +151,7 @@ fn config_with_conditions() -> Config {
         rules: vec![conditional_write(0)],
         opcua_users: Vec::new(),
         opcua_user_certificates: Vec::new(),
+        opcua_anonymous: false,
         origin: Origin::unknown(),
     });
     config

@@ -50,6 +50,7 @@ fn rate_limited_policy(per_second: u64, burst: u32) -> Policy {
             rules: vec![rule],
             opcua_users: Vec::new(),
             opcua_user_certificates: Vec::new(),
+            opcua_anonymous: false,
             origin: Origin::unknown(),
         }],
         files: Vec::new(),

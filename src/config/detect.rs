@@ -11,7 +11,7 @@ use super::raw;
 
 /// Anomaly kinds that `[vendor.on_anomaly] kinds` may name: the kinds the
 /// detectors raise for a vendor's own traffic.
-pub const CONTAINABLE_KINDS: [&str; 8] = [
+pub const CONTAINABLE_KINDS: [&str; 9] = [
     "function_scan",
     "unit_scan",
     "address_sweep",
@@ -20,6 +20,7 @@ pub const CONTAINABLE_KINDS: [&str; 8] = [
     "dangerous_function",
     "gated_write_denied",
     "new_source",
+    "browse_sweep",
 ];
 
 /// Largest window or quarantine accepted: one week, in milliseconds.
@@ -44,8 +45,12 @@ pub struct DetectConfig {
     pub unit_scan: Threshold,
     /// Distinct 100-register blocks read by one session.
     pub address_sweep: Threshold,
-    /// Denied requests of one session.
+    /// Denied requests of one session, Modbus or OPC UA.
     pub denial_burst: Threshold,
+    /// Failed OPC UA authentications of one listener.
+    pub auth_failure_burst: Threshold,
+    /// Distinct nodes browsed by one OPC UA session.
+    pub browse_sweep: Threshold,
     /// Exception responses of one device.
     pub exception_storm: Threshold,
     /// At most one `rate_limited` per session, and one `device_unreachable`
@@ -67,6 +72,8 @@ impl Default for DetectConfig {
             unit_scan: threshold(8),
             address_sweep: threshold(20),
             denial_burst: threshold(20),
+            auth_failure_burst: threshold(5),
+            browse_sweep: threshold(200),
             exception_storm: threshold(20),
             repeat_window: DEFAULT_WINDOW,
         }
@@ -131,6 +138,16 @@ impl Checker<'_> {
                 "detect.denial_burst",
                 section.denial_burst.as_ref(),
                 defaults.denial_burst,
+            ),
+            auth_failure_burst: threshold(
+                "detect.auth_failure_burst",
+                section.auth_failure_burst.as_ref(),
+                defaults.auth_failure_burst,
+            ),
+            browse_sweep: threshold(
+                "detect.browse_sweep",
+                section.browse_sweep.as_ref(),
+                defaults.browse_sweep,
             ),
             exception_storm: threshold(
                 "detect.exception_storm",

@@ -368,6 +368,9 @@ pub struct VendorConfig {
     pub opcua_users: Vec<OpcuaUser>,
     /// SHA-1 thumbprints of X.509 user certificates on OPC UA listeners.
     pub opcua_user_certificates: Vec<[u8; 20]>,
+    /// Anonymous OPC UA sessions are this vendor. At most one vendor of a
+    /// policy sets it.
+    pub opcua_anonymous: bool,
     pub origin: Origin,
 }
 
@@ -375,7 +378,9 @@ impl VendorConfig {
     /// Returns true when the vendor is identified on OPC UA listeners by a
     /// user token.
     pub fn has_opcua_identity(&self) -> bool {
-        !self.opcua_users.is_empty() || !self.opcua_user_certificates.is_empty()
+        !self.opcua_users.is_empty()
+            || !self.opcua_user_certificates.is_empty()
+            || self.opcua_anonymous
     }
 }
 

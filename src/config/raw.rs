@@ -240,6 +240,7 @@ pub(super) struct VendorSection {
     pub modbus_role: Option<Vec<Spanned<String>>>,
     pub opcua_users: Option<Vec<Spanned<OpcuaUserSection>>>,
     pub opcua_user_certificates: Option<Vec<Spanned<String>>>,
+    pub opcua_anonymous: Option<Spanned<bool>>,
     pub rate: Option<Spanned<RateSection>>,
     pub on_anomaly: Option<OnAnomalySection>,
 }
@@ -253,6 +254,8 @@ pub(super) struct DetectSection {
     pub address_sweep: Option<Spanned<i64>>,
     pub denial_burst: Option<Spanned<i64>>,
     pub exception_storm: Option<Spanned<i64>>,
+    pub auth_failure_burst: Option<Spanned<i64>>,
+    pub browse_sweep: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -76,6 +76,7 @@ pub(super) fn load(
     let mut vendor_names: HashMap<String, Origin> = HashMap::new();
     let mut sources = Vec::new();
     let mut opcua_users: HashMap<String, (String, Origin)> = HashMap::new();
+    let mut anonymous: Option<(String, Origin)> = None;
     for path in paths {
         files.push(path.clone());
         let text = match std::fs::read_to_string(&path) {
@@ -106,6 +107,7 @@ pub(super) fn load(
         );
         let vendor = check.vendor(&path, &file);
         check.unique_opcua_users(&vendor, &file.vendor, &mut opcua_users);
+        check.unique_opcua_anonymous(&vendor, &file.vendor, &mut anonymous);
         if let Some(section) = &file.vendor.on_anomaly {
             if let Some(containment) = check.checker.on_anomaly(section) {
                 on_anomaly.push((vendor.name.clone(), containment));
@@ -295,6 +297,33 @@ impl RuleChecker<'_> {
         }
     }
 
+    /// Reports a second vendor with `opcua_anonymous = true`: an anonymous
+    /// session must identify exactly one vendor.
+    fn unique_opcua_anonymous(
+        &mut self,
+        vendor: &VendorConfig,
+        section: &raw::VendorSection,
+        first: &mut Option<(String, Origin)>,
+    ) {
+        let Some(flag) = section
+            .opcua_anonymous
+            .as_ref()
+            .filter(|flag| *flag.get_ref())
+        else {
+            return;
+        };
+        let at = self.checker.at(flag);
+        match first {
+            Some((owner, origin)) => self.checker.report.error(
+                &at,
+                format!(
+                    "vendor.opcua_anonymous: vendor \"{owner}\" at {origin} already allows anonymous OPC UA sessions; set it for one vendor only"
+                ),
+            ),
+            None => *first = Some((vendor.name.clone(), at)),
+        }
+    }
+
     fn vendor(&mut self, path: &Path, file: &raw::RuleFile) -> VendorConfig {
         let section = &file.vendor;
         let sources = match &section.sources {
@@ -317,7 +346,12 @@ impl RuleChecker<'_> {
                 .unwrap_or_default(),
             &self.gateway.base,
         );
-        let opcua_identity = !opcua_users.is_empty() || !opcua_user_certificates.is_empty();
+        let opcua_anonymous = section
+            .opcua_anonymous
+            .as_ref()
+            .is_some_and(|flag| *flag.get_ref());
+        let opcua_identity =
+            !opcua_users.is_empty() || !opcua_user_certificates.is_empty() || opcua_anonymous;
 
         let certificate = self.certificate_matchers(section);
         if !certificate.is_empty() {
@@ -358,6 +392,7 @@ impl RuleChecker<'_> {
             rules,
             opcua_users,
             opcua_user_certificates,
+            opcua_anonymous,
             origin: self.checker.at(&section.name),
         }
     }

@@ -524,7 +524,7 @@ fn problems_of_every_file_are_reported_together() {
         [
             "gateway.toml:6:8: listener[1].bind: invalid socket address \"localhost\"; use IP:PORT, such as \"127.0.0.1:5020\"",
             "rules/beta.toml:3:26: unclosed array, expected `]`",
-            "rules/gamma.toml:3:1: unknown field `source`, expected one of `name`, `sources`, `max_sessions`, `certificate_cn`, `certificate_san`, `certificate_sha256`, `modbus_role`, `opcua_users`, `opcua_user_certificates`, `rate`, `on_anomaly`",
+            "rules/gamma.toml:3:1: unknown field `source`, expected one of `name`, `sources`, `max_sessions`, `certificate_cn`, `certificate_san`, `certificate_sha256`, `modbus_role`, `opcua_users`, `opcua_user_certificates`, `opcua_anonymous`, `rate`, `on_anomaly`",
         ]
     );
 }
@@ -1119,7 +1119,7 @@ fn detection_settings_default_when_absent() {
 #[test]
 fn detection_settings_are_read() {
     let gateway =
-        format!("{GATEWAY}\n[detect]\nwindow_ms = 5000\nfunction_scan = 3\nexception_storm = 7\n");
+        format!("{GATEWAY}\n[detect]\nwindow_ms = 5000\nfunction_scan = 3\nexception_storm = 7\nauth_failure_burst = 2\nbrowse_sweep = 50\n");
     let rules = format!(
         "{ACME}\n[vendor.on_anomaly]\nkinds = [\"function_scan\", \"denial_burst\"]\ncount = 3\nwindow_ms = 60000\nquarantine_ms = 600000\n"
     );
@@ -1135,6 +1135,14 @@ fn detection_settings_are_read() {
         Threshold { limit: 7, window }
     );
     assert_eq!(detection.detect.unit_scan, Threshold { limit: 8, window });
+    assert_eq!(
+        detection.detect.auth_failure_burst,
+        Threshold { limit: 2, window }
+    );
+    assert_eq!(
+        detection.detect.browse_sweep,
+        Threshold { limit: 50, window }
+    );
     assert_eq!(detection.detect.repeat_window, window);
     assert_eq!(
         detection.on_anomaly,
@@ -1596,6 +1604,39 @@ fn opcua_username_of_two_vendors_is_an_error() {
         errors,
         ["rules/beta.toml:3:29: vendor.opcua_users[1].username: \"shared\" is already a user of vendor \"acme\" at rules/acme.toml:3:29; give every OPC UA user to one vendor"]
     );
+}
+
+#[test]
+fn opcua_anonymous_of_two_vendors_is_an_error() {
+    let acme = "[vendor]\nname = \"acme\"\nopcua_anonymous = true\n";
+    let beta = "[vendor]\nname = \"beta\"\nopcua_anonymous = true\n";
+    let gamma =
+        "[vendor]\nname = \"gamma\"\nopcua_anonymous = false\nsources = [\"10.9.0.0/16\"]\n";
+    let dir = write(
+        OPCUA_GATEWAY,
+        &[
+            ("acme.toml", acme),
+            ("beta.toml", beta),
+            ("gamma.toml", gamma),
+        ],
+    );
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        ["rules/beta.toml:3:19: vendor.opcua_anonymous: vendor \"acme\" at rules/acme.toml:3:19 already allows anonymous OPC UA sessions; set it for one vendor only"]
+    );
+}
+
+#[test]
+fn opcua_anonymous_vendor_keeps_sources_as_restriction() {
+    let acme = "[vendor]\nname = \"acme\"\nopcua_anonymous = true\nsources = [\"127.0.0.0/8\"]\n";
+    let gateway = OPCUA_GATEWAY.split("[[state]]").next().unwrap();
+    let dir = write(gateway, &[("acme.toml", acme)]);
+    let policy = crate::policy::Policy::load(&dir.path().join("gateway.toml"))
+        .unwrap()
+        .0;
+    assert_eq!(policy.opcua_anonymous_vendor(), Some(0));
+    assert_eq!(policy.identify("127.0.0.1".parse().unwrap()), None);
 }
 
 const TAG_GATEWAY: &str = r#"[gateway]

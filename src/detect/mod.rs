@@ -16,8 +16,11 @@ use crate::config::{DetectConfig, OnAnomalyConfig, Threshold};
 use crate::events::Severity;
 use crate::policy::{Condition, DenyReason};
 
+mod opcua;
 #[cfg(test)]
 mod tests;
+
+pub use opcua::{OpcuaDetector, UaOperation, MAX_TRACKED_SESSIONS};
 
 /// Source addresses remembered per vendor. When the set is full, the oldest
 /// address is dropped.

@@ -85,7 +85,7 @@ pub fn exception_label(slot: usize) -> &'static str {
 
 /// The anomaly kinds that sluice raises, as listed in `docs/events.md`,
 /// followed by `other` for a kind added elsewhere but not yet listed here.
-pub const ANOMALY_KINDS: [&str; 31] = [
+pub const ANOMALY_KINDS: [&str; 34] = [
     "unknown_client",
     "bad_protocol_id",
     "bad_length",
@@ -103,6 +103,9 @@ pub const ANOMALY_KINDS: [&str; 31] = [
     "dangerous_function",
     "gated_write_denied",
     "new_source",
+    "browse_sweep",
+    "opcua_auth_failure",
+    "opcua_auth_failure_burst",
     "device_unreachable",
     "device_timeout",
     "exception_storm",

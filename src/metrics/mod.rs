@@ -12,6 +12,7 @@ mod http;
 mod instruments;
 mod labels;
 mod mirror;
+mod opcua;
 #[cfg(test)]
 mod tests;
 
@@ -31,6 +32,7 @@ pub use instruments::{
 };
 pub use labels::{RejectReason, TlsOutcome, ANOMALY_KINDS};
 pub use mirror::{MirrorBlockAge, MirrorFamilies, MirrorRead, MirrorReadCounters};
+pub use opcua::OpcuaFamilies;
 
 use instruments::Families;
 use labels::{
@@ -59,6 +61,7 @@ pub struct Metrics {
     last_reload_success: FloatGauge,
     events_queue_depth: Gauge,
     mirror: MirrorFamilies,
+    opcua: OpcuaFamilies,
     tls_expiry: Family<ExpiryLabels, Gauge>,
     /// The handles of the latest configuration; the lock serialises
     /// `configure` calls and is never taken on the request path.
@@ -140,6 +143,8 @@ impl Metrics {
 
         let mirror = MirrorFamilies::default();
         mirror.register(&mut registry);
+        let opcua = OpcuaFamilies::default();
+        opcua.register(&mut registry);
         let tls_expiry = Family::<ExpiryLabels, Gauge>::default();
         registry.register_with_unit(
             "tls_expiry_timestamp",
@@ -161,6 +166,7 @@ impl Metrics {
             last_reload_success,
             events_queue_depth,
             mirror,
+            opcua,
             current: Mutex::new(None),
         })
     }
@@ -186,6 +192,11 @@ impl Metrics {
     /// Returns the mirror's metric families.
     pub fn mirror(&self) -> &MirrorFamilies {
         &self.mirror
+    }
+
+    /// Returns the OPC UA metric families.
+    pub fn opcua(&self) -> &OpcuaFamilies {
+        &self.opcua
     }
 
     /// Returns the handles from the latest `configure`, if any.

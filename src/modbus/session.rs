@@ -905,7 +905,7 @@ impl Session {
 /// Quarantines `vendor` after it raised `containment.count` anomalies of
 /// its kinds, closes all of its sessions and records `vendor_quarantined`.
 /// `event` carries the listener and source fields of the anomaly event.
-pub(super) async fn contain(
+pub(crate) async fn contain(
     shared: &Shared,
     vendor: &Arc<str>,
     containment: &OnAnomalyConfig,

@@ -14,15 +14,22 @@ use opcua::server::authenticator::{
 use opcua::server::ServerEndpoint;
 use opcua::types::{Error, StatusCode, UAString, UserTokenPolicy, UserTokenType};
 
+use crate::detect::OpcuaDetector;
 use crate::events::{Event, EventType};
 use crate::modbus::generation::Shared;
 
 /// The policy id async-opcua 0.19 gives X.509 user tokens.
 const POLICY_ID_X509: &str = "x509";
+/// Characters of a rejected username that its anomaly shows; a client
+/// chooses the username, so the event stays bounded.
+const MAX_USERNAME_SHOWN: usize = 64;
+/// The policy id async-opcua 0.19 requires of anonymous tokens.
+const POLICY_ID_ANONYMOUS: &str = "anonymous";
 
 pub struct VendorAuthenticator {
     pub shared: Arc<Shared>,
     pub listener: Arc<str>,
+    pub detector: Arc<OpcuaDetector>,
 }
 
 impl VendorAuthenticator {
@@ -56,6 +63,23 @@ impl VendorAuthenticator {
         Ok(UserToken(name.to_string()))
     }
 
+    /// Records a user token that identifies no vendor: the session
+    /// rejection and the anomalies the failure raises.
+    async fn record_failure(&self, method: &'static str, reason: &str, detail: String) {
+        self.record_rejection(None, method, reason).await;
+        let mut findings = Vec::new();
+        let config = *self.shared.current.load().policy.detect();
+        self.detector
+            .auth_failure(std::time::Instant::now(), detail, &config, &mut findings);
+        for finding in findings {
+            let mut event = Event::anomaly(finding.kind, finding.severity, finding.detail);
+            event.listener = Some(self.listener.clone());
+            if let Err(error) = self.shared.emitter.emit(event).await {
+                tracing::error!(%error, "event not recorded");
+            }
+        }
+    }
+
     async fn record_rejection(&self, vendor: Option<Arc<str>>, method: &'static str, reason: &str) {
         tracing::debug!(listener = %self.listener, method, reason, "OPC UA user token rejected");
         let mut event = Event::new(EventType::Session);
@@ -72,8 +96,15 @@ impl VendorAuthenticator {
 
 #[async_trait]
 impl AuthManager for VendorAuthenticator {
+    /// Admits an anonymous session as the vendor with `opcua_anonymous`;
+    /// rejects it when no vendor sets the key.
     async fn authenticate_anonymous_token(&self, _endpoint: &ServerEndpoint) -> Result<(), Error> {
-        self.record_rejection(None, "anonymous", "anonymous sessions are not allowed")
+        let vendor = self.shared.current.load().policy.opcua_anonymous_vendor();
+        if let Some(vendor) = vendor {
+            return self.admit(vendor, "anonymous").await.map(|_| ());
+        }
+        let reason = "anonymous sessions are not allowed";
+        self.record_failure("anonymous", reason, format!("anonymous token: {reason}"))
             .await;
         Err(Error::new(
             StatusCode::BadIdentityTokenRejected,
@@ -108,8 +139,10 @@ impl AuthManager for VendorAuthenticator {
         match (vendor, verified) {
             (Some(vendor), true) => self.admit(vendor, "username").await,
             _ => {
-                self.record_rejection(None, "username", "unknown user or wrong password")
-                    .await;
+                let reason = "unknown user or wrong password";
+                let shown: String = username.chars().take(MAX_USERNAME_SHOWN).collect();
+                let detail = format!("username {shown:?}: {reason}");
+                self.record_failure("username", reason, detail).await;
                 Err(Error::new(
                     StatusCode::BadUserAccessDenied,
                     "unknown user or wrong password",
@@ -132,8 +165,12 @@ impl AuthManager for VendorAuthenticator {
         match vendor {
             Some(vendor) => self.admit(vendor, "x509").await,
             None => {
-                self.record_rejection(None, "x509", "user certificate matches no vendor")
-                    .await;
+                let reason = "user certificate matches no vendor";
+                let detail = format!(
+                    "user certificate {}: {reason}",
+                    hex::encode(signing_thumbprint.value())
+                );
+                self.record_failure("x509", reason, detail).await;
                 Err(Error::new(
                     StatusCode::BadUserAccessDenied,
                     "user certificate matches no vendor",
@@ -142,8 +179,10 @@ impl AuthManager for VendorAuthenticator {
         }
     }
 
+    /// Offers username and X.509 tokens, and anonymous tokens while a
+    /// vendor of the current policy sets `opcua_anonymous`.
     fn user_token_policies(&self, endpoint: &ServerEndpoint) -> Vec<UserTokenPolicy> {
-        vec![
+        let mut policies = vec![
             UserTokenPolicy {
                 policy_id: user_pass_security_policy_id(endpoint),
                 token_type: UserTokenType::UserName,
@@ -158,7 +197,18 @@ impl AuthManager for VendorAuthenticator {
                 issuer_endpoint_url: UAString::null(),
                 security_policy_uri: UAString::from(SecurityPolicy::Basic256Sha256.to_uri()),
             },
-        ]
+        ];
+        let anonymous = self.shared.current.load().policy.opcua_anonymous_vendor();
+        if anonymous.is_some() {
+            policies.push(UserTokenPolicy {
+                policy_id: UAString::from(POLICY_ID_ANONYMOUS),
+                token_type: UserTokenType::Anonymous,
+                issued_token_type: UAString::null(),
+                issuer_endpoint_url: UAString::null(),
+                security_policy_uri: UAString::null(),
+            });
+        }
+        policies
     }
 }
 

@@ -219,6 +219,11 @@ async fn relay(
 /// an anomaly with the status code and the client certificate.
 async fn record_rejection(front: &Front, peer: SocketAddr, rejection: Rejection) {
     tracing::debug!(listener = %front.name, %peer, kind = rejection.kind, reason = %rejection.reason, "OPC UA connection rejected");
+    front
+        .shared
+        .metrics
+        .opcua()
+        .count_guard_rejection(&front.name, rejection.kind);
     let mut event = Event::new(EventType::Session);
     event.action = Some("reject");
     event.listener = Some(front.name.clone());

@@ -21,9 +21,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::UaSecurityPolicy;
+use crate::detect::OpcuaDetector;
 use crate::modbus::generation::Shared;
 use crate::policy::OpcuaListenerPlan;
 
+mod access;
 mod auth;
 mod browse;
 pub mod framing;
@@ -98,19 +100,22 @@ pub async fn start(
         listener: plan.name.to_string(),
         message,
     })?;
+    let detector = Arc::new(OpcuaDetector::new());
     let tag_manager = {
         let shared = shared.clone();
         let listener = plan.name.clone();
         let mode = plan.mode;
         let stop = shutdown.clone();
         let channels = front.channels.clone();
+        let detector = detector.clone();
         move |_context: opcua::server::node_manager::ServerContext| {
-            tags::TagNodeManager::new(shared, listener, mode, channels, stop)
+            tags::TagNodeManager::new(shared, listener, mode, channels, stop, detector)
         }
     };
     let authenticator = auth::VendorAuthenticator {
         shared: shared.clone(),
         listener: plan.name.clone(),
+        detector: detector.clone(),
     };
     let mut builder = ServerBuilder::new()
         .application_name("sluice")
@@ -135,6 +140,7 @@ pub async fn start(
         let mode = plan.mode;
         let stop = shutdown.clone();
         let channels = front.channels.clone();
+        let detector = detector.clone();
         builder = builder.with_node_manager(
             move |_context: opcua::server::node_manager::ServerContext| nodes::DeviceNodeManager {
                 shared,
@@ -146,6 +152,7 @@ pub async fn start(
                 sampler: Arc::new(sampler::Sampler::default()),
                 stop,
                 channels,
+                detector,
             },
         );
     }

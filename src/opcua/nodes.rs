@@ -6,9 +6,8 @@
 //! others in its request still go through.
 
 use std::collections::VecDeque;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use async_trait::async_trait;
 use opcua::client::HistoryReadAction;
@@ -31,14 +30,16 @@ use opcua::server::CreateMonitoredItem;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Mode, OpcuaService};
+use crate::detect::OpcuaDetector;
 use crate::modbus::generation::Shared;
-use crate::policy::{Decision, OpcuaAccess, OpcuaContext, OpcuaDeviceId};
+use crate::policy::{Decision, OpcuaDeviceId};
 
+use super::access::{token_vendor_name, Decider};
 use super::browse::browse_device_node;
 use super::front::ChannelPeers;
-use super::namespaces::{node_text, policy_node, Namespaces, Translator};
-use super::record::{record, Operation};
-use super::sampler::Sampler;
+use super::namespaces::{node_text, Namespaces, Translator};
+use super::record::{Operation, Recorder};
+use super::sampler::{Recheck, Sampler, Watcher};
 use super::upstream::{Connected, Upstream};
 
 /// The mirror of one device on one listener.
@@ -54,6 +55,8 @@ pub struct DeviceNodeManager {
     pub stop: CancellationToken,
     /// The client address of each secure channel, from the front.
     pub channels: Arc<ChannelPeers>,
+    /// The listener's anomaly detectors.
+    pub detector: Arc<OpcuaDetector>,
 }
 
 /// The outcome of deciding one operation.
@@ -65,63 +68,12 @@ pub(super) struct Verdict {
 }
 
 impl DeviceNodeManager {
-    /// Decides `service` on `node` for the vendor named `vendor_name` and
-    /// returns the decision with the label of the allowing rule. Returns
-    /// the reason as an error when no decision can be made.
-    fn evaluate(
-        &self,
-        source: Option<IpAddr>,
-        vendor_name: &str,
-        service: OpcuaService,
-        node: &NodeId,
-        value: Option<&Variant>,
-    ) -> Result<(Decision, Option<String>), &'static str> {
-        let generation = self.shared.current.load();
-        let policy = &generation.policy;
-        let vendor = policy
-            .vendor_id(vendor_name)
-            .ok_or("vendor not in the current policy")?;
-        // Quarantine also ends what open sessions may do, not only new ones.
-        if self.shared.quarantine.is_quarantined(vendor_name) {
-            return Err("vendor quarantined");
+    fn decider(&self) -> Decider<'_> {
+        Decider {
+            shared: &self.shared,
+            namespaces: &self.namespaces,
+            device: self.device,
         }
-        // The vendor's `sources` apply to each operation: the user token
-        // that names the vendor arrives without the client's address.
-        let sources = &policy.vendors()[vendor].sources;
-        if !sources.is_empty()
-            && !source.is_some_and(|address| sources.iter().any(|net| net.contains(&address)))
-        {
-            return Err("source address outside the vendor's sources");
-        }
-        let uri = self
-            .namespaces
-            .read()
-            .uri(node.namespace)
-            .cloned()
-            .ok_or("node outside the device's namespaces")?;
-        let (number, non_numeric) = match value.map(numeric) {
-            Some(Some(number)) => (Some(number), false),
-            Some(None) => (None, true),
-            None => (None, false),
-        };
-        let access = OpcuaAccess {
-            service,
-            node: policy_node(&uri, node),
-            value: number,
-            non_numeric_value: non_numeric,
-        };
-        let context = OpcuaContext {
-            source,
-            now: jiff::Timestamp::now(),
-            instant: Instant::now(),
-            states: &generation.states,
-        };
-        let decision = policy.decide_opcua(vendor, self.device, &access, &context);
-        let label = match &decision {
-            Decision::Allow { rule } => Some(policy.rule_label(*rule).to_owned()),
-            Decision::Deny { .. } => None,
-        };
-        Ok((decision, label))
     }
 
     /// Decides one operation and returns whether to forward it. In monitor
@@ -133,13 +85,14 @@ impl DeviceNodeManager {
         node: &NodeId,
         value: Option<&Variant>,
     ) -> Verdict {
-        let vendor_name = context.user_token().0.as_str();
+        let token = context.user_token();
         let uri = self.namespaces.read().uri(node.namespace).cloned();
         let mut operation = Operation::new(service, uri.as_deref().map(|uri| node_text(uri, node)));
-        operation.vendor = Some(Arc::from(vendor_name));
+        operation.vendor = Some(token_vendor_name(&self.shared.current.load().policy, token));
+        operation.session = Some(context.session_id());
         operation.peer = self.peer(context);
         let source = operation.peer.map(|peer| peer.ip());
-        let (decision, label) = match self.evaluate(source, vendor_name, service, node, value) {
+        let (decision, label) = match self.decider().evaluate(source, token, service, node, value) {
             Ok(decided) => decided,
             Err(reason) => {
                 operation.reason = Some(reason.to_owned());
@@ -197,13 +150,13 @@ impl DeviceNodeManager {
     }
 
     pub(super) async fn finish(&self, operation: Operation) {
-        record(
-            &self.shared,
-            &self.listener,
-            &self.upstream.device,
-            operation,
-        )
-        .await;
+        let recorder = Recorder {
+            shared: &self.shared,
+            listener: &self.listener,
+            device: &self.upstream.device,
+            detector: &self.detector,
+        };
+        recorder.finish(operation).await;
     }
 
     /// Adds the device's objects to sluice's Objects folder, keeping only
@@ -300,7 +253,8 @@ impl DeviceNodeManager {
     fn peek(&self, context: &RequestContext, service: OpcuaService, node: &NodeId) -> bool {
         let source = self.peer(context).map(|peer| peer.ip());
         matches!(
-            self.evaluate(source, &context.user_token().0, service, node, None),
+            self.decider()
+                .evaluate(source, context.user_token(), service, node, None),
             Ok((Decision::Allow { .. }, _))
         )
     }
@@ -376,24 +330,6 @@ fn refusal_status(forward: bool) -> StatusCode {
     }
 }
 
-/// Returns a written value as a number, for rules with `values`.
-pub(super) fn numeric(value: &Variant) -> Option<f64> {
-    match value {
-        Variant::Boolean(v) => Some(f64::from(u8::from(*v))),
-        Variant::SByte(v) => Some(f64::from(*v)),
-        Variant::Byte(v) => Some(f64::from(*v)),
-        Variant::Int16(v) => Some(f64::from(*v)),
-        Variant::UInt16(v) => Some(f64::from(*v)),
-        Variant::Int32(v) => Some(f64::from(*v)),
-        Variant::UInt32(v) => Some(f64::from(*v)),
-        Variant::Int64(v) => Some(*v as f64),
-        Variant::UInt64(v) => Some(*v as f64),
-        Variant::Float(v) => Some(f64::from(*v)).filter(|n| n.is_finite()),
-        Variant::Double(v) => Some(*v).filter(|n| n.is_finite()),
-        _ => None,
-    }
-}
-
 #[async_trait]
 impl NodeManager for DeviceNodeManager {
     fn owns_node(&self, id: &NodeId) -> bool {
@@ -436,10 +372,17 @@ impl NodeManager for DeviceNodeManager {
             self.device,
             self.stop.clone(),
         ));
+        let recheck = Recheck {
+            shared: self.shared.clone(),
+            listener: self.listener.clone(),
+            device: self.device,
+            mode: self.mode,
+        };
         tokio::spawn(self.sampler.clone().run(
             self.upstream.clone(),
             self.namespaces.clone(),
             context.subscriptions.clone(),
+            recheck,
             self.stop.clone(),
         ));
     }
@@ -498,10 +441,16 @@ impl NodeManager for DeviceNodeManager {
                         let interval = std::time::Duration::from_secs_f64(
                             (item.sampling_interval().max(0.0)) / 1000.0,
                         );
+                        let watcher = Watcher {
+                            token: context.user_token().clone(),
+                            session: context.session_id(),
+                            peer: operations[operation].peer,
+                        };
                         self.sampler.add(
                             item.item_to_monitor(),
                             item.handle(),
                             interval,
+                            watcher,
                             item.monitoring_mode(),
                         );
                         operations[operation].status = StatusCode::Good;

@@ -128,7 +128,7 @@ impl TagNodeManager {
         operation: &mut Operation,
     ) -> bool {
         let policy = &generation.policy;
-        let Some(vendor) = policy.vendor_id(context.user_token().0.as_str()) else {
+        let Some(vendor) = super::access::token_vendor(policy, context.user_token()) else {
             return false;
         };
         // An unknown client address is 0.0.0.0, which a rule's `when.sources`

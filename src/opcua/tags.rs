@@ -28,12 +28,13 @@ use opcua::types::{
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Mode, OpcuaService};
+use crate::detect::OpcuaDetector;
 use crate::modbus::generation::{Generation, Shared};
 use crate::policy::{Decision, NodeIdRef, OpcuaAccess, OpcuaContext, OpcuaNode};
 use crate::tags::{Tag, TagId, NAMESPACE_URI};
 
 use super::front::ChannelPeers;
-use super::record::{record, Operation};
+use super::record::{Operation, Recorder};
 use super::tag_space::{block_poll, quality_status, to_variant, TagNode, TagSpace};
 
 /// Interval at which monitored tags are compared with the mirror. Each
@@ -52,6 +53,8 @@ pub struct TagNodeManager {
     pub(super) mode: Mode,
     channels: Arc<ChannelPeers>,
     stop: CancellationToken,
+    /// The listener's session detectors, shared with the device nodes.
+    detector: Arc<OpcuaDetector>,
     namespace: AtomicU16,
     /// The nodes of the latest generation's tags, rebuilt after a reload.
     space: Mutex<Option<Arc<TagSpace>>>,
@@ -71,6 +74,7 @@ impl TagNodeManager {
         mode: Mode,
         channels: Arc<ChannelPeers>,
         stop: CancellationToken,
+        detector: Arc<OpcuaDetector>,
     ) -> TagNodeManager {
         TagNodeManager {
             shared,
@@ -78,6 +82,7 @@ impl TagNodeManager {
             mode,
             channels,
             stop,
+            detector,
             namespace: AtomicU16::new(NO_NAMESPACE),
             space: Mutex::new(None),
             sampler: Arc::new(TagSampler::default()),
@@ -118,12 +123,14 @@ impl TagNodeManager {
         value: Option<f64>,
         non_numeric: bool,
     ) -> Result<(Decision, Option<String>), &'static str> {
-        let vendor_name = context.user_token().0.as_str();
         let policy = &generation.policy;
-        let vendor = policy
-            .vendor_id(vendor_name)
+        let vendor = super::access::token_vendor(policy, context.user_token())
             .ok_or("vendor not in the current policy")?;
-        if self.shared.quarantine.is_quarantined(vendor_name) {
+        if self
+            .shared
+            .quarantine
+            .is_quarantined(policy.vendor_name(vendor))
+        {
             return Err("vendor quarantined");
         }
 
@@ -172,9 +179,13 @@ impl TagNodeManager {
         value: Option<&Variant>,
     ) -> Verdict {
         let mut operation = Operation::new(service, Some(tag.node_id()));
-        operation.vendor = Some(Arc::from(context.user_token().0.as_str()));
+        operation.vendor = Some(super::access::token_vendor_name(
+            &generation.policy,
+            context.user_token(),
+        ));
+        operation.session = Some(context.session_id());
         operation.peer = self.peer(context);
-        let (number, non_numeric) = match value.map(super::nodes::numeric) {
+        let (number, non_numeric) = match value.map(super::access::numeric) {
             Some(Some(number)) => (Some(number), false),
             Some(None) => (None, true),
             None => (None, false),
@@ -217,7 +228,13 @@ impl TagNodeManager {
     }
 
     pub(super) async fn finish(&self, tag: &Tag, operation: Operation) {
-        record(&self.shared, &self.listener, &tag.device_name, operation).await;
+        let recorder = Recorder {
+            shared: &self.shared,
+            listener: &self.listener,
+            device: &tag.device_name,
+            detector: &self.detector,
+        };
+        recorder.finish(operation).await;
     }
 
     /// Adds the `Tags` folder to a browse of the Objects folder.

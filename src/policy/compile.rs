@@ -543,6 +543,9 @@ fn opcua_identities(vendors: &[VendorConfig]) -> OpcuaIdentities {
         for thumbprint in &vendor.opcua_user_certificates {
             identities.certificates.push((*thumbprint, id));
         }
+        if vendor.opcua_anonymous {
+            identities.anonymous = Some(id);
+        }
     }
     identities
 }

@@ -191,6 +191,8 @@ pub(super) struct OpcuaIdentities {
     pub users: Vec<(String, String, VendorId)>,
     /// SHA-1 certificate thumbprint and vendor.
     pub certificates: Vec<([u8; 20], VendorId)>,
+    /// The vendor of anonymous sessions, from `opcua_anonymous`.
+    pub anonymous: Option<VendorId>,
 }
 
 pub(super) fn service_bit(service: OpcuaService) -> u8 {
@@ -279,6 +281,12 @@ impl Policy {
             .iter()
             .find(|(known, _)| known.as_slice() == thumbprint)
             .map(|(_, vendor)| *vendor)
+    }
+
+    /// Returns the vendor that anonymous OPC UA sessions are, if one sets
+    /// `opcua_anonymous`.
+    pub fn opcua_anonymous_vendor(&self) -> Option<VendorId> {
+        self.opcua.identities.anonymous
     }
 
     /// Decides one OPC UA operation of `vendor` on `device`. Default deny:

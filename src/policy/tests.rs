@@ -838,6 +838,7 @@ fn built_vendor(name: &str, source: &str, rules: Vec<RuleConfig>) -> VendorConfi
         rules,
         opcua_users: Vec::new(),
         opcua_user_certificates: Vec::new(),
+        opcua_anonymous: false,
         origin: Default::default(),
     }
 }

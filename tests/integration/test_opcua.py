@@ -200,12 +200,14 @@ class AdminGateway(harness.StateGateway):
     """`sluice run` with states and a control socket in a short folder of
     its own, because Unix socket paths are limited to 108 bytes."""
 
-    def __init__(self, sluice_bin, workdir, listeners, devices, states, rules):
+    def __init__(self, sluice_bin, workdir, listeners, devices, states, rules, detect=None):
         self.workdir = workdir
         self.name = "test-gw"
         self.socket_folder = Path(tempfile.mkdtemp(prefix="sluice-ua-"))
         self.config_path = harness.write_state_config(workdir, listeners, devices, states, rules)
         admin = harness.toml_table("[admin]", {"socket": str(self.socket_folder / "control.sock")})
+        if detect:
+            admin += "\n" + harness.toml_table("[detect]", detect)
         self.config_path.write_text(self.config_path.read_text() + "\n" + admin)
         self.sluice_bin = sluice_bin
         self._launch(sluice_bin, len(listeners))
@@ -253,11 +255,13 @@ def setup(request, sluice_bin, plc_sim, tmp_path):
         yield state
 
 
-def opcua_setup(sluice_bin, plc_sim, tmp_path, mode: str = "enforce", prepare=None, acme_sources=None):
+def opcua_setup(sluice_bin, plc_sim, tmp_path, mode: str = "enforce", prepare=None, acme_sources=None,
+                extra_rules=None, detect=None):
     """Start the plant, the PLC state and sluice; yield the test's state.
     `prepare(authority, opcua_table)`, when given, may add keys to the
     listener's `opcua` table and returns extra state entries.
-    `acme_sources`, when given, limits the vendor acme to those networks."""
+    `acme_sources`, when given, limits the vendor acme to those networks.
+    `extra_rules` adds rule files by name; `detect` is the `[detect]` table."""
     folder = tmp_path / "opcua"
     folder.mkdir()
     plant = Plant(folder)
@@ -318,12 +322,13 @@ def opcua_setup(sluice_bin, plc_sim, tmp_path, mode: str = "enforce", prepare=No
         "acme.toml": vendor_rule_file(vendor, [read_rule(), write_rule(), call_rule]),
         "beta.toml": vendor_rule_file(beta, [beta_read]),
     }
+    rules.update(extra_rules or {})
 
     extra = prepare(authority, listener["opcua"]) if prepare else {}
 
     gateway_folder = folder / "gateway"
     gateway_folder.mkdir()
-    gateway = AdminGateway(sluice_bin, gateway_folder, [listener], devices, states, rules)
+    gateway = AdminGateway(sluice_bin, gateway_folder, [listener], devices, states, rules, detect)
     plc = modbus_client(plc_sim.port)
     state = {
         "folder": folder,
@@ -581,7 +586,7 @@ def test_user_certificate_identifies_its_vendor(setup):
     assert decisions[0]["rule"] == "beta.toml#1"
 
 
-def test_wrong_password_is_rejected(setup):
+def connect_with_wrong_password(setup) -> None:
     async def connect():
         client = await secure(vendor_client(setup, password="wrong"), setup)
         with pytest.raises(ua.uaerrors.BadUserAccessDenied):
@@ -589,12 +594,63 @@ def test_wrong_password_is_rejected(setup):
         client.disconnect_socket()
 
     asyncio.run(connect())
+
+
+def test_wrong_password_is_rejected(setup):
+    connect_with_wrong_password(setup)
     rejections = setup["gateway"].wait_for_events(
         lambda event: event.get("event_type") == "session" and event.get("action") == "reject",
         what="session rejection",
     )
     assert rejections[0]["reason"] == "unknown user or wrong password"
     assert rejections[0]["listener"] == "ua"
+
+
+def test_wrong_password_raises_auth_failure_anomaly(setup):
+    connect_with_wrong_password(setup)
+    (anomaly,) = setup["gateway"].wait_for_events(
+        lambda event: event.get("event_type") == "anomaly", what="the authentication anomaly"
+    )
+    assert anomaly["anomaly"] == {
+        "kind": "opcua_auth_failure",
+        "severity": "medium",
+        "detail": 'username "acme-eng": unknown user or wrong password',
+    }
+    assert anomaly["listener"] == "ua"
+
+
+@pytest.fixture
+def sweep_setup(sluice_bin, plc_sim, tmp_path):
+    """sluice with the OPC UA listener and a browse sweep threshold of 3."""
+    with contextlib.contextmanager(opcua_setup)(
+        sluice_bin, plc_sim, tmp_path, detect={"browse_sweep": 3}
+    ) as state:
+        yield state
+
+
+def test_browse_of_four_nodes_raises_browse_sweep(sweep_setup):
+    nodes = ["Line1", "Line1.Press", "Line1.Press.Temperature", "Line1.Setpoint"]
+
+    async def session(client, index):
+        for name in nodes[:3]:
+            await client.get_node(ua.NodeId(name, index)).get_children()
+            await client.get_node(ua.NodeId(name, index)).get_children()
+        before = [event for event in sweep_setup["gateway"].events() if event.get("event_type") == "anomaly"]
+        await client.get_node(ua.NodeId(nodes[3], index)).get_children()
+        return before
+
+    assert run(sweep_setup, session) == []
+    (anomaly,) = sweep_setup["gateway"].wait_for_events(
+        lambda event: event.get("event_type") == "anomaly", what="the browse sweep anomaly"
+    )
+    assert anomaly["anomaly"] == {
+        "kind": "browse_sweep",
+        "severity": "medium",
+        "detail": "4 distinct nodes browsed within 10000 ms",
+    }
+    assert anomaly["vendor"] == "acme"
+    assert anomaly["device"] == "line1-ua"
+    assert isinstance(anomaly["session_id"], int)
 
 
 def test_every_operation_is_a_decision_event(setup):
@@ -704,6 +760,115 @@ def test_subscription_reports_device_changes(setup):
         ("allow", "nsu=urn:plant:line1;s=Line1.Setpoint", "Good"),
         ("deny", "nsu=urn:plant:line1;s=Line1.Recipe", "BadUserAccessDenied"),
     ]
+
+
+class Samples:
+    """An asyncua subscription handler that keeps every node id, value and
+    status code it is notified of."""
+
+    def __init__(self):
+        self.samples: list[tuple[str, object, int]] = []
+
+    def datachange_notification(self, node, value, data) -> None:
+        status = data.monitored_item.Value.StatusCode.value
+        self.samples.append((node.nodeid.Identifier, value, status))
+
+    def of(self, name: str) -> list[tuple[object, int]]:
+        return [(value, status) for node, value, status in self.samples if node == name]
+
+
+def reload_rules(setup, edit) -> None:
+    """Rewrite acme.toml with `edit(text)`, send SIGHUP and wait for the
+    reload event."""
+    gateway = setup["gateway"]
+    path = gateway.config_path.parent / "rules" / "acme.toml"
+    path.write_text(edit(path.read_text()))
+    reloads = len([event for event in gateway.events() if event.get("action") == "reload"])
+    harness.send_hangup(gateway)
+    gateway.wait_for_events(
+        lambda event: event.get("event_type") == "config" and event.get("action") == "reload",
+        count=reloads + 1,
+        what="the reload",
+    )
+
+
+def without_setpoint_subscribe(text: str) -> str:
+    """Move Line1.Setpoint out of the browse/read/subscribe rule into a rule
+    of its own with browse and read only."""
+    setpoint = f'"nsu={PLANT_NAMESPACE};s=Line1.Setpoint"'
+    read_nodes = f'nodes = ["nsu={PLANT_NAMESPACE};s=Line1", "nsu={PLANT_NAMESPACE};s=Line1.Press*", {setpoint}]'
+    assert read_nodes in text
+    text = text.replace(read_nodes, f'nodes = ["nsu={PLANT_NAMESPACE};s=Line1", "nsu={PLANT_NAMESPACE};s=Line1.Press*"]')
+    setpoint_rule = {"device": "line1-ua", "services": ["browse", "read"], "nodes": [f"nsu={PLANT_NAMESPACE};s=Line1.Setpoint"]}
+    return text + "\n" + harness.toml_table("[[allow]]", setpoint_rule)
+
+
+@pytest.fixture
+def guest_setup(sluice_bin, plc_sim, tmp_path):
+    """sluice with the OPC UA listener and the vendor guest for anonymous
+    sessions, which may subscribe to Line1.Setpoint."""
+    guest = {"name": "guest", "opcua_anonymous": True}
+    subscribe = {"device": "line1-ua", "services": ["subscribe"], "nodes": [f"nsu={PLANT_NAMESPACE};s=Line1.Setpoint"]}
+    rules = {"guest.toml": harness.vendor_rule_file(guest, [subscribe])}
+    with contextlib.contextmanager(opcua_setup)(sluice_bin, plc_sim, tmp_path, extra_rules=rules) as state:
+        yield state
+
+
+def test_reload_revokes_monitored_item_without_subscribe_right(guest_setup):
+    setup = guest_setup
+    plant = setup["plant"]
+
+    async def session(client, index):
+        samples = Samples()
+        subscription = await client.create_subscription(100, samples)
+        await subscription.subscribe_data_change(client.get_node(ua.NodeId("Line1.Setpoint", index)))
+        await wait_async(lambda: samples.of("Line1.Setpoint") == [(40.0, ua.StatusCodes.Good)], "the initial value")
+
+        # The guest's item on the same node keeps its right throughout and
+        # shows when the sampler has read the node again.
+        guest = await secure(Client(setup["endpoint"], timeout=REQUEST_TIMEOUT), setup)
+        guest.application_uri = VENDOR_URI
+        async with guest:
+            witness = Samples()
+            guest_subscription = await guest.create_subscription(100, witness)
+            await guest_subscription.subscribe_data_change(guest.get_node(ua.NodeId("Line1.Setpoint", index)))
+            await wait_async(lambda: len(witness.of("Line1.Setpoint")) == 1, "the guest's initial value")
+
+            # A reload that keeps the right changes nothing.
+            await asyncio.to_thread(reload_rules, setup, lambda text: text + "\n# reviewed\n")
+            await asyncio.to_thread(plant.write, "Line1.Setpoint", 41.0)
+            await wait_async(lambda: len(samples.of("Line1.Setpoint")) == 2, "the value after the first reload")
+            kept = samples.of("Line1.Setpoint")
+
+            await asyncio.to_thread(reload_rules, setup, without_setpoint_subscribe)
+            await wait_async(lambda: len(samples.of("Line1.Setpoint")) == 3, "the access denied notification")
+            revoked = samples.of("Line1.Setpoint")
+
+            await asyncio.to_thread(plant.write, "Line1.Setpoint", 42.0)
+            await wait_async(lambda: (42.0, ua.StatusCodes.Good) in witness.of("Line1.Setpoint"), "42.0 at the guest")
+            await guest_subscription.delete()
+        await subscription.delete()
+        return kept, revoked, samples.of("Line1.Setpoint")
+
+    kept, revoked, final = run(setup, session)
+    assert kept == [(40.0, ua.StatusCodes.Good), (41.0, ua.StatusCodes.Good)]
+    assert revoked == [
+        (40.0, ua.StatusCodes.Good),
+        (41.0, ua.StatusCodes.Good),
+        (None, ua.StatusCodes.BadUserAccessDenied),
+    ]
+    assert final == revoked
+    (denied,) = setup["gateway"].wait_for_events(
+        lambda event: event.get("opcua", {}).get("service") == "subscribe" and event.get("decision") == "deny",
+        what="the subscribe decision after the reload",
+    )
+    assert denied["opcua"] == {
+        "service": "subscribe",
+        "node_id": f"nsu={PLANT_NAMESPACE};s=Line1.Setpoint",
+        "status": "BadUserAccessDenied",
+    }
+    assert denied["vendor"] == "acme"
+    assert denied["reason"] == "node outside allowed nodes"
 
 
 async def wait_async(condition, what: str, timeout: float = harness.POLL_TIMEOUT) -> None:

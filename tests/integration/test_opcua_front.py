@@ -19,6 +19,7 @@ from asyncua.ua.ua_binary import header_from_binary, nodeid_from_binary, nodeid_
 
 import harness
 import pcap_replay
+from harness import vendor_rule_file
 from test_opcua import (
     PLANT_NAMESPACE,
     REQUEST_TIMEOUT,
@@ -39,6 +40,11 @@ BAD_COMMUNICATION_ERROR = 0x80050000
 BAD_REQUEST_TOO_LARGE = 0x80B80000
 BAD_SECURITY_CHECKS_FAILED = 0x80130000
 BAD_CERTIFICATE_REVOKED = 0x801D0000
+# Encoded type ids (four-byte NodeId form) of the user identity tokens.
+USERNAME_TOKEN_TYPE = bytes([0x01, 0x00]) + struct.pack("<H", ua.ObjectIds.UserNameIdentityToken_Encoding_DefaultBinary) + b"\x01"
+ANONYMOUS_TOKEN_TYPE = bytes([0x01, 0x00]) + struct.pack("<H", ua.ObjectIds.AnonymousIdentityToken_Encoding_DefaultBinary) + b"\x01"
+# The token policy id async-opcua requires of anonymous tokens.
+ANONYMOUS_POLICY_ID = "anonymous"
 
 
 @pytest.fixture
@@ -312,24 +318,41 @@ def response_of(message: bytes) -> tuple[int, int, int]:
     return sequence.RequestId, type_id.Identifier, header.ServiceResult.value
 
 
-def test_recorded_session_replays_through_the_front(front):
-    """Every recorded request gets its response. The recorded session
-    activates with an anonymous token, which sluice rejects, so its reads
-    get ServiceFaults with BadSessionNotActivated."""
+def anonymous_activation(message: bytes) -> bytes:
+    """Replace the user identity token of the recorded ActivateSession
+    request, a UserNameIdentityToken, with an AnonymousIdentityToken."""
+    at = message.index(USERNAME_TOKEN_TYPE)
+    (length,) = struct.unpack_from("<i", message, at + len(USERNAME_TOKEN_TYPE))
+    end = at + len(USERNAME_TOKEN_TYPE) + 4 + length
+    policy = ANONYMOUS_POLICY_ID.encode()
+    body = struct.pack("<i", len(policy)) + policy
+    anonymous = ANONYMOUS_TOKEN_TYPE + struct.pack("<i", len(body)) + body
+    patched = bytearray(message[:at] + anonymous + message[end:])
+    struct.pack_into("<I", patched, 4, len(patched))
+    return bytes(patched)
+
+
+def replay(setup, activation=lambda message: message) -> list[tuple[int, int, list[int]]]:
+    """Replay the recorded session on a new connection, its ActivateSession
+    request passed through `activation`; return the type id, ServiceResult
+    and per-operation statuses of every response."""
     messages = client_messages()
     answers = []
-    with connect(front) as sock:
+    with connect(setup) as sock:
         channel, token, _, _ = open_channel(sock)
         authentication = None
         for message in messages[2:]:
+            if struct.unpack_from("<H", message, 26)[0] == ua.ObjectIds.ActivateSessionRequest_Encoding_DefaultBinary:
+                message = activation(message)
             sock.sendall(patch_request(message, channel, token, authentication))
             if message[:3] == b"CLO":
+                assert_closed(sock)
                 break
             response = read_message(sock)
             assert response[:4] == b"MSGF", response[:16]
             request_id, type_id, result = response_of(response)
             assert request_id == struct.unpack_from("<I", message, 20)[0]
-            answers.append((type_id, result))
+            answers.append((type_id, result, read_statuses(response, type_id)))
             if type_id == ua.ObjectIds.CreateSessionResponse_Encoding_DefaultBinary:
                 buffer = Buffer(response)
                 header_from_binary(buffer)
@@ -337,12 +360,93 @@ def test_recorded_session_replays_through_the_front(front):
                 struct_from_binary(ua.SequenceHeader, buffer)
                 created = struct_from_binary(ua.CreateSessionResponse, buffer)
                 authentication = created.Parameters.AuthenticationToken
+    return answers
+
+
+def read_statuses(message: bytes, type_id: int) -> list[int]:
+    """The status of every result of a ReadResponse; [] for other types."""
+    if type_id != ua.ObjectIds.ReadResponse_Encoding_DefaultBinary:
+        return []
+    buffer = Buffer(message)
+    header_from_binary(buffer)
+    struct_from_binary(ua.SymmetricAlgorithmHeader, buffer)
+    struct_from_binary(ua.SequenceHeader, buffer)
+    read = struct_from_binary(ua.ReadResponse, buffer)
+    return [result.StatusCode.value for result in read.Results]
+
+
+def recorded_reads() -> int:
+    """The number of Read requests in the recorded session."""
+    return sum(
+        1 for message in client_messages()
+        if message[:3] == b"MSG"
+        and struct.unpack_from("<H", message, 26)[0] == ua.ObjectIds.ReadRequest_Encoding_DefaultBinary
+    )
+
+
+def test_recorded_username_token_is_rejected(front):
+    """The recorded session activates with a username token under the
+    policy id of the server it was recorded against, which sluice does not
+    offer, so its reads get ServiceFaults with BadSessionNotActivated."""
     fault = ua.ObjectIds.ServiceFault_Encoding_DefaultBinary
-    reads = len(messages) - 7
-    assert answers == [
-        (ua.ObjectIds.GetEndpointsResponse_Encoding_DefaultBinary, ua.StatusCodes.Good),
-        (ua.ObjectIds.CreateSessionResponse_Encoding_DefaultBinary, ua.StatusCodes.Good),
-        (fault, ua.StatusCodes.BadIdentityTokenRejected),
-        *[(fault, ua.StatusCodes.BadSessionNotActivated)] * reads,
-        (ua.ObjectIds.CloseSessionResponse_Encoding_DefaultBinary, ua.StatusCodes.Good),
+    assert replay(front) == [
+        (ua.ObjectIds.GetEndpointsResponse_Encoding_DefaultBinary, ua.StatusCodes.Good, []),
+        (ua.ObjectIds.CreateSessionResponse_Encoding_DefaultBinary, ua.StatusCodes.Good, []),
+        (fault, ua.StatusCodes.BadIdentityTokenRejected, []),
+        *[(fault, ua.StatusCodes.BadSessionNotActivated, [])] * recorded_reads(),
+        (ua.ObjectIds.CloseSessionResponse_Encoding_DefaultBinary, ua.StatusCodes.Good, []),
     ]
+
+
+def test_anonymous_replay_without_anonymous_vendor_is_rejected(front):
+    fault = ua.ObjectIds.ServiceFault_Encoding_DefaultBinary
+    assert replay(front, anonymous_activation) == [
+        (ua.ObjectIds.GetEndpointsResponse_Encoding_DefaultBinary, ua.StatusCodes.Good, []),
+        (ua.ObjectIds.CreateSessionResponse_Encoding_DefaultBinary, ua.StatusCodes.Good, []),
+        (fault, ua.StatusCodes.BadIdentityTokenRejected, []),
+        *[(fault, ua.StatusCodes.BadSessionNotActivated, [])] * recorded_reads(),
+        (ua.ObjectIds.CloseSessionResponse_Encoding_DefaultBinary, ua.StatusCodes.Good, []),
+    ]
+    (rejection,) = front["gateway"].wait_for_events(
+        lambda event: event.get("event_type") == "session" and event.get("action") == "reject",
+        what="the rejected anonymous session",
+    )
+    assert rejection["reason"] == "anonymous sessions are not allowed"
+    assert_no_session_opened(front)
+
+
+@pytest.fixture
+def anonymous_front(sluice_bin, plc_sim, tmp_path):
+    """sluice offering security None, with the vendor guest for anonymous
+    sessions, allowed to read the plant's Line1 nodes."""
+
+    def prepare(authority: CertificateAuthority, table: dict) -> dict:
+        table["allow_none"] = True
+        return {}
+
+    guest = {"name": "guest", "opcua_anonymous": True}
+    guest_read = {"device": "line1-ua", "services": ["read"], "nodes": [f"nsu={PLANT_NAMESPACE};s=Line1.*"]}
+    rules = {"guest.toml": vendor_rule_file(guest, [guest_read])}
+    with contextlib.contextmanager(opcua_setup)(
+        sluice_bin, plc_sim, tmp_path, prepare=prepare, extra_rules=rules
+    ) as state:
+        yield state
+
+
+def test_anonymous_replay_completes_with_anonymous_vendor(anonymous_front):
+    """With a vendor for anonymous sessions the recorded session activates.
+    Its reads name nodes of the server it was recorded against
+    (ns=1;s=Boolean.Variable and so on), which sluice does not have."""
+    assert replay(anonymous_front, anonymous_activation) == [
+        (ua.ObjectIds.GetEndpointsResponse_Encoding_DefaultBinary, ua.StatusCodes.Good, []),
+        (ua.ObjectIds.CreateSessionResponse_Encoding_DefaultBinary, ua.StatusCodes.Good, []),
+        (ua.ObjectIds.ActivateSessionResponse_Encoding_DefaultBinary, ua.StatusCodes.Good, []),
+        *[(ua.ObjectIds.ReadResponse_Encoding_DefaultBinary, ua.StatusCodes.Good,
+           [ua.StatusCodes.BadNodeIdUnknown])] * recorded_reads(),
+        (ua.ObjectIds.CloseSessionResponse_Encoding_DefaultBinary, ua.StatusCodes.Good, []),
+    ]
+    opened = anonymous_front["gateway"].wait_for_events(
+        lambda event: event.get("event_type") == "session" and event.get("action") == "open",
+        what="the anonymous session",
+    )
+    assert [(event["vendor"], event["detail"]) for event in opened] == [("guest", {"identity": "anonymous"})]
