@@ -180,24 +180,27 @@ impl AuthManager for VendorAuthenticator {
     }
 
     /// Offers username and X.509 tokens, and anonymous tokens while a
-    /// vendor of the current policy sets `opcua_anonymous`.
+    /// vendor of the current policy sets `opcua_anonymous`. The endpoint
+    /// without security offers no username token: async-opcua accepts a
+    /// plaintext password there, and it would cross the network in clear.
     fn user_token_policies(&self, endpoint: &ServerEndpoint) -> Vec<UserTokenPolicy> {
-        let mut policies = vec![
-            UserTokenPolicy {
+        let mut policies = Vec::new();
+        if endpoint.security_policy() != SecurityPolicy::None {
+            policies.push(UserTokenPolicy {
                 policy_id: user_pass_security_policy_id(endpoint),
                 token_type: UserTokenType::UserName,
                 issued_token_type: UAString::null(),
                 issuer_endpoint_url: UAString::null(),
                 security_policy_uri: UAString::null(),
-            },
-            UserTokenPolicy {
-                policy_id: UAString::from(POLICY_ID_X509),
-                token_type: UserTokenType::Certificate,
-                issued_token_type: UAString::null(),
-                issuer_endpoint_url: UAString::null(),
-                security_policy_uri: UAString::from(SecurityPolicy::Basic256Sha256.to_uri()),
-            },
-        ];
+            });
+        }
+        policies.push(UserTokenPolicy {
+            policy_id: UAString::from(POLICY_ID_X509),
+            token_type: UserTokenType::Certificate,
+            issued_token_type: UAString::null(),
+            issuer_endpoint_url: UAString::null(),
+            security_policy_uri: UAString::from(SecurityPolicy::Basic256Sha256.to_uri()),
+        });
         let anonymous = self.shared.current.load().policy.opcua_anonymous_vendor();
         if anonymous.is_some() {
             policies.push(UserTokenPolicy {

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import select
 import socket
+import subprocess
 import struct
 from pathlib import Path
 
@@ -45,6 +46,11 @@ USERNAME_TOKEN_TYPE = bytes([0x01, 0x00]) + struct.pack("<H", ua.ObjectIds.UserN
 ANONYMOUS_TOKEN_TYPE = bytes([0x01, 0x00]) + struct.pack("<H", ua.ObjectIds.AnonymousIdentityToken_Encoding_DefaultBinary) + b"\x01"
 # The token policy id async-opcua requires of anonymous tokens.
 ANONYMOUS_POLICY_ID = "anonymous"
+# The token policy id async-opcua requires of a plaintext password.
+PLAINTEXT_PASSWORD_POLICY_ID = "userpass_none"
+# The credentials of the recorded session's username token.
+RECORDED_USER = "user1"
+RECORDED_PASSWORD = "password"
 
 
 @pytest.fixture
@@ -413,6 +419,58 @@ def test_anonymous_replay_without_anonymous_vendor_is_rejected(front):
     )
     assert rejection["reason"] == "anonymous sessions are not allowed"
     assert_no_session_opened(front)
+
+
+def plaintext_password_activation(message: bytes) -> bytes:
+    """Give the recorded username token the policy id async-opcua expects
+    of a plaintext password on an endpoint without security, so that only
+    sluice's own refusal can reject it."""
+    at = message.index(USERNAME_TOKEN_TYPE) + len(USERNAME_TOKEN_TYPE) + 4
+    (length,) = struct.unpack_from("<i", message, at)
+    policy = PLAINTEXT_PASSWORD_POLICY_ID.encode()
+    patched = bytearray(message[:at] + struct.pack("<i", len(policy)) + policy + message[at + 4 + length:])
+    body_length_at = at - 4
+    (body_length,) = struct.unpack_from("<i", patched, body_length_at)
+    struct.pack_into("<i", patched, body_length_at, body_length + len(policy) - length)
+    struct.pack_into("<I", patched, 4, len(patched))
+    return bytes(patched)
+
+
+@pytest.fixture
+def recorded_user_front(sluice_bin, plc_sim, tmp_path):
+    """sluice offering security None, with a vendor whose username and
+    password are those of the recorded session."""
+
+    def prepare(authority: CertificateAuthority, table: dict) -> dict:
+        table["allow_none"] = True
+        return {}
+
+    password_hash = subprocess.run(
+        [sluice_bin, "hash-password"], input=RECORDED_PASSWORD + "\n", capture_output=True, text=True,
+        check=True, timeout=10,
+    ).stdout.strip()
+    recorded = {"name": "recorded", "opcua_users": [{"username": RECORDED_USER, "password_hash": password_hash}]}
+    recorded_read = {"device": "line1-ua", "services": ["read"], "nodes": [f"nsu={PLANT_NAMESPACE};s=Line1.*"]}
+    rules = {"recorded.toml": vendor_rule_file(recorded, [recorded_read])}
+    with contextlib.contextmanager(opcua_setup)(
+        sluice_bin, plc_sim, tmp_path, prepare=prepare, extra_rules=rules
+    ) as state:
+        yield state
+
+
+def test_password_on_endpoint_without_security_is_rejected(recorded_user_front):
+    """A password on the endpoint without security would cross the network
+    in clear, so sluice offers no username token there and rejects one even
+    with valid credentials and the policy id async-opcua would accept."""
+    fault = ua.ObjectIds.ServiceFault_Encoding_DefaultBinary
+    assert replay(recorded_user_front, plaintext_password_activation) == [
+        (ua.ObjectIds.GetEndpointsResponse_Encoding_DefaultBinary, ua.StatusCodes.Good, []),
+        (ua.ObjectIds.CreateSessionResponse_Encoding_DefaultBinary, ua.StatusCodes.Good, []),
+        (fault, ua.StatusCodes.BadIdentityTokenRejected, []),
+        *[(fault, ua.StatusCodes.BadSessionNotActivated, [])] * recorded_reads(),
+        (ua.ObjectIds.CloseSessionResponse_Encoding_DefaultBinary, ua.StatusCodes.Good, []),
+    ]
+    assert_no_session_opened(recorded_user_front)
 
 
 @pytest.fixture
