@@ -436,14 +436,24 @@ def plaintext_password_activation(message: bytes) -> bytes:
     return bytes(patched)
 
 
-@pytest.fixture
-def recorded_user_front(sluice_bin, plc_sim, tmp_path):
-    """sluice offering security None, with a vendor whose username and
-    password are those of the recorded session."""
+@contextlib.contextmanager
+def none_endpoint_setup(sluice_bin, plc_sim, tmp_path, rules: dict):
+    """sluice offering security None too, with the extra rule files `rules`."""
 
     def prepare(authority: CertificateAuthority, table: dict) -> dict:
         table["allow_none"] = True
         return {}
+
+    with contextlib.contextmanager(opcua_setup)(
+        sluice_bin, plc_sim, tmp_path, prepare=prepare, extra_rules=rules
+    ) as state:
+        yield state
+
+
+@pytest.fixture
+def recorded_user_front(sluice_bin, plc_sim, tmp_path):
+    """sluice offering security None, with a vendor whose username and
+    password are those of the recorded session."""
 
     password_hash = subprocess.run(
         [sluice_bin, "hash-password"], input=RECORDED_PASSWORD + "\n", capture_output=True, text=True,
@@ -452,9 +462,7 @@ def recorded_user_front(sluice_bin, plc_sim, tmp_path):
     recorded = {"name": "recorded", "opcua_users": [{"username": RECORDED_USER, "password_hash": password_hash}]}
     recorded_read = {"device": "line1-ua", "services": ["read"], "nodes": [f"nsu={PLANT_NAMESPACE};s=Line1.*"]}
     rules = {"recorded.toml": vendor_rule_file(recorded, [recorded_read])}
-    with contextlib.contextmanager(opcua_setup)(
-        sluice_bin, plc_sim, tmp_path, prepare=prepare, extra_rules=rules
-    ) as state:
+    with none_endpoint_setup(sluice_bin, plc_sim, tmp_path, rules) as state:
         yield state
 
 
@@ -478,16 +486,10 @@ def anonymous_front(sluice_bin, plc_sim, tmp_path):
     """sluice offering security None, with the vendor guest for anonymous
     sessions, allowed to read the plant's Line1 nodes."""
 
-    def prepare(authority: CertificateAuthority, table: dict) -> dict:
-        table["allow_none"] = True
-        return {}
-
     guest = {"name": "guest", "opcua_anonymous": True}
     guest_read = {"device": "line1-ua", "services": ["read"], "nodes": [f"nsu={PLANT_NAMESPACE};s=Line1.*"]}
     rules = {"guest.toml": vendor_rule_file(guest, [guest_read])}
-    with contextlib.contextmanager(opcua_setup)(
-        sluice_bin, plc_sim, tmp_path, prepare=prepare, extra_rules=rules
-    ) as state:
+    with none_endpoint_setup(sluice_bin, plc_sim, tmp_path, rules) as state:
         yield state
 
 
