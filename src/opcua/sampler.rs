@@ -310,8 +310,6 @@ impl Sampler {
     }
 
     /// Samples due items until `stop` is cancelled.
-    // TODO: items in monitoring mode Disabled are still sampled, because
-    // `set_monitoring_mode` is not passed on to the sampler.
     pub async fn run(
         self: Arc<Self>,
         upstream: Arc<Upstream>,
