@@ -308,8 +308,12 @@ fn prepare_pki(plan: &OpcuaListenerPlan, audit_path: &Path) -> Result<Pki, Start
         listener: plan.name.to_string(),
         message,
     };
-    let base = audit_path.parent().unwrap_or(Path::new("."));
-    let dir = base.join("opcua-pki").join(&*plan.name);
+    let dir = pki_dir(audit_path, &plan.name).map_err(|e| {
+        error(format!(
+            "failed to resolve the folder of \"{}\": {e}",
+            audit_path.display()
+        ))
+    })?;
     let own = dir.join("own");
     let private = dir.join("private");
     for folder in [&own, &private] {
@@ -351,6 +355,17 @@ fn prepare_pki(plan: &OpcuaListenerPlan, audit_path: &Path) -> Result<Pki, Start
     })
 }
 
+/// Returns the absolute PKI folder of `listener`, beside the audit folder.
+/// async-opcua joins relative certificate paths onto its PKI folder, so a
+/// relative folder would be taken twice.
+fn pki_dir(audit_path: &Path, listener: &str) -> io::Result<PathBuf> {
+    let base = match audit_path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    Ok(std::path::absolute(base)?.join("opcua-pki").join(listener))
+}
+
 /// Writes a private key readable by the service account only.
 fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
@@ -362,4 +377,30 @@ fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .mode(0o600)
         .open(path)?;
     file.write_all(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pki_dir_of_relative_audit_path_is_absolute() {
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            pki_dir(Path::new("audit"), "ua").unwrap(),
+            cwd.join("opcua-pki/ua")
+        );
+        assert_eq!(
+            pki_dir(Path::new("state/audit"), "ua").unwrap(),
+            cwd.join("state/opcua-pki/ua")
+        );
+    }
+
+    #[test]
+    fn pki_dir_of_absolute_audit_path_stays() {
+        assert_eq!(
+            pki_dir(Path::new("/var/lib/sluice/audit"), "ua").unwrap(),
+            Path::new("/var/lib/sluice/opcua-pki/ua")
+        );
+    }
 }
