@@ -499,7 +499,7 @@ impl Checker<'_> {
         if !policies.is_empty() && table.client_ca.is_none() {
             self.error(
                 section,
-                format!("{key}.client_ca: missing; a listener that offers security_policies checks client application certificates against it, so set it to the CA bundle of your clients, or offer only allow_none = true"),
+                format!("{key}.client_ca: missing; a listener that offers security_policies checks client application certificates against it, so set it to the CA bundle of your clients, or set security_policies = [] and allow_none = true to offer only the endpoint without security"),
             );
             ok = false;
         }

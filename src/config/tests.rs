@@ -838,7 +838,7 @@ fn opcua_listener_with_security_policies_needs_client_ca() {
     let (errors, _) = load_errors(dir.path());
     assert_eq!(
         errors,
-        ["gateway.toml:9:9: listener[1].opcua.client_ca: missing; a listener that offers security_policies checks client application certificates against it, so set it to the CA bundle of your clients, or offer only allow_none = true"]
+        ["gateway.toml:9:9: listener[1].opcua.client_ca: missing; a listener that offers security_policies checks client application certificates against it, so set it to the CA bundle of your clients, or set security_policies = [] and allow_none = true to offer only the endpoint without security"]
     );
 }
 
