@@ -1,10 +1,14 @@
 //! Browsing a device through sluice's client session: one Browse request
 //! and the BrowseNext requests that follow the device's continuation
-//! points, with bounds on both.
+//! points, with bounds on both. Also the paging of sluice's own Browse
+//! results behind continuation points.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use opcua::client::Session;
+use opcua::nodes::TypeTree;
+use opcua::server::node_manager::{AddReferenceResult, BrowseNode};
 use opcua::types::{BrowseDescription, BrowseResult, ByteString, ReferenceDescription};
 
 /// Maximum Browse and BrowseNext requests sent to the device for one Browse
@@ -71,4 +75,23 @@ async fn first_result(
 ) -> Option<BrowseResult> {
     let results = tokio::time::timeout(timeout, request).await.ok()?.ok()?;
     results.into_iter().next()
+}
+
+/// Adds `references` to `node` until it is full and keeps the rest behind
+/// a continuation point, the value `pending` makes of them. Each node
+/// manager passes its own type, so that a BrowseNext reaches only the
+/// manager that paged the result.
+pub fn add_paged<T: Send + Sync + 'static>(
+    type_tree: &dyn TypeTree,
+    node: &mut BrowseNode,
+    mut references: VecDeque<ReferenceDescription>,
+    pending: impl FnOnce(VecDeque<ReferenceDescription>) -> T,
+) {
+    while let Some(reference) = references.pop_front() {
+        if let AddReferenceResult::Full(reference) = node.add(type_tree, reference) {
+            references.push_front(reference);
+            node.set_next_continuation_point(Box::new(pending(references)));
+            return;
+        }
+    }
 }

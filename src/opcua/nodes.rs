@@ -14,8 +14,8 @@ use opcua::client::HistoryReadAction;
 use opcua::nodes::DefaultTypeTree;
 use opcua::server::diagnostics::NamespaceMetadata;
 use opcua::server::node_manager::{
-    impl_translate_browse_paths_using_browse, AddReferenceResult, BrowseNode, BrowsePathItem,
-    HistoryNode, MethodCall, NodeManager, ReadNode, RequestContext, ServerContext, WriteNode,
+    impl_translate_browse_paths_using_browse, BrowseNode, BrowsePathItem, HistoryNode, MethodCall,
+    NodeManager, ReadNode, RequestContext, ServerContext, WriteNode,
 };
 use opcua::sync::RwLock;
 use opcua::types::{
@@ -35,7 +35,7 @@ use crate::modbus::generation::Shared;
 use crate::policy::{Decision, OpcuaDeviceId};
 
 use super::access::{token_vendor_name, Decider};
-use super::browse::browse_device_node;
+use super::browse::{self, browse_device_node};
 use super::front::ChannelPeers;
 use super::namespaces::{node_text, Namespaces, Translator};
 use super::record::{Operation, Recorder};
@@ -304,21 +304,16 @@ struct PendingReferences {
     references: VecDeque<ReferenceDescription>,
 }
 
-/// Adds `references` to `node` until it is full and keeps the rest behind
-/// a continuation point.
+/// Adds `references` to `node`, the rest behind a continuation point.
 fn add_paged(
     context: &RequestContext,
     node: &mut BrowseNode,
-    mut references: VecDeque<ReferenceDescription>,
+    references: VecDeque<ReferenceDescription>,
 ) {
     let type_tree = context.get_type_tree_for_user();
-    while let Some(reference) = references.pop_front() {
-        if let AddReferenceResult::Full(reference) = node.add(type_tree.get(), reference) {
-            references.push_front(reference);
-            node.set_next_continuation_point(Box::new(PendingReferences { references }));
-            return;
-        }
-    }
+    browse::add_paged(type_tree.get(), node, references, |references| {
+        PendingReferences { references }
+    });
 }
 
 /// Returns the status of an operation that is not forwarded: denied, or

@@ -4,7 +4,7 @@
 //! device and recorded. Reads and samples come from the mirror; a write
 //! becomes a Modbus request (see `tag_write`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
@@ -22,8 +22,8 @@ use opcua::server::{CreateMonitoredItem, MonitoredItemHandle, SubscriptionCache}
 use opcua::sync::Mutex;
 use opcua::types::{
     AttributeId, BrowseDescriptionResultMask, BrowseDirection, DataValue, DateTime, ExpandedNodeId,
-    NodeClass, NodeId, NumericRange, ObjectId, ReferenceTypeId, StatusCode, TimestampsToReturn,
-    Variant,
+    NodeClass, NodeId, NumericRange, ObjectId, ReferenceDescription, ReferenceTypeId, StatusCode,
+    TimestampsToReturn, Variant,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +33,7 @@ use crate::modbus::generation::{Generation, Shared};
 use crate::policy::{Decision, NodeIdRef, OpcuaAccess, OpcuaContext, OpcuaNode};
 use crate::tags::{Tag, TagId, NAMESPACE_URI};
 
+use super::browse;
 use super::front::ChannelPeers;
 use super::record::{Operation, Recorder};
 use super::tag_space::{block_poll, quality_status, to_variant, TagNode, TagSpace};
@@ -59,6 +60,13 @@ pub struct TagNodeManager {
     /// The nodes of the latest generation's tags, rebuilt after a reload.
     space: Mutex<Option<Arc<TagSpace>>>,
     sampler: Arc<TagSampler>,
+}
+
+/// The tag references of one Browse operation that did not fit the
+/// client's maximum references per node, which BrowseNext returns. The
+/// browse decisions were made with the Browse.
+struct PendingTagReferences {
+    references: VecDeque<ReferenceDescription>,
 }
 
 /// The outcome of deciding one operation on a tag.
@@ -301,6 +309,7 @@ impl TagNodeManager {
                 )
             })
             .collect();
+        let mut visible = VecDeque::new();
         for (target, reference_type, direction) in references {
             let hidden = match space.node(&target) {
                 Some(TagNode::Tag(id)) => {
@@ -315,13 +324,14 @@ impl TagNodeManager {
             match space.space.find_node(&target) {
                 Some(_) => {
                     let metadata = node_metadata(space, type_tree, &target);
-                    // TODO: references past the client's maximum per node are
-                    // dropped instead of kept behind a continuation point.
-                    node.add(type_tree, external.into_reference(metadata));
+                    visible.push_back(external.into_reference(metadata));
                 }
                 None => node.push_external_reference(external),
             }
         }
+        browse::add_paged(type_tree, node, visible, |references| {
+            PendingTagReferences { references }
+        });
         node.set_status(StatusCode::Good);
     }
 
@@ -482,6 +492,14 @@ impl NodeManager for TagNodeManager {
         let objects = NodeId::from(ObjectId::ObjectsFolder);
         for node in nodes_to_browse.iter_mut() {
             if node.is_completed() {
+                continue;
+            }
+            if let Some(pending) = node.take_continuation_point::<PendingTagReferences>() {
+                let type_tree = context.get_type_tree_for_user();
+                browse::add_paged(type_tree.get(), node, pending.references, |references| {
+                    PendingTagReferences { references }
+                });
+                node.set_status(StatusCode::Good);
                 continue;
             }
             if node.node_id() == &objects {

@@ -29,6 +29,7 @@ from test_opcua import (
     make_rsa_certificate,
     wait_async,
 )
+from test_opcua_services import browse_in_pages
 
 TAGS = "urn:sluice:tags"
 # Blocks are polled every 100 ms and are stale after 1 s. A stopped PLC
@@ -327,6 +328,17 @@ def test_browse_hides_tags_outside_rules(tags_setup):
     expected = sorted([case[0]["name"] for case in READ_CASES] + [WRITE_TAG["name"], DENIED_TAG["name"]])
     assert names == expected
     assert setpoint.Identifier == "Press1.Setpoint"
+
+
+def test_browse_next_pages_tags_folder(tags_setup):
+    async def session(client, index):
+        folder = await client.nodes.objects.get_child([ua.QualifiedName("Tags", index)])
+        return await browse_in_pages(client, folder.nodeid, 3)
+
+    pages = run(tags_setup, session)
+    expected = sorted([case[0]["name"] for case in READ_CASES] + [WRITE_TAG["name"], DENIED_TAG["name"]])
+    assert [len(page) for page in pages] == [min(3, len(expected) - start) for start in range(0, len(expected), 3)]
+    assert sorted(reference.BrowseName.Name for page in pages for reference in page) == expected
 
 
 def test_read_of_tag_outside_rules_is_denied(tags_setup):
