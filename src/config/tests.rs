@@ -1874,7 +1874,7 @@ fn opcua_listener_without_device_serves_tags() {
 }
 
 #[test]
-fn tag_rule_with_foreign_nodes_or_modbus_keys_is_rejected() {
+fn tag_rule_foreign_parts_rejected() {
     let rules = "[vendor]\nname = \"acme\"\nsources = [\"10.50.0.0/16\"]\n\n[[allow]]\ndevice = \"press-1\"\nservices = [\"read\"]\nnodes = [\"nsu=urn:plant:line1;s=Line1.*\", \"nsu=urn:sluice:tags;i=5\", \"nsu=urn:sluice:tags;s=Press1.*\"]\n\n[[allow]]\ndevice = \"press-1\"\nfunctions = [16]\nservices = [\"write\"]\nnodes = [\"nsu=urn:sluice:tags;s=Press1.Setpoint\"]\n\n[[allow]]\ndevice = \"press-1\"\nnodes = [\"nsu=urn:sluice:tags;s=Press1.*\"]\n";
     let dir = write(TAGS_GATEWAY, &[("acme.toml", rules)]);
     let (errors, _) = load_errors(dir.path());

@@ -310,7 +310,7 @@ mod tests {
     }
 
     #[test]
-    fn full_session_map_ignores_new_session_while_all_active() {
+    fn full_map_ignores_new_session() {
         let config = DetectConfig::default();
         let detector = OpcuaDetector::new();
         let mut out = Vec::new();

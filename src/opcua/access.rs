@@ -36,6 +36,30 @@ pub fn token_vendor_name(policy: &Policy, token: &UserToken) -> Arc<str> {
     }
 }
 
+/// Returns the vendor of a session's `token` that may act now from
+/// `source`, or why it may not: unknown to the current policy, quarantined
+/// (which also ends what open sessions may do), or outside its `sources`.
+/// The user token names the vendor without the client's address, so the
+/// vendor's `sources` apply to each operation.
+pub fn admitted_vendor(
+    shared: &Shared,
+    policy: &Policy,
+    token: &UserToken,
+    source: Option<IpAddr>,
+) -> Result<VendorId, &'static str> {
+    let vendor = token_vendor(policy, token).ok_or("vendor not in the current policy")?;
+    if shared.quarantine.is_quarantined(policy.vendor_name(vendor)) {
+        return Err("vendor quarantined");
+    }
+    let sources = &policy.vendors()[vendor].sources;
+    if !sources.is_empty()
+        && !source.is_some_and(|address| sources.iter().any(|net| net.contains(&address)))
+    {
+        return Err("source address outside the vendor's sources");
+    }
+    Ok(vendor)
+}
+
 /// The listener state one decision reads: the policy, quarantine and
 /// the device's namespaces.
 pub struct Decider<'a> {
@@ -58,24 +82,7 @@ impl Decider<'_> {
     ) -> Result<(Decision, Option<String>), &'static str> {
         let generation = self.shared.current.load();
         let policy = &generation.policy;
-        let vendor = token_vendor(policy, token).ok_or("vendor not in the current policy")?;
-
-        // Quarantine also ends what open sessions may do, not only new ones.
-        if self
-            .shared
-            .quarantine
-            .is_quarantined(policy.vendor_name(vendor))
-        {
-            return Err("vendor quarantined");
-        }
-        // The vendor's `sources` apply to each operation: the user token
-        // that names the vendor arrives without the client's address.
-        let sources = &policy.vendors()[vendor].sources;
-        if !sources.is_empty()
-            && !source.is_some_and(|address| sources.iter().any(|net| net.contains(&address)))
-        {
-            return Err("source address outside the vendor's sources");
-        }
+        let vendor = admitted_vendor(self.shared, policy, token, source)?;
 
         let uri = self
             .namespaces

@@ -132,25 +132,9 @@ impl TagNodeManager {
         non_numeric: bool,
     ) -> Result<(Decision, Option<String>), &'static str> {
         let policy = &generation.policy;
-        let vendor = super::access::token_vendor(policy, context.user_token())
-            .ok_or("vendor not in the current policy")?;
-        if self
-            .shared
-            .quarantine
-            .is_quarantined(policy.vendor_name(vendor))
-        {
-            return Err("vendor quarantined");
-        }
-
-        // The user token names the vendor without the client's address, so
-        // the vendor's `sources` apply to each operation.
         let source = self.peer(context).map(|peer| peer.ip());
-        let sources = &policy.vendors()[vendor].sources;
-        if !sources.is_empty()
-            && !source.is_some_and(|address| sources.iter().any(|net| net.contains(&address)))
-        {
-            return Err("source address outside the vendor's sources");
-        }
+        let vendor =
+            super::access::admitted_vendor(&self.shared, policy, context.user_token(), source)?;
 
         let access = OpcuaAccess {
             service,

@@ -250,14 +250,17 @@ async def browse_in_pages(client, start: ua.NodeId, max_references: int) -> list
     description.IncludeSubtypes = True
     description.NodeClassMask = 0
     description.ResultMask = ALL_REFERENCES
+
     parameters = ua.BrowseParameters()
     # The null time stamp browses the current address space, not a view.
     parameters.View.Timestamp = ua.get_win_epoch()
     parameters.NodesToBrowse = [description]
     parameters.RequestedMaxReferencesPerNode = max_references
+
     (result,) = await client.uaclient.browse(parameters)
     result.StatusCode.check()
     pages = [result.References]
+
     # A folder of n references needs n / max_references pages; the bound
     # stops a server that never ends its continuation points.
     for _ in range(100):
