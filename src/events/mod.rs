@@ -119,7 +119,7 @@ pub struct Event {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub served_by: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
+    pub rule: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -233,7 +233,7 @@ impl Emitter {
 
     fn stamp(&self, event: &mut Event) {
         let sequence = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        event.id = format!("{}-{:x}", self.inner.id_prefix, sequence);
+        event.id = event_id(&self.inner.id_prefix, sequence);
         event.timestamp = jiff::Timestamp::now();
         event.gateway = self.inner.gateway.clone();
     }
@@ -260,6 +260,30 @@ impl Emitter {
     }
 }
 
+/// Returns `prefix-SEQUENCE` with the sequence in lower-case hex. Every
+/// event gets one, so this skips the formatting machinery of `format!`.
+fn event_id(prefix: &str, sequence: u64) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = [0u8; 16];
+    let mut start = hex.len();
+    let mut rest = sequence;
+    loop {
+        start -= 1;
+        hex[start] = DIGITS[(rest & 0xF) as usize];
+        rest >>= 4;
+        if rest == 0 {
+            break;
+        }
+    }
+    let mut id = String::with_capacity(prefix.len() + 1 + hex.len() - start);
+    id.push_str(prefix);
+    id.push('-');
+    for &digit in &hex[start..] {
+        id.push(char::from(digit));
+    }
+    id
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +308,16 @@ mod tests {
         event.timestamp = "2026-12-10T08:30:00Z".parse().unwrap();
         let json = serde_json::to_value(&event).unwrap();
         assert_eq!(json["timestamp"], "2026-12-10T08:30:00.000000Z");
+    }
+
+    #[test]
+    fn event_id_hex_sequence() {
+        assert_eq!(event_id("p", 0), "p-0");
+        assert_eq!(event_id("p", 1), "p-1");
+        assert_eq!(event_id("p", 0xf), "p-f");
+        assert_eq!(event_id("p", 0x10), "p-10");
+        assert_eq!(event_id("abc-12", 0x1234_abcd), "abc-12-1234abcd");
+        assert_eq!(event_id("p", u64::MAX), "p-ffffffffffffffff");
     }
 
     #[tokio::test]

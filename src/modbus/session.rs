@@ -5,13 +5,17 @@
 //! back under the client's own transaction id. Several requests of one client
 //! may be in flight at once, up to the listener's `max_pending`.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::stream::{FuturesUnordered, Stream, StreamExt};
+use slab::Slab;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant as TokioInstant};
@@ -93,14 +97,21 @@ impl CloseReason {
     }
 }
 
-/// The answer to one forwarded request, with its decision event still to be
-/// emitted.
-struct Completed {
+/// The part of a forwarded request that the session keeps until the
+/// response arrives: the client's header and the decision event to emit. It
+/// is kept out of the call's future because the session copies that future
+/// into the in-flight set once per request.
+struct Awaiting {
     header: Header,
     function: u8,
-    outcome: Result<Option<Bytes>, UpstreamError>,
     event: Event,
     tally: Tally,
+}
+
+/// The outcome of one upstream call, with the key of its `Awaiting` entry.
+struct Completed {
+    key: usize,
+    outcome: Result<Option<Bytes>, UpstreamError>,
 }
 
 /// The labels and start time that count one forwarded request.
@@ -141,13 +152,16 @@ impl Tally {
 
 /// An allowed (or monitored) request on its way to a device.
 struct Job {
+    call: Call,
+    awaiting: Awaiting,
+}
+
+/// The upstream part of a job: what its future needs.
+struct Call {
     pool: Pool,
-    header: Header,
     upstream_unit: u8,
     request: Request,
     expects_response: bool,
-    event: Event,
-    tally: Tally,
 }
 
 /// The next action of the session after handling one frame. A `Step` lives only until
@@ -170,6 +184,9 @@ struct Session {
     /// Anomalies raised by the request being handled; kept to reuse its
     /// allocation.
     findings: Vec<Finding>,
+    /// The forwarded requests that wait for a response, under the keys that
+    /// their calls in the in-flight set carry.
+    awaiting: Slab<Awaiting>,
 }
 
 /// Serves one admitted connection, given as its read and write halves,
@@ -192,6 +209,7 @@ where
         output: BytesMut::with_capacity(BUFFER_CAPACITY),
         detector: SessionDetector::new(),
         findings: Vec::new(),
+        awaiting: Slab::new(),
     };
     session.record_open().await;
 
@@ -220,7 +238,7 @@ impl Session {
         W: AsyncWrite + Unpin,
     {
         let mut input = BytesMut::with_capacity(BUFFER_CAPACITY);
-        let mut in_flight = FuturesUnordered::new();
+        let mut in_flight = InFlight::new();
         let mut reading = true;
         let mut partial_since: Option<TokioInstant> = None;
         let mut last_activity = TokioInstant::now();
@@ -234,10 +252,14 @@ impl Session {
             while reading && !input.is_empty() {
                 match frame::decode_request(&mut input) {
                     Ok(Some(decoded)) => {
-                        last_activity = TokioInstant::now();
-                        match self.handle(decoded, in_flight.len()).await {
+                        let received = Instant::now();
+                        last_activity = TokioInstant::from_std(received);
+                        match self.handle(decoded, in_flight.len(), received).await {
                             Step::Continue => {}
-                            Step::Forward(job) => in_flight.push(forward(job)),
+                            Step::Forward(job) => {
+                                let key = self.awaiting.insert(job.awaiting);
+                                in_flight.push(forward(job.call, key));
+                            }
                             Step::Close(reason) => return self.finish(&mut writer, reason).await,
                         }
                     }
@@ -371,7 +393,8 @@ impl Session {
         Ok(())
     }
 
-    async fn handle(&mut self, decoded: Decoded, pending: usize) -> Step {
+    /// Handles one decoded frame that arrived at `received`.
+    async fn handle(&mut self, decoded: Decoded, pending: usize, received: Instant) -> Step {
         if let Err(reason) = self.refresh() {
             return Step::Close(reason);
         }
@@ -393,7 +416,7 @@ impl Session {
                 error,
             } => {
                 self.detector.function(
-                    Instant::now(),
+                    received,
                     function,
                     self.generation.policy.detect(),
                     &mut self.findings,
@@ -408,12 +431,14 @@ impl Session {
             Decoded::Request { header, request } => {
                 let observed = observe(header.unit, &request);
                 self.detector.request(
-                    Instant::now(),
+                    received,
                     &observed,
                     self.generation.policy.detect(),
                     &mut self.findings,
                 );
-                let step = self.handle_request(header, request, pending).await;
+                let step = self
+                    .handle_request(header, request, pending, received)
+                    .await;
                 if self.raise_findings(None).await {
                     return Step::Close(CloseReason::Quarantined);
                 }
@@ -424,7 +449,13 @@ impl Session {
 }
 
 impl Session {
-    async fn handle_request(&mut self, header: Header, request: Request, pending: usize) -> Step {
+    async fn handle_request(
+        &mut self,
+        header: Header,
+        request: Request,
+        pending: usize,
+        received: Instant,
+    ) -> Step {
         let function = request.function_code();
         let plan = self.plan();
         let mode = plan.mode;
@@ -440,7 +471,7 @@ impl Session {
 
         let Some(device) = plan.routes.device_for(header.unit) else {
             self.detector.denial(
-                Instant::now(),
+                received,
                 None,
                 is_write(&request),
                 self.generation.policy.detect(),
@@ -472,7 +503,7 @@ impl Session {
             source: self.params.peer.ip(),
             role: self.params.role,
             now: jiff::Timestamp::now(),
-            instant: Instant::now(),
+            instant: received,
             states: &self.generation.states,
         };
         let decision = self
@@ -510,7 +541,7 @@ impl Session {
             }
             Decision::Allow { rule } => {
                 event.decision = Some(DecisionKind::Allow);
-                event.rule = Some(self.generation.policy.rule_label(*rule).to_owned());
+                event.rule = Some(self.generation.policy.shared_rule_label(*rule));
                 None
             }
             Decision::Deny { reason } => {
@@ -680,19 +711,24 @@ impl Session {
         let upstream_unit = self.generation.policy.devices()[device].unit;
         let expects_response = expects_response(upstream_unit, &request);
         Job {
-            pool: self.generation.pool(device).clone(),
-            header,
-            upstream_unit,
-            request,
-            expects_response,
-            event,
-            tally: Tally {
-                instruments: self.generation.instruments.clone(),
-                listener: self.listener,
-                vendor: self.params.vendor,
-                device,
-                allowed,
-                forwarded_at: Instant::now(),
+            awaiting: Awaiting {
+                header,
+                function: request.function_code(),
+                event,
+                tally: Tally {
+                    instruments: self.generation.instruments.clone(),
+                    listener: self.listener,
+                    vendor: self.params.vendor,
+                    device,
+                    allowed,
+                    forwarded_at: Instant::now(),
+                },
+            },
+            call: Call {
+                pool: self.generation.pool(device).clone(),
+                upstream_unit,
+                request,
+                expects_response,
             },
         }
     }
@@ -739,13 +775,13 @@ impl Session {
     }
 
     async fn complete(&mut self, done: Completed) {
-        let Completed {
+        let Completed { key, outcome } = done;
+        let Awaiting {
             header,
             function,
-            outcome,
             mut event,
             tally,
-        } = done;
+        } = self.awaiting.remove(key);
         tally.record(function, &outcome);
         let failure = match &outcome {
             Ok(Some(pdu)) if pdu.len() == 2 && pdu[0] & 0x80 != 0 => {
@@ -981,6 +1017,60 @@ fn is_end_of_stream(read: &std::io::Result<usize>) -> bool {
     }
 }
 
+/// The upstream calls of one session that wait for a response. The first
+/// call is kept in a slot allocated once per session. Only further calls go
+/// into a `FuturesUnordered`, which allocates every entry. Most clients wait
+/// for each response before they send the next request, so their requests
+/// never allocate a future.
+struct InFlight<F> {
+    first: Pin<Box<Option<F>>>,
+    rest: FuturesUnordered<F>,
+}
+
+impl<F: Future> InFlight<F> {
+    fn new() -> InFlight<F> {
+        InFlight {
+            first: Box::pin(None),
+            rest: FuturesUnordered::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push(&mut self, call: F) {
+        if self.first.is_some() {
+            self.rest.push(call);
+        } else {
+            self.first.set(Some(call));
+        }
+    }
+}
+
+impl<F: Future> Stream for InFlight<F> {
+    type Item = F::Output;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<F::Output>> {
+        if let Some(call) = self.first.as_mut().as_pin_mut() {
+            if let Poll::Ready(done) = call.poll(cx) {
+                self.first.set(None);
+                return Poll::Ready(Some(done));
+            }
+        }
+        match self.rest.poll_next_unpin(cx) {
+            Poll::Ready(Some(done)) => Poll::Ready(Some(done)),
+            // An empty set ends the stream only when the slot is empty too.
+            Poll::Ready(None) if self.first.is_none() => Poll::Ready(None),
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
 /// A request from outside the session to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Control {
@@ -1017,18 +1107,14 @@ fn watch_control(close: CancellationToken, drain: CancellationToken) -> mpsc::Re
     receiver
 }
 
-/// Sends one job to its device and waits for the answer.
-async fn forward(job: Job) -> Completed {
-    let Job {
+/// Sends one call to its device and waits for the response.
+async fn forward(call: Call, key: usize) -> Completed {
+    let Call {
         pool,
-        header,
         upstream_unit,
         request,
         expects_response,
-        event,
-        tally,
-    } = job;
-    let function = request.function_code();
+    } = call;
     let outcome = if expects_response {
         pool.call(upstream_unit, &request).await.map(Some)
     } else {
@@ -1036,13 +1122,7 @@ async fn forward(job: Job) -> Completed {
             .await
             .map(|()| None)
     };
-    Completed {
-        header,
-        function,
-        outcome,
-        event,
-        tally,
-    }
+    Completed { key, outcome }
 }
 
 /// Returns true when the specification has the device respond to `request`: force listen
@@ -1145,6 +1225,46 @@ mod tests {
             quantity: 1,
         };
         assert!(expects_response(0, &request));
+    }
+
+    async fn answer(receiver: tokio::sync::oneshot::Receiver<u32>) -> u32 {
+        receiver.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn in_flight_yields_calls_as_completed() {
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel::<u32>();
+        let (second_tx, second_rx) = tokio::sync::oneshot::channel::<u32>();
+        let (third_tx, third_rx) = tokio::sync::oneshot::channel::<u32>();
+        let mut in_flight = InFlight::new();
+        assert!(in_flight.is_empty());
+        for receiver in [first_rx, second_rx, third_rx] {
+            in_flight.push(answer(receiver));
+        }
+        assert_eq!(in_flight.len(), 3);
+        // No call has completed, so the stream is pending, not ended.
+        assert!(futures_util::FutureExt::now_or_never(in_flight.next()).is_none());
+
+        second_tx.send(2).unwrap();
+        assert_eq!(in_flight.next().await, Some(2));
+        assert_eq!(in_flight.len(), 2);
+        first_tx.send(1).unwrap();
+        assert_eq!(in_flight.next().await, Some(1));
+        // The slot is free again and takes the next call.
+        let (fourth_tx, fourth_rx) = tokio::sync::oneshot::channel::<u32>();
+        in_flight.push(answer(fourth_rx));
+        assert!(in_flight.first.is_some());
+        assert_eq!(in_flight.len(), 2);
+        fourth_tx.send(4).unwrap();
+        third_tx.send(3).unwrap();
+        let mut rest = vec![
+            in_flight.next().await.unwrap(),
+            in_flight.next().await.unwrap(),
+        ];
+        rest.sort_unstable();
+        assert_eq!(rest, [3, 4]);
+        assert!(in_flight.is_empty());
+        assert_eq!(in_flight.next().await, None);
     }
 
     #[test]

@@ -12,8 +12,10 @@
 //! the next caller exchanges its request on it directly (see `direct`).
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -623,11 +625,17 @@ impl DeviceState {
             .await;
     }
 
-    async fn emit(&self, mut event: Event) {
+    /// Records `event` for this device. The future is boxed because it
+    /// holds a whole event: inline, it would enlarge every request's future
+    /// that can reach a rare emission, and each request copies its future
+    /// when the session queues it.
+    fn emit(&self, mut event: Event) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         event.device = Some(self.settings.device.clone());
-        if let Err(error) = self.emitter.emit(event).await {
-            tracing::warn!(%error, "upstream event not recorded");
-        }
+        Box::pin(async move {
+            if let Err(error) = self.emitter.emit(event).await {
+                tracing::warn!(%error, "upstream event not recorded");
+            }
+        })
     }
 }
 

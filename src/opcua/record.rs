@@ -150,7 +150,7 @@ pub async fn record(shared: &Shared, listener: &Arc<str>, device: &Arc<str>, ope
     if !operation.enforced {
         event.enforced = Some(false);
     }
-    event.rule = operation.rule;
+    event.rule = operation.rule.map(Arc::from);
     event.reason = operation.reason;
     event.modbus = operation.modbus;
     event.detail = operation.detail;

@@ -442,10 +442,21 @@ impl Policy {
     /// Returns the rule's label, `FILE#N` with N counted from 1, such as
     /// `acme.toml#2`; `unknown` for a rule of another policy.
     pub fn rule_label(&self, rule: RuleRef) -> &str {
+        self.find_rule_label(rule).map_or("unknown", |label| label)
+    }
+
+    /// Returns the label of `rule` as a shared string, which an event can
+    /// hold without copying it.
+    pub fn shared_rule_label(&self, rule: RuleRef) -> Arc<str> {
+        self.find_rule_label(rule)
+            .cloned()
+            .unwrap_or_else(|| Arc::from("unknown"))
+    }
+
+    fn find_rule_label(&self, rule: RuleRef) -> Option<&Arc<str>> {
         self.vendors
             .get(rule.vendor as usize)
             .and_then(|plan| plan.rule_labels.get(rule.index as usize))
-            .map_or("unknown", |label| label)
     }
 
     /// Returns true when every rule of `vendor` is limited to a schedule or
