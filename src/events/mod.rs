@@ -10,6 +10,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+mod json;
 mod writer;
 
 pub use writer::{spawn_writer, Observer, Sink, SyncMode, WriterHandle};
