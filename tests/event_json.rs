@@ -27,8 +27,8 @@ fn text() -> impl Strategy<Value = String> {
     proptest::collection::vec(character, 0..24).prop_map(String::from_iter)
 }
 
-/// The `&'static str` members are constants in the gateway. The test leaks
-/// its generated strings to get them, which is bounded by the case count.
+/// Generates strings for the `&'static str` members, which are constants in
+/// the gateway, by leaking them. The leak is bounded by the case count.
 fn static_text() -> impl Strategy<Value = &'static str> {
     text().prop_map(|text| &*Box::leak(text.into_boxed_str()))
 }

@@ -204,7 +204,7 @@ impl AuditLog {
     fn append_event(&mut self, event: &Event, seal: bool) -> io::Result<()> {
         let hash = append_record(
             &mut self.pending,
-            |out| serde_json::to_writer(out, event),
+            |out| event.write_json(out),
             self.next_seq,
             &self.last_hash,
         )

@@ -154,8 +154,9 @@ impl Collectors {
                 continue;
             }
             if json.is_none() {
-                match serde_json::to_vec(event) {
-                    Ok(text) => json = Some(text),
+                let mut text = Vec::new();
+                match event.write_json(&mut text) {
+                    Ok(()) => json = Some(text),
                     Err(error) => {
                         tracing::error!(id = %event.id, %error, "event not serialized for collectors");
                         return;
