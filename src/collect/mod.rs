@@ -154,7 +154,8 @@ impl Collectors {
                 continue;
             }
             if json.is_none() {
-                let mut text = Vec::new();
+                // A decision event of a Modbus read takes about 400 bytes.
+                let mut text = Vec::with_capacity(512);
                 match event.write_json(&mut text) {
                     Ok(()) => json = Some(text),
                     Err(error) => {
