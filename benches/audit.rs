@@ -2,6 +2,10 @@
 //! sealing every 1000 records. Batch mode writes and fsyncs each batch of
 //! 1024, as the event writer does. A second case leaves out the fsync to show
 //! the CPU cost alone.
+//!
+//! `event_json` times the serialization of one typical decision event, as
+//! the writer thread does it for every record: through the serde derive and
+//! through the hand-written `Event::write_json`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +13,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 use sluice::audit::{init_key, AuditHealth, AuditLog, AuditSettings};
-use sluice::events::{DecisionKind, Event, EventType, Sink};
+use sluice::events::{DecisionKind, Event, EventType, ModbusInfo, Sink};
 
 /// The event writer's largest batch.
 const BATCH: usize = 1024;
@@ -55,5 +59,43 @@ fn sealed_batches(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, sealed_batches);
+/// Returns a decision event as a Modbus session records it: a read of ten
+/// holding registers, allowed by a rule.
+fn typical_decision() -> Event {
+    let mut event = decision(0x2a);
+    event.modbus = Some(ModbusInfo {
+        unit: 1,
+        function: 3,
+        function_name: Some("read_holding_registers"),
+        address: Some(100),
+        quantity: Some(10),
+        transaction_id: 7,
+        sub_function: None,
+        exception: None,
+    });
+    event
+}
+
+fn event_json(c: &mut Criterion) {
+    let event = typical_decision();
+    let mut out = Vec::with_capacity(1024);
+
+    let mut group = c.benchmark_group("event_json");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("serde_derive", |b| {
+        b.iter(|| {
+            out.clear();
+            serde_json::to_writer(&mut out, std::hint::black_box(&event)).unwrap();
+        })
+    });
+    group.bench_function("write_json", |b| {
+        b.iter(|| {
+            out.clear();
+            std::hint::black_box(&event).write_json(&mut out).unwrap();
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, sealed_batches, event_json);
 criterion_main!(benches);
