@@ -104,7 +104,7 @@ impl CloseReason {
 struct Awaiting {
     header: Header,
     function: u8,
-    event: Event,
+    event: Box<Event>,
     tally: Tally,
 }
 
@@ -530,7 +530,10 @@ impl Session {
                 &mut self.findings,
             );
         }
-        let mut event = self.decision_event(header, &request, Some(device));
+        // Boxed because a forwarded request's event moves through several
+        // calls and the in-flight set: a pointer is cheaper to move than
+        // the event.
+        let mut event = Box::new(self.decision_event(header, &request, Some(device)));
         let exception = match &decision {
             _ if audit_failed => {
                 event.decision = Some(DecisionKind::Deny);
@@ -575,7 +578,7 @@ impl Session {
                     false,
                     None,
                 );
-                self.enforce_denial(header, function, code, on_deny, event)
+                self.enforce_denial(header, function, code, on_deny, *event)
                     .await
             }
         }
@@ -588,7 +591,7 @@ impl Session {
         header: Header,
         request: Request,
         device: DeviceId,
-        mut event: Event,
+        mut event: Box<Event>,
         allowed: bool,
     ) -> Step {
         // Most devices have no mirror: skip the clock read and the response
@@ -614,7 +617,7 @@ impl Session {
                 frame::encode_response(header, &pdu[..len], &mut self.output);
                 event.served_by = Some(mirror::SERVED_BY);
                 self.count_unforwarded(device, function, allowed);
-                self.emit(event).await;
+                self.emit(*event).await;
                 return Step::Continue;
             }
             Route::Refused {
@@ -625,7 +628,7 @@ impl Session {
                 event.served_by = Some(mirror::SERVED_BY);
                 event.detail = Some(serde_json::json!({ "mirror": reason }));
                 self.count_unforwarded(device, function, allowed);
-                self.answer_exception(header, function, code, event).await;
+                self.answer_exception(header, function, code, *event).await;
                 return Step::Continue;
             }
             Route::Refused { code, reason, .. } => (code, reason),
@@ -648,7 +651,7 @@ impl Session {
         });
         self.count_unforwarded(device, function, false);
         let on_deny = self.plan().on_deny;
-        self.enforce_denial(header, function, code, on_deny, event)
+        self.enforce_denial(header, function, code, on_deny, *event)
             .await
     }
 
@@ -705,7 +708,7 @@ impl Session {
         header: Header,
         request: Request,
         device: DeviceId,
-        event: Event,
+        event: Box<Event>,
         allowed: bool,
     ) -> Job {
         let upstream_unit = self.generation.policy.devices()[device].unit;
@@ -812,7 +815,7 @@ impl Session {
             }
         }
         let device = event.device.clone();
-        self.emit(event).await;
+        self.emit(*event).await;
         // Device anomalies never count towards a vendor's containment.
         self.raise_findings(device).await;
     }
