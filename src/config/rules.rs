@@ -14,7 +14,9 @@ use super::diagnostic::{Origin, Report, SourceText};
 use super::gateway::{known_list, parse_toml, Checker, LoadedGateway};
 use super::raw::{self, Scalar, ScalarList};
 use super::syntax;
-use super::{OpcuaRuleConfig, Range16, Rate, RateConfig, RuleConfig, VendorConfig, WhenConfig};
+use super::{
+    NodeIdPattern, OpcuaRuleConfig, Range16, Rate, RateConfig, RuleConfig, VendorConfig, WhenConfig,
+};
 use crate::identity::certificate::{parse_fingerprint, CertificateMatchers, SanPattern};
 
 /// Functions that read or write a Modbus table, and so need `addresses`.
@@ -608,8 +610,46 @@ impl RuleChecker<'_> {
             &self.gateway.device_names,
         );
         let opcua = self.checker.tag_rule_keys(key, allow);
+        if device_ok && opcua.is_some() {
+            self.warn_tagless_nodes(key, allow);
+        }
         let rule = self.opcua_rule_config(key, allow, vendor_sources, opcua);
         rule.filter(|_| device_ok)
+    }
+
+    /// Warns about each `nodes` glob of a tag rule that matches none of the
+    /// device's tags: a misspelt tag name would otherwise pass `check` and
+    /// leave the vendor with no access to the tag.
+    fn warn_tagless_nodes(&mut self, key: &str, allow: &raw::AllowSection) {
+        let device = allow.device.get_ref();
+        let tags: Vec<&str> = self
+            .gateway
+            .tags
+            .iter()
+            .filter(|tag| &tag.device == device)
+            .map(|tag| tag.name.as_str())
+            .collect();
+        for (number, text, pattern) in super::tag::parsed_nodes(allow) {
+            let NodeIdPattern::String(glob) = &pattern.id else {
+                continue;
+            };
+            if tags
+                .iter()
+                .any(|name| crate::policy::glob_matches(glob, name))
+            {
+                continue;
+            }
+            let hint = match tags.first() {
+                Some(name) => format!("name one of its [[tag]] sections, such as s={name}"),
+                None => format!("define a [[tag]] with device = \"{device}\" in the gateway file"),
+            };
+            self.checker.warning(
+                text,
+                format!(
+                    "{key}.nodes[{number}]: s={glob} matches no tag of device \"{device}\", so it allows nothing; {hint}"
+                ),
+            );
+        }
     }
 
     fn functions(&mut self, key: &str, allow: &raw::AllowSection) -> Option<Vec<u8>> {

@@ -583,21 +583,12 @@ impl Checker<'_> {
             );
             ok = false;
         }
-        for (index, text) in allow
-            .nodes
-            .iter()
-            .flat_map(|nodes| nodes.get_ref())
-            .enumerate()
-        {
-            let Ok(pattern) = NodePattern::parse(text.get_ref()) else {
-                continue;
-            };
+        for (number, text, pattern) in parsed_nodes(allow) {
             if let Some(problem) = tag_pattern_problem(&pattern) {
                 self.error(
                     text,
                     format!(
-                        "{key}.nodes[{}]: {problem}; a rule for Modbus device \"{}\" allows its tags, as \"nsu={NAMESPACE_URI};s=Press1.*\"",
-                        index + 1,
+                        "{key}.nodes[{number}]: {problem}; a rule for Modbus device \"{}\" allows its tags, as \"nsu={NAMESPACE_URI};s=Press1.*\"",
                         allow.device.get_ref()
                     ),
                 );
@@ -607,6 +598,24 @@ impl Checker<'_> {
         let rule = self.opcua_keys(key, allow);
         rule.filter(|_| ok)
     }
+}
+
+/// Yields each `nodes` entry of `allow` that parses, with its 1-based
+/// number in the list, its text as written and the parsed pattern. The
+/// entries that do not parse are reported where every rule's nodes are
+/// checked.
+pub(super) fn parsed_nodes(
+    allow: &raw::AllowSection,
+) -> impl Iterator<Item = (usize, &Spanned<String>, NodePattern)> + '_ {
+    allow
+        .nodes
+        .iter()
+        .flat_map(|nodes| nodes.get_ref())
+        .enumerate()
+        .filter_map(|(index, text)| {
+            let pattern = NodePattern::parse(text.get_ref()).ok()?;
+            Some((index + 1, text, pattern))
+        })
 }
 
 /// Returns why `pattern` cannot name a tag node, or `None` when it can.

@@ -1874,6 +1874,21 @@ fn opcua_listener_without_device_serves_tags() {
 }
 
 #[test]
+fn tag_rule_glob_without_tag_warns() {
+    let rules = "[vendor]\nname = \"acme\"\nsources = [\"10.50.0.0/16\"]\n\n[[allow]]\ndevice = \"press-1\"\nservices = [\"read\"]\nnodes = [\"nsu=urn:sluice:tags;s=Press1.*\", \"nsu=urn:sluice:tags;s=Press2.*\", \"nsu=urn:sluice:tags;s=Press1.Setpont\"]\n";
+    let dir = write(TAGS_GATEWAY, &[("acme.toml", rules)]);
+    let (config, warnings) = load_ok(dir.path());
+    assert_eq!(config.vendors[0].rules.len(), 1);
+    assert_eq!(
+        warnings,
+        [
+            "rules/acme.toml:8:44: allow[1].nodes[2]: s=Press2.* matches no tag of device \"press-1\", so it allows nothing; name one of its [[tag]] sections, such as s=Press1.Setpoint",
+            "rules/acme.toml:8:78: allow[1].nodes[3]: s=Press1.Setpont matches no tag of device \"press-1\", so it allows nothing; name one of its [[tag]] sections, such as s=Press1.Setpoint",
+        ]
+    );
+}
+
+#[test]
 fn tag_rule_foreign_parts_rejected() {
     let rules = "[vendor]\nname = \"acme\"\nsources = [\"10.50.0.0/16\"]\n\n[[allow]]\ndevice = \"press-1\"\nservices = [\"read\"]\nnodes = [\"nsu=urn:plant:line1;s=Line1.*\", \"nsu=urn:sluice:tags;i=5\", \"nsu=urn:sluice:tags;s=Press1.*\"]\n\n[[allow]]\ndevice = \"press-1\"\nfunctions = [16]\nservices = [\"write\"]\nnodes = [\"nsu=urn:sluice:tags;s=Press1.Setpoint\"]\n\n[[allow]]\ndevice = \"press-1\"\nnodes = [\"nsu=urn:sluice:tags;s=Press1.*\"]\n";
     let dir = write(TAGS_GATEWAY, &[("acme.toml", rules)]);
