@@ -15,7 +15,8 @@ use super::gateway::{known_list, parse_toml, Checker, LoadedGateway};
 use super::raw::{self, Scalar, ScalarList};
 use super::syntax;
 use super::{
-    NodeIdPattern, OpcuaRuleConfig, Range16, Rate, RateConfig, RuleConfig, VendorConfig, WhenConfig,
+    NodeIdPattern, NodePattern, OpcuaRuleConfig, OpcuaService, Range16, Rate, RateConfig,
+    RuleConfig, VendorConfig, WhenConfig,
 };
 use crate::identity::certificate::{parse_fingerprint, CertificateMatchers, SanPattern};
 
@@ -372,7 +373,7 @@ impl RuleChecker<'_> {
 
         let rate = self.rate("vendor.rate", section.rate.as_ref());
 
-        let rules = file
+        let rules: Vec<RuleConfig> = file
             .allow
             .iter()
             .enumerate()
@@ -380,6 +381,7 @@ impl RuleChecker<'_> {
                 self.rule(&format!("allow[{}]", index + 1), allow, &sources)
             })
             .collect();
+        self.warn_unwritable_tags(&rules);
 
         VendorConfig {
             name: section.name.get_ref().clone(),
@@ -615,6 +617,59 @@ impl RuleChecker<'_> {
         }
         let rule = self.opcua_rule_config(key, allow, vendor_sources, opcua);
         rule.filter(|_| device_ok)
+    }
+
+    /// Warns about each tag that a rule lets the vendor write but that no
+    /// Modbus rule of the vendor lets through to the device. A tag write is
+    /// also decided as the Modbus request it becomes, so every such write is
+    /// denied at run time. Conditions such as `when` and `values` are left
+    /// out, so a warning means that no write can ever pass.
+    fn warn_unwritable_tags(&mut self, rules: &[RuleConfig]) {
+        for rule in rules {
+            let Some(opcua) = &rule.opcua else {
+                continue;
+            };
+            if !opcua.services.contains(&OpcuaService::Write)
+                || !self.gateway.device_names.contains(&rule.device)
+            {
+                continue;
+            }
+            for tag in &self.gateway.tags {
+                if tag.device != rule.device
+                    || tag.access != super::TagAccess::ReadWrite
+                    || !opcua.nodes.iter().any(|node| names_tag(node, &tag.name))
+                {
+                    continue;
+                }
+                let (function, count) = tag_write_shape(tag);
+                let last = tag.address.saturating_add(count - 1);
+                let passes = rules.iter().any(|modbus| {
+                    modbus.opcua.is_none()
+                        && modbus.device == rule.device
+                        && modbus.functions.contains(&function)
+                        && modbus
+                            .addresses
+                            .iter()
+                            .any(|range| range.first <= tag.address && last <= range.last)
+                });
+                if passes {
+                    continue;
+                }
+                let name = syntax::function_name(function).unwrap_or("write");
+                let addresses = if count == 1 {
+                    tag.address.to_string()
+                } else {
+                    format!("{}-{last}", tag.address)
+                };
+                self.checker.report.warning(
+                    &rule.origin,
+                    format!(
+                        "tag {} may be written under this rule, but no Modbus rule of the vendor allows {name} on device \"{}\" at {addresses}, so every write is denied; add an [[allow]] with functions = [\"{name}\"] and addresses = [\"{addresses}\"]",
+                        tag.name, rule.device
+                    ),
+                );
+            }
+        }
     }
 
     /// Warns about each `nodes` glob of a tag rule that matches none of the
@@ -1104,4 +1159,27 @@ impl RuleChecker<'_> {
             }
         }
     }
+}
+
+/// Returns true when `node`, a pattern of a tag rule, names the tag `name`.
+fn names_tag(node: &NodePattern, name: &str) -> bool {
+    node.namespace_uri == super::tag::NAMESPACE_URI
+        && matches!(&node.id, NodeIdPattern::String(glob) if crate::policy::glob_matches(glob, name))
+}
+
+/// Returns the function code of a write to `tag` and how many addresses it
+/// covers, taken from the request that a tag write builds.
+fn tag_write_shape(tag: &super::TagConfig) -> (u8, u16) {
+    let request = match tag.bit {
+        Some(bit) => crate::tags::write_bit_request(tag.address, bit, false),
+        None => {
+            let words = vec![0; usize::from(tag.data_type.register_count())];
+            crate::tags::write_request(tag.kind, tag.address, &words)
+        }
+    };
+    let count = match tag.bit {
+        Some(_) => 1,
+        None => tag.data_type.register_count(),
+    };
+    (request.function_code(), count)
 }

@@ -1857,7 +1857,7 @@ access = "read_write"
 
 #[test]
 fn opcua_listener_without_device_serves_tags() {
-    let rules = "[vendor]\nname = \"acme\"\nopcua_users = [{ username = \"acme-eng\", password_hash = \"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA\" }]\n\n[[allow]]\ndevice = \"press-1\"\nservices = [\"read\", \"write\"]\nnodes = [\"nsu=urn:sluice:tags;s=Press1.*\"]\nvalues = \"0-100\"\n";
+    let rules = "[vendor]\nname = \"acme\"\nopcua_users = [{ username = \"acme-eng\", password_hash = \"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA\" }]\n\n[[allow]]\ndevice = \"press-1\"\nservices = [\"read\", \"write\"]\nnodes = [\"nsu=urn:sluice:tags;s=Press1.*\"]\nvalues = \"0-100\"\n\n[[allow]]\ndevice = \"press-1\"\nfunctions = [\"write_multiple_registers\"]\naddresses = [\"100-101\"]\n";
     let dir = write(TAGS_GATEWAY, &[("acme.toml", rules)]);
     let (config, warnings) = load_ok(dir.path());
     assert!(warnings.is_empty(), "{warnings:?}");
@@ -1871,6 +1871,31 @@ fn opcua_listener_without_device_serves_tags() {
         opcua.nodes[0].id,
         NodeIdPattern::String("Press1.*".to_owned())
     );
+}
+
+#[test]
+fn tag_write_without_modbus_rule_warns() {
+    let tag_rule = "[vendor]\nname = \"acme\"\nsources = [\"10.50.0.0/16\"]\n\n[[allow]]\ndevice = \"press-1\"\nservices = [\"read\", \"write\"]\nnodes = [\"nsu=urn:sluice:tags;s=Press1.*\"]\n";
+    let cases = [
+        // No Modbus rule at all.
+        ("", true),
+        // The right function but only one of the tag's two registers.
+        ("\n[[allow]]\ndevice = \"press-1\"\nfunctions = [\"write_multiple_registers\"]\naddresses = [\"100\"]\n", true),
+        // Both registers, but FC 6, which a float32 write never uses.
+        ("\n[[allow]]\ndevice = \"press-1\"\nfunctions = [\"write_single_register\"]\naddresses = [\"0-999\"]\n", true),
+        ("\n[[allow]]\ndevice = \"press-1\"\nfunctions = [16]\naddresses = [\"0-999\"]\n", false),
+    ];
+    for (modbus_rule, warned) in cases {
+        let rules = format!("{tag_rule}{modbus_rule}");
+        let dir = write(TAGS_GATEWAY, &[("acme.toml", &rules)]);
+        let (_, warnings) = load_ok(dir.path());
+        let expected: &[&str] = if warned {
+            &["rules/acme.toml:6:10: tag Press1.Setpoint may be written under this rule, but no Modbus rule of the vendor allows write_multiple_registers on device \"press-1\" at 100-101, so every write is denied; add an [[allow]] with functions = [\"write_multiple_registers\"] and addresses = [\"100-101\"]"]
+        } else {
+            &[]
+        };
+        assert_eq!(warnings, expected, "Modbus rule: {modbus_rule:?}");
+    }
 }
 
 #[test]
