@@ -1170,16 +1170,16 @@ fn names_tag(node: &NodePattern, name: &str) -> bool {
 /// Returns the function code of a write to `tag` and how many addresses it
 /// covers, taken from the request that a tag write builds.
 fn tag_write_shape(tag: &super::TagConfig) -> (u8, u16) {
-    let request = match tag.bit {
-        Some(bit) => crate::tags::write_bit_request(tag.address, bit, false),
-        None => {
-            let words = vec![0; usize::from(tag.data_type.register_count())];
-            crate::tags::write_request(tag.kind, tag.address, &words)
+    match tag.bit {
+        Some(bit) => {
+            let request = crate::tags::write_bit_request(tag.address, bit, false);
+            (request.function_code(), 1)
         }
-    };
-    let count = match tag.bit {
-        Some(_) => 1,
-        None => tag.data_type.register_count(),
-    };
-    (request.function_code(), count)
+        None => {
+            let count = tag.data_type.register_count();
+            let words = vec![0; usize::from(count)];
+            let request = crate::tags::write_request(tag.kind, tag.address, &words);
+            (request.function_code(), count)
+        }
+    }
 }

@@ -235,10 +235,10 @@ fn write_escape(out: &mut Vec<u8>, byte: u8) {
     }
 }
 
-/// Writes `timestamp` in UTC as `strftime("%Y-%m-%dT%H:%M:%S%.6fZ")` in jiff
-/// 0.2 formats it: the year zero-padded to four characters including a
-/// minus sign (`0999`, `-001`, `-9999`), and the fraction truncated, not
-/// rounded, to microseconds.
+/// Writes `timestamp` in UTC the way jiff 0.2 formats it with
+/// `strftime("%Y-%m-%dT%H:%M:%S%.6fZ")`. The year is zero-padded to four
+/// characters including a minus sign (`0999`, `-001`, `-9999`), and the
+/// fraction is truncated, not rounded, to microseconds.
 fn write_timestamp(out: &mut Vec<u8>, timestamp: jiff::Timestamp) {
     let civil = jiff::tz::Offset::UTC.to_datetime(timestamp);
 

@@ -626,9 +626,9 @@ impl DeviceState {
     }
 
     /// Records `event` for this device. The future is boxed because it
-    /// holds a whole event: inline, it would enlarge every request's future
-    /// that can reach a rare emission, and each request copies its future
-    /// when the session queues it.
+    /// contains a whole event. Inline, it would enlarge the future of every
+    /// request that can reach a rare emission, and the session copies each
+    /// request's future when it queues it.
     fn emit(&self, mut event: Event) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         event.device = Some(self.settings.device.clone());
         Box::pin(async move {
