@@ -21,7 +21,11 @@
 //! turn, and the run ends with the median of each path's throughput ratio to
 //! the direct phase of the same round. Every gateway phase also reports the
 //! gateway's CPU time and context switches per request, summed over its
-//! threads from /proc.
+//! threads from /proc. The device has one upstream connection per client
+//! and one request in flight on each, unless
+//! SLUICE_BENCH_UPSTREAM_CONNECTIONS and SLUICE_BENCH_MAX_IN_FLIGHT set
+//! `max_connections` and `max_in_flight`. SLUICE_BENCH_TAIL=1 adds a line of
+//! percentiles from p75 to p99.9 to each phase.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -116,15 +120,25 @@ fn start_lines(mut command: Command, prefix: &str) -> (Process, SocketAddr, Line
     panic!("process ended before printing {prefix:?}");
 }
 
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok().map(|value| {
+        value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} must be a whole number, not {value:?}"))
+    })
+}
+
 fn write_config(folder: &std::path::Path, plc: SocketAddr, connections: usize, tls: bool) {
     std::fs::create_dir_all(folder.join("rules")).unwrap();
     let mut gateway = format!(
         "[gateway]\nname = \"bench\"\nrules = \"rules\"\nallow_root = true\n\n\
          [[listener]]\nname = \"bench\"\nprotocol = \"modbus\"\nbind = \"127.0.0.1:0\"\ndevice = \"plc\"\n\
          limits = {{ max_connections = {limit}, max_connections_per_source = {limit} }}\n\n\
-         [[device]]\nname = \"plc\"\naddress = \"{plc}\"\nunit = 1\ntimeout_ms = 2000\nmax_connections = {connections}\n{mirror}\n\
+         [[device]]\nname = \"plc\"\naddress = \"{plc}\"\nunit = 1\ntimeout_ms = 2000\nmax_connections = {upstream}\nmax_in_flight = {in_flight}\n{mirror}\n\
          [audit]\npath = \"audit\"\n",
         limit = connections + 8,
+        upstream = env_usize("SLUICE_BENCH_UPSTREAM_CONNECTIONS").unwrap_or(connections),
+        in_flight = env_usize("SLUICE_BENCH_MAX_IN_FLIGHT").unwrap_or(1),
         mirror = if std::env::var("SLUICE_BENCH_MIRROR").is_ok_and(|v| v == "1") {
             "mirror = [{ kind = \"holding_register\", start = 0, count = 1000, poll_ms = 100 }]\n"
         } else {
@@ -327,6 +341,16 @@ fn report(name: &str, phase: &Phase) {
         phase.percentile(0.99).as_secs_f64() * 1e6,
         phase.requests,
     );
+    if std::env::var("SLUICE_BENCH_TAIL").is_ok() {
+        let tail: Vec<String> = [0.75, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999]
+            .iter()
+            .map(|&fraction| {
+                let micros = phase.percentile(fraction).as_secs_f64() * 1e6;
+                format!("p{}:{micros:.0}", fraction * 100.0)
+            })
+            .collect();
+        println!("         tail µs {}", tail.join(" "));
+    }
 }
 
 /// CPU time and context switches of a process, summed over its threads.

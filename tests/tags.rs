@@ -137,6 +137,7 @@ async fn tags_read_and_write_through_the_mirror() {
         quarantine: Arc::new(Quarantine::load(&dir.path().join("audit")).unwrap()),
         detect: sluice::detect::Hub::new(),
         opcua_trust: Default::default(),
+        session_threads: Default::default(),
     };
     let shared = Arc::new(shared);
     let mut pollers = Pollers::start(&shared);

@@ -23,6 +23,7 @@ use crate::events::{spawn_writer, Emitter, Event, EventType, Observer, SyncMode}
 use crate::metrics::{self, Metrics, Readiness as MetricsReadiness};
 use crate::modbus::generation::Shared;
 use crate::modbus::listener;
+use crate::modbus::session_threads::SessionThreads;
 use crate::policy::Policy;
 use crate::state::Pollers;
 
@@ -208,6 +209,7 @@ async fn serve(
         quarantine: quarantine.clone(),
         detect: crate::detect::Hub::new(),
         opcua_trust: Default::default(),
+        session_threads: SessionThreads::start(SessionThreads::default_count())?,
     });
     // Collectors stop last, so that events of the drain can still be
     // delivered; whatever is left waits in the spools for the next start.
@@ -300,6 +302,13 @@ async fn serve(
     }
     for pool in &shared.current.load().pools {
         pool.shutdown();
+    }
+    let stopping = shared.clone();
+    if tokio::task::spawn_blocking(move || stopping.session_threads.stop())
+        .await
+        .is_err()
+    {
+        tracing::error!("stopping the session threads failed");
     }
     record_system(&emitter, "stop", config_path).await;
     collectors_stop.cancel();

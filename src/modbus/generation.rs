@@ -57,4 +57,6 @@ pub struct Shared {
     /// The trust stores of the running OPC UA listeners, which a reload
     /// replaces.
     pub opcua_trust: crate::opcua::TrustStores,
+    /// Where plain Modbus/TCP sessions run.
+    pub session_threads: super::session_threads::SessionThreads,
 }

@@ -381,23 +381,48 @@ async fn admit(
         %peer,
         vendor = %params.vendor_name,
     );
-    tracker.spawn(
-        async move {
-            let id = params.id;
-            match connection {
-                Connection::Plain(stream) => {
-                    let (reader, writer) = stream.into_split();
-                    session::run(reader, writer, params, shared.clone()).await;
+    match connection {
+        Connection::Plain(stream) => {
+            let spawner = shared.clone();
+            // The socket moves to the session thread's I/O driver.
+            let stream = match stream.into_std() {
+                Ok(stream) => stream,
+                Err(error) => {
+                    tracing::warn!(listener = %name, %peer, %error, "cannot hand the connection to a session thread");
+                    shared.sessions.remove(params.id);
+                    return;
                 }
-                Connection::Tls(stream, _) => {
+            };
+            let session = async move {
+                let id = params.id;
+                match TcpStream::from_std(stream) {
+                    Ok(stream) => {
+                        let (reader, writer) = stream.into_split();
+                        session::run(reader, writer, params, shared.clone()).await;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot register the connection on a session thread");
+                    }
+                }
+                shared.sessions.remove(id);
+            };
+            let session = tracker.track_future(session.instrument(span));
+            spawner.session_threads.spawn(session);
+        }
+        // TODO: run TLS sessions on the session threads as well; their
+        // stream is registered with the main runtime by the handshake.
+        Connection::Tls(stream, _) => {
+            tracker.spawn(
+                async move {
+                    let id = params.id;
                     let (reader, writer) = tokio::io::split(*stream);
                     session::run(reader, writer, params, shared.clone()).await;
+                    shared.sessions.remove(id);
                 }
-            }
-            shared.sessions.remove(id);
+                .instrument(span),
+            );
         }
-        .instrument(span),
-    );
+    }
 }
 
 async fn reject(

@@ -10,6 +10,7 @@ pub mod mirror;
 pub mod pdu;
 pub mod registry;
 pub mod session;
+pub mod session_threads;
 pub mod sim;
 pub mod tls;
 pub mod upstream;

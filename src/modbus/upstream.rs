@@ -214,6 +214,9 @@ struct SlotState {
     lending: Mutex<Lending>,
     /// Woken when a caller gives the connection back.
     returned: Notify,
+    /// The session thread whose runtime runs the slot's task and so
+    /// watches its socket, or `usize::MAX` for another thread.
+    home: AtomicUsize,
 }
 
 impl SlotState {
@@ -225,6 +228,7 @@ impl SlotState {
             epoch,
             lending: Mutex::new(Lending::Held),
             returned: Notify::new(),
+            home: AtomicUsize::new(usize::MAX),
         }
     }
 
@@ -488,6 +492,8 @@ impl PoolInner {
             return;
         };
         slot.started.store(true, Ordering::Release);
+        let home = super::session_threads::current().unwrap_or(usize::MAX);
+        slot.state.home.store(home, Ordering::Relaxed);
 
         let settings = &self.device.settings;
         let span = tracing::info_span!("upstream", device = %settings.device, slot = index);
