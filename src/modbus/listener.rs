@@ -121,6 +121,15 @@ async fn start_handshake(
         reject_handshake(shared, name, peer, None, rejection).await;
         return;
     };
+    // The handshake runs on a session thread, so that the session it admits
+    // runs there as well, on the I/O driver that holds its socket.
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::warn!(listener = %name, %peer, %error, "cannot hand the connection to a session thread");
+            return;
+        }
+    };
     let task = handshake(
         name.clone(),
         tls,
@@ -131,7 +140,7 @@ async fn start_handshake(
         shutdown.clone(),
         tracker.clone(),
     );
-    tracker.spawn(task);
+    shared.session_threads.spawn(tracker.track_future(task));
 }
 
 /// Runs the TLS handshake of one connection and admits it on success.
@@ -140,13 +149,20 @@ async fn start_handshake(
 async fn handshake(
     name: Arc<str>,
     tls: Arc<crate::config::ListenerTls>,
-    stream: TcpStream,
+    stream: std::net::TcpStream,
     peer: SocketAddr,
     slot: HandshakeSlot,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let stream = match TcpStream::from_std(stream) {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::warn!(listener = %name, %peer, %error, "cannot register the connection on a session thread");
+            return;
+        }
+    };
     // A drain does not wait for handshakes: a client still in its
     // handshake has no session to finish.
     let accepted = tokio::select! {
@@ -409,8 +425,7 @@ async fn admit(
             let session = tracker.track_future(session.instrument(span));
             spawner.session_threads.spawn(session);
         }
-        // TODO: run TLS sessions on the session threads as well; their
-        // stream is registered with the main runtime by the handshake.
+        // The handshake ran on a session thread, and the session stays on it.
         Connection::Tls(stream, _) => {
             tracker.spawn(
                 async move {
