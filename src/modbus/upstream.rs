@@ -460,10 +460,15 @@ impl PoolInner {
         }
     }
 
-    /// Picks the least loaded slot that is not backing off, the lowest index
-    /// on a tie, so that light traffic uses a single connection.
+    /// Picks a slot that is not backing off: the least loaded one whose task
+    /// runs on the caller's session thread and still has room for a request
+    /// in flight, or else the least loaded of all. The lowest index wins a
+    /// tie, so that light traffic uses a single connection.
     fn choose_slot(&self, now: Instant) -> Result<usize, UpstreamError> {
+        let caller_thread = super::session_threads::current().unwrap_or(usize::MAX);
+        let max_in_flight = self.device.settings.max_in_flight;
         let mut best: Option<(usize, usize)> = None;
+        let mut near: Option<(usize, usize)> = None;
         let mut shortest_backoff = Duration::MAX;
         for (index, slot) in self.slots.iter().enumerate() {
             if let Some(remaining) = slot.state.backoff_remaining(now) {
@@ -474,8 +479,13 @@ impl PoolInner {
             if best.is_none_or(|(_, best_load)| load < best_load) {
                 best = Some((index, load));
             }
+            let at_home = slot.state.home.load(Ordering::Relaxed) == caller_thread;
+            if at_home && load < max_in_flight && near.is_none_or(|(_, near_load)| load < near_load)
+            {
+                near = Some((index, load));
+            }
         }
-        match best {
+        match near.or(best) {
             Some((index, _)) => Ok(index),
             None => Err(self.device.unreachable(ConnectFailure::BackingOff {
                 remaining: shortest_backoff,
@@ -1384,5 +1394,49 @@ mod tests {
             reason: CloseReason::Shutdown,
         };
         assert_eq!(result, Err(expected));
+    }
+
+    /// Returns the slot that a caller on session thread 0 would get, with
+    /// slot 1's task on that thread and the given loads.
+    fn slot_chosen_on_thread(loads: [usize; 2]) -> usize {
+        let (emitter, _events) = Emitter::new(Arc::from("edge-01"));
+        let mut two_slots = settings();
+        two_slots.max_connections = 2;
+        two_slots.max_in_flight = 8;
+        let pool = Pool::new(two_slots, emitter);
+        for (slot, load) in pool.inner.slots.iter().zip(loads) {
+            slot.state.load.store(load, Ordering::Relaxed);
+        }
+        pool.inner.slots[1].state.home.store(0, Ordering::Relaxed);
+
+        let threads = super::super::session_threads::SessionThreads::start(1).unwrap();
+        let (sender, chosen) = std::sync::mpsc::channel();
+        threads.spawn(async move {
+            sender.send(pool.inner.choose_slot(Instant::now())).unwrap();
+        });
+        let chosen = chosen.recv().unwrap().unwrap();
+        threads.stop();
+        chosen
+    }
+
+    #[test]
+    fn choose_slot_prefers_own_thread() {
+        assert_eq!(slot_chosen_on_thread([0, 0]), 1);
+        assert_eq!(slot_chosen_on_thread([0, 7]), 1);
+    }
+
+    #[test]
+    fn choose_slot_leaves_full_own_slot() {
+        assert_eq!(slot_chosen_on_thread([3, 8]), 0);
+    }
+
+    #[test]
+    fn choose_slot_elsewhere_takes_lowest_index() {
+        let (emitter, _events) = Emitter::new(Arc::from("edge-01"));
+        let mut two_slots = settings();
+        two_slots.max_connections = 2;
+        let pool = Pool::new(two_slots, emitter);
+        pool.inner.slots[1].state.home.store(0, Ordering::Relaxed);
+        assert_eq!(pool.inner.choose_slot(Instant::now()), Ok(0));
     }
 }

@@ -111,10 +111,12 @@ impl PoolInner {
         // A connection whose task runs on the caller's thread comes first:
         // its socket's readiness then wakes the caller without a hand-over
         // between threads.
-        let here = crate::modbus::session_threads::current().unwrap_or(usize::MAX);
+        let caller_thread = crate::modbus::session_threads::current().unwrap_or(usize::MAX);
         let slots = || self.slots.iter().enumerate();
-        let near = slots().filter(|(_, slot)| slot.state.home.load(Ordering::Relaxed) == here);
-        let far = slots().filter(|(_, slot)| slot.state.home.load(Ordering::Relaxed) != here);
+        let near =
+            slots().filter(|(_, slot)| slot.state.home.load(Ordering::Relaxed) == caller_thread);
+        let far =
+            slots().filter(|(_, slot)| slot.state.home.load(Ordering::Relaxed) != caller_thread);
         for (index, slot) in near.chain(far) {
             let state = &slot.state;
             if state.load.load(Ordering::Acquire) != 0 {
