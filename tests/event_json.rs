@@ -48,29 +48,15 @@ fn timestamp() -> impl Strategy<Value = jiff::Timestamp> {
 }
 
 fn event_type() -> impl Strategy<Value = EventType> {
-    proptest::sample::select(vec![
-        EventType::Decision,
-        EventType::Anomaly,
-        EventType::Session,
-        EventType::State,
-        EventType::Config,
-        EventType::Admin,
-        EventType::System,
-        EventType::Seal,
-    ])
+    proptest::sample::select(EventType::ALL.to_vec())
 }
 
 fn severity() -> impl Strategy<Value = Severity> {
-    proptest::sample::select(vec![
-        Severity::Low,
-        Severity::Medium,
-        Severity::High,
-        Severity::Critical,
-    ])
+    proptest::sample::select(Severity::ALL.to_vec())
 }
 
 fn decision() -> impl Strategy<Value = DecisionKind> {
-    proptest::sample::select(vec![DecisionKind::Allow, DecisionKind::Deny])
+    proptest::sample::select(DecisionKind::ALL.to_vec())
 }
 
 fn modbus() -> impl Strategy<Value = ModbusInfo> {

@@ -528,30 +528,15 @@ mod tests {
 
     #[test]
     fn variant_names_match_serde() {
-        let event_types = [
-            EventType::Decision,
-            EventType::Anomaly,
-            EventType::Session,
-            EventType::State,
-            EventType::Config,
-            EventType::Admin,
-            EventType::System,
-            EventType::Seal,
-        ];
-        for event_type in event_types {
+        for event_type in EventType::ALL {
             fast_json(&stamped(event_type));
         }
-        for decision in [DecisionKind::Allow, DecisionKind::Deny] {
+        for decision in DecisionKind::ALL {
             let mut event = stamped(EventType::Decision);
             event.decision = Some(decision);
             fast_json(&event);
         }
-        for severity in [
-            Severity::Low,
-            Severity::Medium,
-            Severity::High,
-            Severity::Critical,
-        ] {
+        for severity in Severity::ALL {
             fast_json(&Event::anomaly("kind", severity, "detail"));
         }
     }

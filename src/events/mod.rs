@@ -47,6 +47,35 @@ pub enum Severity {
     Critical,
 }
 
+impl EventType {
+    /// Every event type, in declaration order.
+    pub const ALL: [EventType; 8] = [
+        EventType::Decision,
+        EventType::Anomaly,
+        EventType::Session,
+        EventType::State,
+        EventType::Config,
+        EventType::Admin,
+        EventType::System,
+        EventType::Seal,
+    ];
+}
+
+impl DecisionKind {
+    /// Both decisions.
+    pub const ALL: [DecisionKind; 2] = [DecisionKind::Allow, DecisionKind::Deny];
+}
+
+impl Severity {
+    /// Every severity, lowest first.
+    pub const ALL: [Severity; 4] = [
+        Severity::Low,
+        Severity::Medium,
+        Severity::High,
+        Severity::Critical,
+    ];
+}
+
 /// The Modbus part of an event. Addresses are 0-based PDU addresses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ModbusInfo {
