@@ -773,11 +773,14 @@ impl Checker<'_> {
                 section.max_connections.as_ref(),
                 defaults.max_connections,
             ),
-            max_in_flight: self.count(
-                &format!("{key}.max_in_flight"),
-                section.max_in_flight.as_ref(),
-                defaults.max_in_flight,
-            ),
+            max_in_flight: self
+                .integer(
+                    &format!("{key}.max_in_flight"),
+                    section.max_in_flight.as_ref(),
+                    defaults.max_in_flight as i64,
+                    (1, crate::modbus::upstream::MAX_IN_FLIGHT as i64),
+                )
+                .map_or(defaults.max_in_flight, |number| number as usize),
             connect_timeout: self.milliseconds(
                 &format!("{key}.connect_timeout_ms"),
                 section.connect_timeout_ms.as_ref(),

@@ -678,6 +678,20 @@ fn missing_rules_folder_is_reported() {
 }
 
 #[test]
+fn max_in_flight_above_256_is_rejected() {
+    let gateway = GATEWAY.replace(
+        "address = \"127.0.0.1:5021\"",
+        "address = \"127.0.0.1:5021\"\nmax_in_flight = 257",
+    );
+    let dir = write(&gateway, &[("acme.toml", ACME)]);
+    let (errors, _) = load_errors(dir.path());
+    assert_eq!(
+        errors,
+        ["gateway.toml:12:17: device[1].max_in_flight: 257 outside 1..=256; set a value from 1 to 256"]
+    );
+}
+
+#[test]
 fn opcua_parts_mixed_with_modbus_are_named() {
     let gateway = GATEWAY.replace(
         "[[device]]\nname = \"oven-2\"",
