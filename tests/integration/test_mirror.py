@@ -93,6 +93,16 @@ def wait_for_register(client, address: int, value: int) -> None:
     wait_for(seen, timeout=MIRROR_TIMEOUT, what=f"register {address} = {value} through the mirror")
 
 
+def wait_for_coil(client, address: int, value: bool) -> None:
+    """Wait until a read through `client` returns `value` for coil `address`."""
+
+    def seen():
+        result = client.read_coils(address, count=1, device_id=1)
+        return not result.isError() and result.bits[:1] == [value]
+
+    wait_for(seen, timeout=MIRROR_TIMEOUT, what=f"coil {address} = {value} through the mirror")
+
+
 def client_reads(plc_sim) -> list[dict]:
     """Return the reads in the plc-sim log that are not mirror polls."""
     return [request for request in plc_sim.requests() if request["function"] in (1, 2, 3, 4, 23) and request not in POLLS]
@@ -127,7 +137,9 @@ def test_reads_inside_blocks_never_reach_plc(start_gateway, plc_sim, plc_direct)
     assert not plc_direct.write_coil(4, True, device_id=1).isError()
     client = modbus_client(gateway.port)
     try:
+        # The blocks are polled on their own, so each must show its write.
         wait_for_register(client, 10, 4242)
+        wait_for_coil(client, 4, True)
         registers = read_holding(client, 5, 10)
         across_pieces = read_holding(client, 120, 10)
         coils = client.read_coils(0, count=10, device_id=1)
