@@ -57,6 +57,6 @@ pub struct Shared {
     /// The trust stores of the running OPC UA listeners, which a reload
     /// replaces.
     pub opcua_trust: crate::opcua::TrustStores,
-    /// Where plain Modbus/TCP sessions run.
+    /// The threads that run Modbus/TCP sessions and TLS handshakes.
     pub session_threads: super::session_threads::SessionThreads,
 }

@@ -122,13 +122,9 @@ async fn start_handshake(
         return;
     };
     // The handshake runs on a session thread, so that the session it admits
-    // runs there as well, on the I/O driver that holds its socket.
-    let stream = match stream.into_std() {
-        Ok(stream) => stream,
-        Err(error) => {
-            tracing::warn!(listener = %name, %peer, %error, "cannot hand the connection to a session thread");
-            return;
-        }
+    // runs there as well, on the I/O driver that watches its socket.
+    let Some(stream) = detach(stream, name, peer) else {
+        return;
     };
     let task = handshake(
         name.clone(),
@@ -156,12 +152,8 @@ async fn handshake(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let stream = match TcpStream::from_std(stream) {
-        Ok(stream) => stream,
-        Err(error) => {
-            tracing::warn!(listener = %name, %peer, %error, "cannot register the connection on a session thread");
-            return;
-        }
+    let Some(stream) = attach(stream, &name, peer) else {
+        return;
     };
     // A drain does not wait for handshakes: a client still in its
     // handshake has no session to finish.
@@ -400,25 +392,16 @@ async fn admit(
     match connection {
         Connection::Plain(stream) => {
             let spawner = shared.clone();
-            // The socket moves to the session thread's I/O driver.
-            let stream = match stream.into_std() {
-                Ok(stream) => stream,
-                Err(error) => {
-                    tracing::warn!(listener = %name, %peer, %error, "cannot hand the connection to a session thread");
-                    shared.sessions.remove(params.id);
-                    return;
-                }
+            let Some(stream) = detach(stream, name, peer) else {
+                shared.sessions.remove(params.id);
+                return;
             };
+            let name = name.clone();
             let session = async move {
                 let id = params.id;
-                match TcpStream::from_std(stream) {
-                    Ok(stream) => {
-                        let (reader, writer) = stream.into_split();
-                        session::run(reader, writer, params, shared.clone()).await;
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot register the connection on a session thread");
-                    }
+                if let Some(stream) = attach(stream, &name, peer) {
+                    let (reader, writer) = stream.into_split();
+                    session::run(reader, writer, params, shared.clone()).await;
                 }
                 shared.sessions.remove(id);
             };
@@ -436,6 +419,29 @@ async fn admit(
                 }
                 .instrument(span),
             );
+        }
+    }
+}
+
+/// Takes `stream` off the I/O driver of the runtime that accepted it, so
+/// that a session thread can register it with its own.
+fn detach(stream: TcpStream, listener: &str, peer: SocketAddr) -> Option<std::net::TcpStream> {
+    match stream.into_std() {
+        Ok(stream) => Some(stream),
+        Err(error) => {
+            tracing::warn!(listener, %peer, %error, "moving the connection to a session thread failed; connection closed");
+            None
+        }
+    }
+}
+
+/// Registers a detached stream with the I/O driver of the calling thread.
+fn attach(stream: std::net::TcpStream, listener: &str, peer: SocketAddr) -> Option<TcpStream> {
+    match TcpStream::from_std(stream) {
+        Ok(stream) => Some(stream),
+        Err(error) => {
+            tracing::warn!(listener, %peer, %error, "registering the connection on a session thread failed; connection closed");
+            None
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The threads that run plain Modbus/TCP sessions: one single-threaded
-//! runtime per core.
+//! The threads that run Modbus/TCP sessions, plain and TLS with their
+//! handshakes: one single-threaded runtime per core.
 //!
 //! On the work-stealing runtime a session, and the upstream connection it
 //! borrows, are woken on whichever worker polled the socket, and that worker
